@@ -1,0 +1,14 @@
+//! Generates the gRPC types from `proto/registry/v1/registry.proto` with a
+//! vendored `protoc`, so `cargo build` needs nothing installed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/registry/v1/registry.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("registry_descriptor.bin"))
+        .compile_with_config(config, &[proto], &["proto"])?;
+    Ok(())
+}

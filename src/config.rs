@@ -1,0 +1,1 @@
+//! Command-line flags (placeholder until the CLI lands).

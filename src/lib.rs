@@ -1,0 +1,56 @@
+//! # executor-registry
+//!
+//! Membership and liveness for a fleet of executors: they register and
+//! heartbeat over gRPC; the registry expires the silent ones in one pass,
+//! streams every online/offline change to watchers, and serves lock-free
+//! snapshots of the live fleet to schedulers.
+//!
+//! ## Layout
+//!
+//! - [`registry`] — the core: live table, state words, the single membership
+//!   writer (timing wheel, revisions, snapshots, events). No I/O.
+//! - [`store`] — the `MembershipStore` trait the membership loop commits to,
+//!   and its worker thread.
+//! - [`server`] — the gRPC adapter: validation of wire types, error mapping,
+//!   health, reflection, graceful shutdown.
+//! - [`config`] — command-line flags and their validation.
+//! - [`proto`] — the generated `registry.v1` types, for clients and tools.
+//!
+//! ## Embedding
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use executor_registry::registry::{Registration, Registry, RegistryConfig};
+//!
+//! let (registry, task) = Registry::start_in_memory(RegistryConfig::default());
+//! let entry = registry
+//!     .register(Registration {
+//!         name: "worker".into(),
+//!         address: "10.0.0.7:9000".into(),
+//!         labels: vec![("zone".into(), "a".into())],
+//!     })
+//!     .await
+//!     .unwrap();
+//! registry.heartbeat(entry.id().as_str(), 3_000).unwrap();
+//! assert_eq!(registry.schedulable(&[]).len(), 1);
+//! task.stop().await;
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+/// Generated `registry.v1` protobuf and gRPC types.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("registry.v1");
+
+    /// Encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("registry_descriptor");
+}

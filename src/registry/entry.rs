@@ -1,0 +1,437 @@
+//! One executor's record and its state word.
+//!
+//! Owns: the `Entry` of a registered executor — its immutable identity (id,
+//! name, address, labels, registration time) and its mutable liveness, packed
+//! into one `AtomicU64` (status + deadline) so that heartbeats and expiry
+//! decide by compare-and-swap on a single word.
+//!
+//! Invariants:
+//! - `TOMBSTONE` is final: no transition leaves it.
+//! - A heartbeat that returned OK wrote a deadline that any later expiry
+//!   decision reads (the expiry CAS fails if a heartbeat changed the word).
+//! - `armed_ms` is written only by the membership loop.
+//!
+//! Must not touch: maps, queues, I/O. Time is passed in as milliseconds on
+//! the registry clock (see [`super::clock`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::labels::Labels;
+
+/// Identifier of an executor: `<name>-<16 lowercase hex>`.
+///
+/// Shared (`Arc<str>`) between the live table, the snapshot and the entry, so
+/// that holding it in several indexes costs one allocation.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExecutorId(Arc<str>);
+
+impl ExecutorId {
+    /// Wraps an id string (no validation: ids come from the registry itself
+    /// or from the store it wrote).
+    pub fn new(id: &str) -> Self {
+        Self(Arc::from(id))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ExecutorId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ExecutorId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for ExecutorId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+/// Liveness status of an executor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Registered (or loaded at start-up), no heartbeat yet.
+    Initing,
+    /// Has heartbeated at least once; schedulable.
+    Running,
+    /// Expired or deregistered; final.
+    Tombstone,
+}
+
+const STATUS_SHIFT: u32 = 62;
+const DEADLINE_MASK: u64 = (1 << STATUS_SHIFT) - 1;
+
+/// The packed state word: status in the top 2 bits, deadline (ms on the
+/// registry clock) in the low 62.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State(u64);
+
+impl State {
+    /// Packs a status and a deadline. Deadlines beyond 2^62 ms saturate.
+    pub fn new(status: Status, deadline_ms: u64) -> Self {
+        let bits = match status {
+            Status::Initing => 0,
+            Status::Running => 1,
+            Status::Tombstone => 2,
+        };
+        Self((bits << STATUS_SHIFT) | deadline_ms.min(DEADLINE_MASK))
+    }
+
+    /// The status half.
+    pub fn status(self) -> Status {
+        match self.0 >> STATUS_SHIFT {
+            0 => Status::Initing,
+            1 => Status::Running,
+            _ => Status::Tombstone,
+        }
+    }
+
+    /// The deadline half, in ms on the registry clock.
+    pub fn deadline_ms(self) -> u64 {
+        self.0 & DEADLINE_MASK
+    }
+
+    fn bits(self) -> u64 {
+        self.0
+    }
+}
+
+/// Result of a heartbeat on an entry's state word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// The deadline was moved; `was_initing` says this was the first heartbeat.
+    Renewed {
+        /// The new deadline (ms on the registry clock).
+        deadline_ms: u64,
+        /// This was the executor's first heartbeat (INITING → RUNNING).
+        was_initing: bool,
+    },
+    /// The entry is a tombstone: the executor must register again.
+    Tombstoned,
+}
+
+/// Result of an expiry check on an entry's state word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Still alive: its current deadline is later than now.
+    Alive {
+        /// The current deadline.
+        deadline_ms: u64,
+    },
+    /// Now a tombstone, decided on `deadline_ms`; `was` is the status before.
+    Expired {
+        /// The deadline the decision was based on.
+        deadline_ms: u64,
+        /// Status before the tombstone.
+        was: Status,
+    },
+    /// Already a tombstone (deregistered meanwhile).
+    AlreadyTombstone,
+}
+
+/// A registered executor. Identity is immutable; liveness lives in atomics.
+pub struct Entry {
+    id: ExecutorId,
+    name: Box<str>,
+    address: Box<str>,
+    labels: Labels,
+    registered_unix_ms: u64,
+    state: AtomicU64,
+    ttl_ms: AtomicU64,
+    /// Deadline (ms) at which the membership loop's queue holds this entry.
+    armed_ms: AtomicU64,
+}
+
+impl Entry {
+    /// A new INITING entry with `ttl_ms` and deadline `deadline_ms`.
+    pub fn new(
+        id: ExecutorId,
+        name: Box<str>,
+        address: Box<str>,
+        labels: Labels,
+        registered_unix_ms: u64,
+        ttl_ms: u64,
+        deadline_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            name,
+            address,
+            labels,
+            registered_unix_ms,
+            state: AtomicU64::new(State::new(Status::Initing, deadline_ms).bits()),
+            ttl_ms: AtomicU64::new(ttl_ms),
+            armed_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The executor's id.
+    pub fn id(&self) -> &ExecutorId {
+        &self.id
+    }
+
+    /// The name given at registration (may be empty).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The `host:port` given at registration.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Validated labels.
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// Wall-clock registration time (ms since the Unix epoch).
+    pub fn registered_unix_ms(&self) -> u64 {
+        self.registered_unix_ms
+    }
+
+    /// The current state word.
+    pub fn state(&self) -> State {
+        State(self.state.load(Ordering::Acquire))
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.state().status()
+    }
+
+    /// The TTL set by the last heartbeat (or the init TTL), in ms.
+    pub fn ttl_ms(&self) -> u64 {
+        self.ttl_ms.load(Ordering::Relaxed)
+    }
+
+    /// Heartbeat at `now_ms`: deadline = now + TTL (`ttl_ms` = None keeps the
+    /// current TTL), status RUNNING. Fails only on a tombstone.
+    pub fn heartbeat(&self, now_ms: u64, ttl_ms: Option<u64>) -> Beat {
+        let ttl = match ttl_ms {
+            Some(ttl) => {
+                self.ttl_ms.store(ttl, Ordering::Relaxed);
+                ttl
+            }
+            None => self.ttl_ms.load(Ordering::Relaxed),
+        };
+        let deadline_ms = now_ms.saturating_add(ttl);
+        let next = State::new(Status::Running, deadline_ms).bits();
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let status = State(current).status();
+            if status == Status::Tombstone {
+                return Beat::Tombstoned;
+            }
+            match self
+                .state
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Beat::Renewed {
+                        deadline_ms,
+                        was_initing: status == Status::Initing,
+                    };
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Expiry check at `now_ms`: a deadline at or before now becomes a
+    /// tombstone; a later one is reported so the caller can re-arm.
+    pub fn try_expire(&self, now_ms: u64) -> Expiry {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let state = State(current);
+            if state.status() == Status::Tombstone {
+                return Expiry::AlreadyTombstone;
+            }
+            if state.deadline_ms() > now_ms {
+                return Expiry::Alive {
+                    deadline_ms: state.deadline_ms(),
+                };
+            }
+            let tomb = State::new(Status::Tombstone, state.deadline_ms()).bits();
+            match self
+                .state
+                .compare_exchange_weak(current, tomb, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Expiry::Expired {
+                        deadline_ms: state.deadline_ms(),
+                        was: state.status(),
+                    };
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Unconditional tombstone (deregistration). Returns the status before,
+    /// or `None` if it already was a tombstone.
+    pub fn tombstone(&self) -> Option<Status> {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let state = State(current);
+            if state.status() == Status::Tombstone {
+                return None;
+            }
+            let tomb = State::new(Status::Tombstone, state.deadline_ms()).bits();
+            match self
+                .state
+                .compare_exchange_weak(current, tomb, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(state.status()),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Deadline at which the loop's queue holds this entry (`u64::MAX`: none).
+    pub(crate) fn armed_ms(&self) -> u64 {
+        self.armed_ms.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_armed_ms(&self, ms: u64) {
+        self.armed_ms.store(ms, Ordering::Release);
+    }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("address", &self.address)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(deadline: u64) -> Entry {
+        Entry::new(
+            ExecutorId::new("e-0000000000000001"),
+            "e".into(),
+            "127.0.0.1:1".into(),
+            Labels::default(),
+            0,
+            100,
+            deadline,
+        )
+    }
+
+    #[test]
+    fn state_word_packs_status_and_deadline() {
+        for status in [Status::Initing, Status::Running, Status::Tombstone] {
+            for deadline in [0, 1, 12345, DEADLINE_MASK] {
+                let s = State::new(status, deadline);
+                assert_eq!(s.status(), status);
+                assert_eq!(s.deadline_ms(), deadline);
+            }
+        }
+        assert_eq!(State::new(Status::Running, u64::MAX).deadline_ms(), DEADLINE_MASK);
+        assert_eq!(State::new(Status::Running, u64::MAX).status(), Status::Running);
+    }
+
+    #[test]
+    fn first_heartbeat_moves_initing_to_running() {
+        let e = entry(100);
+        assert_eq!(e.status(), Status::Initing);
+        assert_eq!(
+            e.heartbeat(50, Some(300)),
+            Beat::Renewed { deadline_ms: 350, was_initing: true }
+        );
+        assert_eq!(e.status(), Status::Running);
+        assert_eq!(e.ttl_ms(), 300);
+        assert_eq!(
+            e.heartbeat(60, None),
+            Beat::Renewed { deadline_ms: 360, was_initing: false }
+        );
+    }
+
+    #[test]
+    fn expiry_only_at_or_after_the_deadline() {
+        let e = entry(100);
+        assert_eq!(e.try_expire(99), Expiry::Alive { deadline_ms: 100 });
+        assert_eq!(
+            e.try_expire(100),
+            Expiry::Expired { deadline_ms: 100, was: Status::Initing }
+        );
+        assert_eq!(e.try_expire(200), Expiry::AlreadyTombstone);
+    }
+
+    #[test]
+    fn a_tombstone_never_comes_back_to_life() {
+        let e = entry(100);
+        assert_eq!(e.tombstone(), Some(Status::Initing));
+        assert_eq!(e.heartbeat(10, Some(100)), Beat::Tombstoned);
+        assert_eq!(e.tombstone(), None);
+        assert_eq!(e.try_expire(u64::MAX), Expiry::AlreadyTombstone);
+        assert_eq!(e.status(), Status::Tombstone);
+    }
+
+    /// Real threads hammer heartbeat against expiry on one word: whenever the
+    /// expiry wins, the deadline it decided on must be at least as late as
+    /// every deadline an OK heartbeat wrote before (no OK heartbeat is
+    /// followed by an expiry based on an older deadline).
+    #[test]
+    fn heartbeat_versus_expiry_race_never_expires_on_a_stale_deadline() {
+        use std::sync::atomic::AtomicBool;
+        for round in 0..200u64 {
+            let e = Arc::new(entry(1_000));
+            let clock = Arc::new(AtomicU64::new(0));
+            let last_ok = Arc::new(AtomicU64::new(1_000));
+            let stop = Arc::new(AtomicBool::new(false));
+            let beater = {
+                let (e, clock, last_ok, stop) = (e.clone(), clock.clone(), last_ok.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let now = clock.load(Ordering::Acquire);
+                        match e.heartbeat(now, Some(5 + round % 7)) {
+                            Beat::Renewed { deadline_ms, .. } => {
+                                last_ok.fetch_max(deadline_ms, Ordering::AcqRel);
+                            }
+                            Beat::Tombstoned => return,
+                        }
+                    }
+                })
+            };
+            let mut decided = None;
+            for now in (0..5_000).step_by(3) {
+                clock.store(now, Ordering::Release);
+                if let Expiry::Expired { deadline_ms, .. } = e.try_expire(now) {
+                    decided = Some((deadline_ms, now));
+                    break;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            beater.join().expect("beater thread");
+            if let Some((deadline, now)) = decided {
+                // The tombstone is final, and the winning deadline had passed.
+                assert!(deadline <= now);
+                // Every OK heartbeat wrote a deadline no later than the one the
+                // expiry decided on: none was overtaken.
+                assert!(
+                    last_ok.load(Ordering::Acquire) <= deadline,
+                    "round {round}: OK heartbeat with deadline {} but expired on {deadline}",
+                    last_ok.load(Ordering::Acquire)
+                );
+                assert_eq!(e.heartbeat(now, None), Beat::Tombstoned);
+            }
+        }
+    }
+}

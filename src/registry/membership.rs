@@ -1,0 +1,645 @@
+//! The single membership writer.
+//!
+//! Owns (exclusively): the `DelayQueue` of deadlines, the revision counter,
+//! the ordered member map behind snapshots, the tombstone retention queue,
+//! the event sender's order, and the store batches (pending registrations and
+//! deletes). Every membership change — register, deregister, expiry,
+//! start-up load — is applied here, in order.
+//!
+//! One turn = everything ready at one wake-up: every queue entry whose time
+//! came, every command waiting, every finished commit. A turn assigns one
+//! revision per change, publishes one snapshot, *then* sends its events (so a
+//! watcher that loads a snapshot never misses an event), then answers callers.
+//!
+//! Expiry is lazy: an entry sits in the queue once, at the deadline known when
+//! it was queued. When it pops, the loop reads its state word: a later
+//! deadline re-queues it; a passed one is tombstoned by CAS. Heartbeats only
+//! write the state word; when a heartbeat *shortens* a deadline below the
+//! queued one (a smaller TTL) it sends the entry on the re-arm channel.
+//!
+//! Must not touch: I/O (the store runs on its own thread), gRPC types.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::{DashMap, DashSet};
+use imbl::OrdMap;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::time::DelayQueue;
+
+use super::clock::{Clock, unix_now_ms};
+use super::entry::{Entry, ExecutorId, Expiry, Status};
+use super::error::RegistryError;
+use super::labels::Labels;
+use super::observer::{Observer, RegistrationResult};
+use super::snapshot::Snapshot;
+use super::watch::{Event, EventKind, OfflineReason};
+use super::{RegistryConfig, ValidRegistration};
+use crate::store::{Batch, Commit, StoreWorker, StoredExecutor};
+
+/// Most commands taken in one turn, so a flood of registrations cannot delay
+/// expiry for long.
+const MAX_COMMANDS_PER_TURN: usize = 8192;
+/// Most deletes written in one store transaction.
+const MAX_DELETES_PER_COMMIT: usize = 8192;
+/// Wait before retrying deletes after a store failure.
+const DELETE_RETRY: Duration = Duration::from_secs(1);
+/// How often tombstones past their retention are forgotten.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+
+/// State shared between the loop (sole writer of membership) and readers.
+pub(crate) struct Shared {
+    pub config: RegistryConfig,
+    pub clock: Clock,
+    /// Live executors; heartbeats CAS their state words here.
+    pub live: DashMap<ExecutorId, Arc<Entry>>,
+    /// Ids expired or deregistered within the retention.
+    pub tombstones: DashSet<ExecutorId>,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub events: broadcast::Sender<Event>,
+    pub initing: AtomicU64,
+    pub running: AtomicU64,
+    /// Live members (for the suggested interval), updated per turn.
+    pub live_count: AtomicU64,
+    pub observer: Arc<dyn Observer>,
+    /// Entries whose deadline a heartbeat moved below their queued time.
+    pub rearm: mpsc::UnboundedSender<Arc<Entry>>,
+}
+
+impl Shared {
+    /// Moves the status counters for a transition out of `was`.
+    pub fn count_leaving(&self, was: Status) {
+        match was {
+            Status::Initing => self.initing.fetch_sub(1, Ordering::Relaxed),
+            Status::Running => self.running.fetch_sub(1, Ordering::Relaxed),
+            Status::Tombstone => 0,
+        };
+    }
+}
+
+/// A request to the loop.
+pub(crate) enum Command {
+    Register {
+        registration: ValidRegistration,
+        reply: oneshot::Sender<Result<Arc<Entry>, RegistryError>>,
+    },
+    Deregister {
+        id: String,
+        reply: oneshot::Sender<Result<(), RegistryError>>,
+    },
+}
+
+struct PendingRegistration {
+    id: ExecutorId,
+    registration: ValidRegistration,
+    registered_unix_ms: u64,
+    reply: oneshot::Sender<Result<Arc<Entry>, RegistryError>>,
+}
+
+struct InFlight {
+    commit: Commit,
+    registrations: Vec<PendingRegistration>,
+    deletes: Vec<ExecutorId>,
+}
+
+/// Everything that was ready at one wake-up.
+#[derive(Default)]
+struct Turn {
+    expired: Vec<(Arc<Entry>, u64)>,
+    commands: Vec<Command>,
+    rearm: Vec<Arc<Entry>>,
+    committed: Option<(InFlight, Result<(), String>, Duration)>,
+    housekeeping: bool,
+    stop: bool,
+}
+
+impl Turn {
+    fn is_empty(&self) -> bool {
+        self.expired.is_empty()
+            && self.commands.is_empty()
+            && self.rearm.is_empty()
+            && self.committed.is_none()
+            && !self.housekeeping
+            && !self.stop
+    }
+}
+
+/// Changes of one turn, published together.
+#[derive(Default)]
+struct Changes {
+    events: Vec<Event>,
+    registered: Vec<(oneshot::Sender<Result<Arc<Entry>, RegistryError>>, Arc<Entry>)>,
+    deregistered: Vec<oneshot::Sender<Result<(), RegistryError>>>,
+    lags: Vec<Duration>,
+}
+
+/// The loop's private state.
+pub(crate) struct MembershipLoop {
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
+    queue: DelayQueue<(Arc<Entry>, u64)>,
+    members: OrdMap<ExecutorId, Arc<Entry>>,
+    revision: u64,
+    tombstone_queue: VecDeque<(u64, ExecutorId)>,
+    /// Ids handed out but not yet visible (registration being committed).
+    reserved: HashSet<ExecutorId>,
+    pending_registrations: Vec<PendingRegistration>,
+    pending_deletes: Vec<ExecutorId>,
+    in_flight: Option<InFlight>,
+    retry_deletes_at_ms: u64,
+    store: StoreWorker,
+    housekeeping: Interval,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl MembershipLoop {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        commands: mpsc::Receiver<Command>,
+        rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
+        store: StoreWorker,
+        loaded: Vec<StoredExecutor>,
+        stop: CancellationToken,
+    ) -> Self {
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_PERIOD);
+        housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut this = Self {
+            shared,
+            commands,
+            rearm,
+            queue: DelayQueue::new(),
+            members: OrdMap::new(),
+            revision: 0,
+            tombstone_queue: VecDeque::new(),
+            reserved: HashSet::new(),
+            pending_registrations: Vec::new(),
+            pending_deletes: Vec::new(),
+            in_flight: None,
+            retry_deletes_at_ms: 0,
+            store,
+            housekeeping,
+            stop: Box::pin(stop.cancelled_owned()),
+        };
+        this.load(loaded);
+        this
+    }
+
+    /// Start-up: every stored executor comes back INITING with a fresh init
+    /// TTL. Those that heartbeat carry on; the others expire.
+    fn load(&mut self, loaded: Vec<StoredExecutor>) {
+        let now = self.shared.clock.now_ms();
+        let ttl = duration_ms(self.shared.config.init_ttl);
+        for row in loaded {
+            let labels = match Labels::new(row.labels.iter().map(|(k, v)| (k, v))) {
+                Ok(labels) => labels,
+                Err(e) => {
+                    tracing::warn!(id = %row.id, error = %e, "stored executor has invalid labels; loading it without them");
+                    Labels::default()
+                }
+            };
+            let id = ExecutorId::new(&row.id);
+            let entry = Arc::new(Entry::new(
+                id.clone(),
+                row.name.into(),
+                row.address.into(),
+                labels,
+                row.registered_unix_ms,
+                ttl,
+                now + ttl,
+            ));
+            self.insert_live(entry);
+        }
+        self.publish();
+        tracing::info!(executors = self.members.len(), "loaded stored membership");
+    }
+
+    /// Runs until stopped, then flushes pending store work.
+    pub(crate) async fn run(mut self) {
+        loop {
+            let turn = std::future::poll_fn(|cx| self.poll_turn(cx)).await;
+            let stop = turn.stop;
+            self.apply(turn);
+            self.submit_store_work();
+            if stop {
+                break;
+            }
+        }
+        self.finish().await;
+    }
+
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Turn> {
+        let mut turn = Turn::default();
+        // Expired queue entries first, all of them: one pass.
+        while let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
+            let (entry, armed) = expired.into_inner();
+            turn.expired.push((entry, armed));
+        }
+        if let Some(in_flight) = self.in_flight.as_mut()
+            && let Poll::Ready(result) = Pin::new(&mut in_flight.commit).poll(cx)
+        {
+            let in_flight = self.in_flight.take().expect("in_flight was Some");
+            let (result, elapsed) = match result {
+                Ok((result, elapsed)) => (result.map_err(|e| e.0), elapsed),
+                Err(_) => (Err("store thread stopped".to_owned()), Duration::ZERO),
+            };
+            turn.committed = Some((in_flight, result, elapsed));
+        }
+        while turn.commands.len() < MAX_COMMANDS_PER_TURN {
+            match self.commands.poll_recv(cx) {
+                Poll::Ready(Some(command)) => turn.commands.push(command),
+                Poll::Ready(None) => {
+                    turn.stop = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        while turn.rearm.len() < MAX_COMMANDS_PER_TURN {
+            match self.rearm.poll_recv(cx) {
+                Poll::Ready(Some(entry)) => turn.rearm.push(entry),
+                _ => break,
+            }
+        }
+        if self.housekeeping.poll_tick(cx).is_ready() {
+            turn.housekeeping = true;
+        }
+        if self.stop.as_mut().poll(cx).is_ready() {
+            turn.stop = true;
+        }
+        if turn.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(turn)
+        }
+    }
+
+    fn apply(&mut self, turn: Turn) {
+        let now = self.shared.clock.now_ms();
+        let mut changes = Changes::default();
+        if let Some((in_flight, result, elapsed)) = turn.committed {
+            self.committed(in_flight, result, elapsed, now, &mut changes);
+        }
+        for (entry, armed) in turn.expired {
+            self.expire_or_rearm(entry, armed, now, &mut changes);
+        }
+        for entry in turn.rearm {
+            let deadline = entry.state().deadline_ms();
+            if entry.status() != Status::Tombstone && deadline < entry.armed_ms() {
+                self.arm(entry, deadline);
+            }
+        }
+        for command in turn.commands {
+            match command {
+                Command::Register {
+                    registration,
+                    reply,
+                } => {
+                    if turn.stop {
+                        let _ = reply.send(Err(RegistryError::ShuttingDown));
+                        continue;
+                    }
+                    let id = self.new_id(&registration.name);
+                    self.reserved.insert(id.clone());
+                    self.pending_registrations.push(PendingRegistration {
+                        id,
+                        registration,
+                        registered_unix_ms: unix_now_ms(),
+                        reply,
+                    });
+                }
+                Command::Deregister { id, reply } => {
+                    let result = self.deregister(&id, &mut changes);
+                    match result {
+                        Ok(()) => changes.deregistered.push(reply),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        if turn.housekeeping {
+            self.forget_tombstones(now);
+        }
+        self.finish_turn(changes);
+    }
+
+    /// A commit finished: registrations become visible (or are refused);
+    /// failed deletes are retried later.
+    fn committed(
+        &mut self,
+        in_flight: InFlight,
+        result: Result<(), String>,
+        elapsed: Duration,
+        now: u64,
+        changes: &mut Changes,
+    ) {
+        let ok = result.is_ok();
+        self.shared.observer.store_operation("commit", elapsed, ok);
+        match result {
+            Ok(()) => {
+                let ttl = duration_ms(self.shared.config.init_ttl);
+                for pending in in_flight.registrations {
+                    self.reserved.remove(&pending.id);
+                    let ValidRegistration {
+                        name,
+                        address,
+                        labels,
+                    } = pending.registration;
+                    let entry = Arc::new(Entry::new(
+                        pending.id,
+                        name.into(),
+                        address.into(),
+                        labels,
+                        pending.registered_unix_ms,
+                        ttl,
+                        now + ttl,
+                    ));
+                    self.insert_live(entry.clone());
+                    let revision = self.next_revision();
+                    changes.events.push(Event {
+                        revision,
+                        kind: EventKind::Online,
+                        entry: entry.clone(),
+                    });
+                    changes.registered.push((pending.reply, entry));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, registrations = in_flight.registrations.len(), deletes = in_flight.deletes.len(), "store commit failed");
+                for pending in in_flight.registrations {
+                    self.reserved.remove(&pending.id);
+                    self.shared
+                        .observer
+                        .registration(RegistrationResult::Unavailable);
+                    let _ = pending
+                        .reply
+                        .send(Err(RegistryError::Unavailable(error.clone())));
+                }
+                self.pending_deletes.extend(in_flight.deletes);
+                self.retry_deletes_at_ms = now + duration_ms(DELETE_RETRY);
+            }
+        }
+    }
+
+    fn expire_or_rearm(&mut self, entry: Arc<Entry>, armed: u64, now: u64, changes: &mut Changes) {
+        if armed != entry.armed_ms() {
+            // A re-arm queued it again, earlier; that queue entry is the live one.
+            return;
+        }
+        match entry.try_expire(now) {
+            Expiry::Alive { deadline_ms } => self.arm(entry, deadline_ms),
+            Expiry::Expired { deadline_ms, was } => {
+                self.shared.count_leaving(was);
+                changes
+                    .lags
+                    .push(Duration::from_millis(now.saturating_sub(deadline_ms)));
+                self.remove_live(&entry, now);
+                let revision = self.next_revision();
+                changes.events.push(Event {
+                    revision,
+                    kind: EventKind::Offline(OfflineReason::Expired),
+                    entry,
+                });
+            }
+            Expiry::AlreadyTombstone => {}
+        }
+    }
+
+    fn deregister(&mut self, id: &str, changes: &mut Changes) -> Result<(), RegistryError> {
+        let entry = self
+            .shared
+            .live
+            .get(id)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+        let was = entry
+            .tombstone()
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+        self.shared.count_leaving(was);
+        let now = self.shared.clock.now_ms();
+        self.remove_live(&entry, now);
+        let revision = self.next_revision();
+        changes.events.push(Event {
+            revision,
+            kind: EventKind::Offline(OfflineReason::Deregistered),
+            entry,
+        });
+        Ok(())
+    }
+
+    fn insert_live(&mut self, entry: Arc<Entry>) {
+        let id = entry.id().clone();
+        self.shared.initing.fetch_add(1, Ordering::Relaxed);
+        self.shared.live.insert(id.clone(), entry.clone());
+        self.members.insert(id, entry.clone());
+        let deadline = entry.state().deadline_ms();
+        self.arm(entry, deadline);
+    }
+
+    /// Takes a (tombstoned) entry out of the live set; the id is remembered
+    /// as a tombstone for the retention, and deleted from the store.
+    fn remove_live(&mut self, entry: &Arc<Entry>, now: u64) {
+        let id = entry.id().clone();
+        // Tombstone first, so a heartbeat that misses the live table finds it.
+        self.shared.tombstones.insert(id.clone());
+        self.tombstone_queue.push_back((
+            now + duration_ms(self.shared.config.tombstone_retention),
+            id.clone(),
+        ));
+        self.shared.live.remove(&id);
+        self.members.remove(&id);
+        self.pending_deletes.push(id);
+    }
+
+    fn arm(&mut self, entry: Arc<Entry>, deadline_ms: u64) {
+        entry.set_armed_ms(deadline_ms);
+        let at = self.shared.clock.instant_at(deadline_ms);
+        self.queue.insert_at((entry, deadline_ms), at);
+    }
+
+    fn forget_tombstones(&mut self, now: u64) {
+        while let Some((forget_at, _)) = self.tombstone_queue.front() {
+            if *forget_at > now {
+                break;
+            }
+            let (_, id) = self.tombstone_queue.pop_front().expect("front was Some");
+            self.shared.tombstones.remove(&id);
+        }
+        // The queue's slab never shrinks on its own; give memory back after a
+        // mass expiry.
+        if self.queue.capacity() > 1024 && self.queue.len() < self.queue.capacity() / 4 {
+            self.queue.shrink_to_fit();
+        }
+    }
+
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    /// A fresh id, unique among live ids, tombstones and reserved ids.
+    fn new_id(&self, name: &str) -> ExecutorId {
+        let name = if name.is_empty() { "executor" } else { name };
+        loop {
+            let id = ExecutorId::new(&format!("{name}-{:016x}", rand::random::<u64>()));
+            if !self.shared.live.contains_key(&id)
+                && !self.shared.tombstones.contains(&id)
+                && !self.reserved.contains(&id)
+            {
+                return id;
+            }
+        }
+    }
+
+    /// Publishes the snapshot, then the events, then answers callers.
+    fn finish_turn(&mut self, changes: Changes) {
+        if changes.events.is_empty() {
+            return;
+        }
+        self.publish();
+        let mut online = 0;
+        for event in &changes.events {
+            if event.kind == EventKind::Online {
+                online += 1;
+            }
+            // No receiver is not an error: nobody is watching.
+            let _ = self.shared.events.send(event.clone());
+        }
+        let observer = &self.shared.observer;
+        observer.events(online, changes.events.len() as u64 - online);
+        if !changes.lags.is_empty() {
+            observer.expired(&changes.lags);
+            let max = changes.lags.iter().max().copied().unwrap_or_default();
+            tracing::info!(expired = changes.lags.len(), max_lag_ms = max.as_millis() as u64, revision = self.revision, "expiry pass");
+        }
+        for (reply, entry) in changes.registered {
+            observer.registration(RegistrationResult::Ok);
+            let _ = reply.send(Ok(entry));
+        }
+        for reply in changes.deregistered {
+            observer.deregistered();
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    fn publish(&mut self) {
+        let shared = &self.shared;
+        shared
+            .snapshot
+            .store(Arc::new(Snapshot::new(self.revision, self.members.clone())));
+        shared
+            .live_count
+            .store(self.members.len() as u64, Ordering::Relaxed);
+        shared.observer.membership(
+            self.revision,
+            shared.initing.load(Ordering::Relaxed),
+            shared.running.load(Ordering::Relaxed),
+        );
+    }
+
+    /// Sends the next store batch if none is in flight: every pending
+    /// registration, and deletes (chunked; held back for a while after a
+    /// failure, but never holding a registration back).
+    fn submit_store_work(&mut self) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let now = self.shared.clock.now_ms();
+        let registrations = std::mem::take(&mut self.pending_registrations);
+        let deletes = if now >= self.retry_deletes_at_ms {
+            let n = self.pending_deletes.len().min(MAX_DELETES_PER_COMMIT);
+            self.pending_deletes.drain(..n).collect()
+        } else {
+            Vec::new()
+        };
+        if registrations.is_empty() && deletes.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            inserts: registrations
+                .iter()
+                .map(|p| StoredExecutor {
+                    id: p.id.as_str().to_owned(),
+                    name: p.registration.name.clone(),
+                    address: p.registration.address.clone(),
+                    labels: p
+                        .registration
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect(),
+                    registered_unix_ms: p.registered_unix_ms,
+                })
+                .collect(),
+            deletes: deletes.iter().map(|id| id.as_str().to_owned()).collect(),
+        };
+        self.in_flight = Some(InFlight {
+            commit: self.store.submit(batch),
+            registrations,
+            deletes,
+        });
+    }
+
+    /// After stop: refuse what is queued, let the in-flight commit land,
+    /// flush the pending deletes once, and close the store.
+    async fn finish(mut self) {
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Register { reply, .. } => {
+                    let _ = reply.send(Err(RegistryError::ShuttingDown));
+                }
+                Command::Deregister { reply, .. } => {
+                    let _ = reply.send(Err(RegistryError::ShuttingDown));
+                }
+            }
+        }
+        for pending in std::mem::take(&mut self.pending_registrations) {
+            self.reserved.remove(&pending.id);
+            let _ = pending.reply.send(Err(RegistryError::ShuttingDown));
+        }
+        if let Some(in_flight) = self.in_flight.take() {
+            let (result, elapsed) = match in_flight.commit.await {
+                Ok((r, e)) => (r.map_err(|e| e.0), e),
+                Err(_) => (Err("store thread stopped".to_owned()), Duration::ZERO),
+            };
+            let now = self.shared.clock.now_ms();
+            let mut changes = Changes::default();
+            let in_flight = InFlight {
+                commit: oneshot::channel().1,
+                ..in_flight
+            };
+            self.committed(in_flight, result, elapsed, now, &mut changes);
+            self.finish_turn(changes);
+        }
+        while !self.pending_deletes.is_empty() {
+            self.retry_deletes_at_ms = 0;
+            self.submit_store_work();
+            let Some(in_flight) = self.in_flight.take() else { break };
+            match in_flight.commit.await {
+                Ok((Ok(()), _)) => {}
+                _ => {
+                    tracing::warn!(left = self.pending_deletes.len() + in_flight.deletes.len(), "could not flush deletes at shutdown; they expire at the next start");
+                    break;
+                }
+            }
+        }
+        self.store.close();
+        tracing::info!(revision = self.revision, "membership loop stopped");
+    }
+}
+
+/// Whole milliseconds of a duration (saturating).
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,1 @@
+//! gRPC adapter (placeholder until the server lands).

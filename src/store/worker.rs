@@ -1,0 +1,90 @@
+//! The store's own thread.
+//!
+//! Owns: the boxed `MembershipStore` and the OS thread that calls it, so that
+//! blocking writes (fsync) never run on the async runtime. Commits are
+//! executed one at a time in submission order.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::{Batch, MembershipStore, StoreError, StoredExecutor};
+
+struct Job {
+    batch: Batch,
+    done: oneshot::Sender<(Result<(), StoreError>, Duration)>,
+}
+
+/// A commit in flight: resolves with the result and how long it took.
+pub type Commit = oneshot::Receiver<(Result<(), StoreError>, Duration)>;
+
+/// Handle to the store thread. Dropping it lets the thread finish the jobs
+/// already submitted, then exit.
+pub struct StoreWorker {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StoreWorker {
+    /// Loads everything from `store`, then moves it to a new thread.
+    pub fn start(
+        mut store: Box<dyn MembershipStore>,
+    ) -> Result<(Self, Vec<StoredExecutor>), StoreError> {
+        let loaded = store.load_all()?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("registry-store".into())
+            .spawn(move || {
+                for job in rx {
+                    let started = Instant::now();
+                    let result = store.commit(&job.batch);
+                    // The loop may have stopped waiting; nothing to do then.
+                    let _ = job.done.send((result, started.elapsed()));
+                }
+            })
+            .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
+        Ok((
+            Self {
+                jobs: Some(tx),
+                thread: Some(thread),
+            },
+            loaded,
+        ))
+    }
+
+    /// Queues a batch; the returned receiver resolves when it is durable (or
+    /// failed).
+    pub fn submit(&self, batch: Batch) -> Commit {
+        let (done, rx) = oneshot::channel();
+        let sent = self
+            .jobs
+            .as_ref()
+            .map(|jobs| jobs.send(Job { batch, done }));
+        if let Some(Err(mpsc::SendError(job))) = sent {
+            let _ = job
+                .done
+                .send((Err(StoreError("store thread stopped".into())), Duration::ZERO));
+        }
+        rx
+    }
+
+    /// Finishes submitted jobs and joins the thread.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for StoreWorker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
