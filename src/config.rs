@@ -1,1 +1,332 @@
-//! Command-line flags (placeholder until the CLI lands).
+//! Command-line flags of `executor-registry serve`, and their validation.
+//!
+//! Owns: the flag names, defaults and `EXECUTOR_REGISTRY_*` environment
+//! variables of SPEC §3, and the translation into [`RegistryConfig`]. Every
+//! check that can be made before start-up is made here, with a message that
+//! names the flag.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::registry::RegistryConfig;
+
+/// Largest TTL accepted anywhere: the timing wheel cannot hold deadlines
+/// beyond ~2 years, and no lease should be anywhere near that.
+pub const MAX_TTL_CEILING: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Largest `--watch-buffer`.
+pub const MAX_WATCH_BUFFER: usize = 1 << 22;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 20s, 5m)"))
+}
+
+/// Flags of `executor-registry serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_LISTEN",
+        default_value = "127.0.0.1:10240"
+    )]
+    pub listen: SocketAddr,
+
+    /// Prometheus exposition address (`/metrics`).
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: SocketAddr,
+
+    /// Directory of the embedded store.
+    #[arg(long, env = "EXECUTOR_REGISTRY_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// TTL from registration (or restart) to the first heartbeat.
+    #[arg(long, env = "EXECUTOR_REGISTRY_INIT_HEARTBEAT_TTL", default_value = "20s", value_parser = duration)]
+    pub init_heartbeat_ttl: Duration,
+
+    /// Smallest TTL a heartbeat may ask for.
+    #[arg(long, env = "EXECUTOR_REGISTRY_MIN_HEARTBEAT_TTL", default_value = "100ms", value_parser = duration)]
+    pub min_heartbeat_ttl: Duration,
+
+    /// Largest TTL a heartbeat may ask for.
+    #[arg(long, env = "EXECUTOR_REGISTRY_MAX_HEARTBEAT_TTL", default_value = "10m", value_parser = duration)]
+    pub max_heartbeat_ttl: Duration,
+
+    /// Floor of the heartbeat interval suggested to executors.
+    #[arg(long, env = "EXECUTOR_REGISTRY_HEARTBEAT_INTERVAL", default_value = "500ms", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Total heartbeat rate the suggested interval keeps the fleet under.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_MAX_HEARTBEATS_PER_SECOND",
+        default_value_t = 200_000
+    )]
+    pub max_heartbeats_per_second: u64,
+
+    /// How long expired or deregistered ids are remembered (late heartbeats
+    /// get EXPIRED instead of NOT_FOUND).
+    #[arg(long, env = "EXECUTOR_REGISTRY_TOMBSTONE_RETENTION", default_value = "10m", value_parser = duration)]
+    pub tombstone_retention: Duration,
+
+    /// Events a watcher may fall behind before its stream is ended with
+    /// RESOURCE_EXHAUSTED (rounded up to a power of two).
+    #[arg(long, env = "EXECUTOR_REGISTRY_WATCH_BUFFER", default_value_t = 4096)]
+    pub watch_buffer: usize,
+
+    /// How long a graceful shutdown may take before connections are dropped.
+    #[arg(long, env = "EXECUTOR_REGISTRY_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Membership store: `sqlite` (embedded, in --data-dir), `memory`
+    /// (nothing survives a restart), or `etcd://host:port[,host:port…]`.
+    #[arg(long, env = "EXECUTOR_REGISTRY_STORE", default_value = "sqlite")]
+    pub store: String,
+
+    /// Key prefix in etcd.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_ETCD_PREFIX",
+        default_value = "/executor-registry"
+    )]
+    pub etcd_prefix: String,
+
+    /// Leader lease (replicas on etcd).
+    #[arg(long, env = "EXECUTOR_REGISTRY_LEADER_LEASE", default_value = "5s", value_parser = duration)]
+    pub leader_lease: Duration,
+
+    /// Most frequent last-seen write per executor (replicas on etcd).
+    #[arg(long, env = "EXECUTOR_REGISTRY_WATERMARK_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub watermark_interval: Duration,
+
+    /// Address other replicas and clients reach this one at (default: --listen).
+    #[arg(long, env = "EXECUTOR_REGISTRY_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// Server certificate (PEM).
+    #[arg(long, env = "EXECUTOR_REGISTRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Server private key (PEM).
+    #[arg(long, env = "EXECUTOR_REGISTRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA whose client certificates are accepted (turns on mutual TLS).
+    #[arg(long, env = "EXECUTOR_REGISTRY_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Certificate identities allowed to deregister any executor.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_ADMIN_IDENTITIES",
+        value_delimiter = ','
+    )]
+    pub admin_identities: Vec<String>,
+
+    /// File holding the admin bearer token.
+    #[arg(long, env = "EXECUTOR_REGISTRY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Which membership store to run on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Embedded SQLite in `--data-dir`.
+    Sqlite,
+    /// In memory only.
+    Memory,
+}
+
+/// A refused flag combination; the message names the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ServeArgs {
+    /// Checks the flags together; the core's settings on success.
+    pub fn validate(&self) -> Result<RegistryConfig, ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if self.min_heartbeat_ttl.is_zero() {
+            return err("--min-heartbeat-ttl must be above 0".into());
+        }
+        if self.min_heartbeat_ttl > self.max_heartbeat_ttl {
+            return err(format!(
+                "--min-heartbeat-ttl ({}) is above --max-heartbeat-ttl ({})",
+                show(self.min_heartbeat_ttl),
+                show(self.max_heartbeat_ttl)
+            ));
+        }
+        for (flag, value) in [
+            ("--max-heartbeat-ttl", self.max_heartbeat_ttl),
+            ("--init-heartbeat-ttl", self.init_heartbeat_ttl),
+        ] {
+            if value > MAX_TTL_CEILING {
+                return err(format!(
+                    "{flag} ({}) is above the ceiling of {}",
+                    show(value),
+                    show(MAX_TTL_CEILING)
+                ));
+            }
+        }
+        if self.init_heartbeat_ttl < Duration::from_millis(1) {
+            return err("--init-heartbeat-ttl must be at least 1ms".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return err("--heartbeat-interval must be above 0".into());
+        }
+        if self.heartbeat_interval >= self.max_heartbeat_ttl {
+            return err(format!(
+                "--heartbeat-interval ({}) must be below --max-heartbeat-ttl ({}), or no client can keep a lease",
+                show(self.heartbeat_interval),
+                show(self.max_heartbeat_ttl)
+            ));
+        }
+        if self.max_heartbeats_per_second == 0 {
+            return err("--max-heartbeats-per-second must be above 0".into());
+        }
+        if self.watch_buffer == 0 || self.watch_buffer > MAX_WATCH_BUFFER {
+            return err(format!(
+                "--watch-buffer ({}) must be between 1 and {MAX_WATCH_BUFFER}",
+                self.watch_buffer
+            ));
+        }
+        if self.tombstone_retention > MAX_TTL_CEILING {
+            return err(format!(
+                "--tombstone-retention ({}) is above the ceiling of {}",
+                show(self.tombstone_retention),
+                show(MAX_TTL_CEILING)
+            ));
+        }
+        self.store_kind()?;
+        self.refuse_unimplemented()?;
+        Ok(RegistryConfig {
+            init_ttl: self.init_heartbeat_ttl,
+            min_ttl: self.min_heartbeat_ttl,
+            max_ttl: self.max_heartbeat_ttl,
+            heartbeat_interval: self.heartbeat_interval,
+            max_heartbeats_per_second: self.max_heartbeats_per_second,
+            tombstone_retention: self.tombstone_retention,
+            watch_buffer: self.watch_buffer,
+        })
+    }
+
+    /// The store `--store` names.
+    pub fn store_kind(&self) -> Result<StoreKind, ConfigError> {
+        match self.store.as_str() {
+            "sqlite" => Ok(StoreKind::Sqlite),
+            "memory" => Ok(StoreKind::Memory),
+            s if s.starts_with("etcd://") => Err(ConfigError(
+                "--store etcd://… (replicas on etcd) is not available in this version; use sqlite"
+                    .into(),
+            )),
+            other => Err(ConfigError(format!(
+                "--store {other:?} is not a store: use sqlite, memory or etcd://host:port"
+            ))),
+        }
+    }
+
+    /// Security flags are accepted by name but refused until they work:
+    /// running in plaintext while the operator believes TLS is on would be
+    /// worse than not starting.
+    fn refuse_unimplemented(&self) -> Result<(), ConfigError> {
+        let set = [
+            ("--tls-cert", self.tls_cert.is_some()),
+            ("--tls-key", self.tls_key.is_some()),
+            ("--tls-client-ca", self.tls_client_ca.is_some()),
+            ("--admin-identities", !self.admin_identities.is_empty()),
+            ("--admin-token-file", self.admin_token_file.is_some()),
+        ];
+        match set.iter().find(|(_, on)| *on) {
+            Some((flag, _)) => Err(ConfigError(format!(
+                "{flag}: TLS and authentication are not available in this version; refusing to start without them"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("flags parse").serve
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let a = parse(&[]);
+        assert_eq!(a.listen.to_string(), "127.0.0.1:10240");
+        assert_eq!(a.metrics_listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(a.data_dir, PathBuf::from("./data"));
+        let c = a.validate().unwrap();
+        assert_eq!(c.init_ttl, Duration::from_secs(20));
+        assert_eq!(c.min_ttl, Duration::from_millis(100));
+        assert_eq!(c.max_ttl, Duration::from_secs(600));
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(c.max_heartbeats_per_second, 200_000);
+        assert_eq!(c.tombstone_retention, Duration::from_secs(600));
+        assert_eq!(c.watch_buffer, 4096);
+        assert_eq!(a.store_kind().unwrap(), StoreKind::Sqlite);
+    }
+
+    #[test]
+    fn humantime_durations_parse() {
+        let a = parse(&[
+            "--init-heartbeat-ttl",
+            "1m30s",
+            "--min-heartbeat-ttl",
+            "250ms",
+        ]);
+        assert_eq!(a.init_heartbeat_ttl, Duration::from_secs(90));
+        assert_eq!(a.min_heartbeat_ttl, Duration::from_millis(250));
+        assert!(Cli::try_parse_from(["serve", "--init-heartbeat-ttl", "soon"]).is_err());
+    }
+
+    #[test]
+    fn min_ttl_above_max_ttl_is_refused_naming_both_flags() {
+        let a = parse(&["--min-heartbeat-ttl", "5m", "--max-heartbeat-ttl", "1m"]);
+        let e = a.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--min-heartbeat-ttl") && e.contains("--max-heartbeat-ttl"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nonsense_values_are_refused() {
+        for args in [
+            &["--watch-buffer", "0"][..],
+            &["--max-heartbeats-per-second", "0"],
+            &["--min-heartbeat-ttl", "0s"],
+            &["--heartbeat-interval", "0s"],
+            &["--heartbeat-interval", "20m"],
+            &["--max-heartbeat-ttl", "1000days"],
+            &["--store", "postgres"],
+            &["--store", "etcd://127.0.0.1:2379"],
+            &["--tls-cert", "/tmp/cert.pem"],
+        ] {
+            assert!(
+                parse(args).validate().is_err(),
+                "{args:?} should be refused"
+            );
+        }
+    }
+}

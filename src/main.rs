@@ -1,1 +1,104 @@
-fn main(){}
+//! `executor-registry`: the registry server (`serve`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use executor_registry::config::{ServeArgs, StoreKind};
+use executor_registry::registry::{NoopObserver, Registry};
+use executor_registry::server;
+use executor_registry::store::{MembershipStore, MemoryStore};
+
+/// Membership and liveness registry for a fleet of executors.
+#[derive(Debug, Parser)]
+#[command(name = "executor-registry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the registry server.
+    Serve(Box<ServeArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(*args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.validate()?;
+    let store: Box<dyn MembershipStore> = match args.store_kind()? {
+        StoreKind::Memory => Box::new(MemoryStore::new()),
+        StoreKind::Sqlite => Box::new(MemoryStore::new()),
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let (registry, task) = Registry::start(config, store, Arc::new(NoopObserver))
+        .context("cannot load the membership store")?;
+    tracing::info!(listen = %listener.local_addr()?, "executor-registry serving");
+    let stopped = server::serve(listener, registry, shutdown_signal(), args.shutdown_grace).await?;
+    tracing::info!(?stopped, "gRPC server stopped; flushing the store");
+    task.stop().await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
