@@ -13,6 +13,8 @@
 //!   and its worker thread.
 //! - [`server`] — the gRPC adapter: validation of wire types, error mapping,
 //!   health, reflection, graceful shutdown.
+//! - [`metrics`] — the Prometheus adapter: metric names (SPEC §4), an
+//!   `Observer` holding every handle, the `/metrics` exporter, `process_*`.
 //! - [`config`] — command-line flags and their validation.
 //! - [`proto`] — the generated `registry.v1` types, for clients and tools.
 //!
@@ -41,6 +43,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod store;
