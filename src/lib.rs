@@ -13,6 +13,10 @@
 //!   and its worker thread.
 //! - [`server`] — the gRPC adapter: validation of wire types, error mapping,
 //!   health, reflection, graceful shutdown.
+//! - [`metrics`] — the Prometheus adapter: metric names (SPEC §4), an
+//!   `Observer` holding every handle, the `/metrics` exporter, `process_*`.
+//! - [`logging`] — the `tracing` subscriber (`RUST_LOG`) and per-executor
+//!   rate limiting of log lines.
 //! - [`config`] — command-line flags and their validation.
 //! - [`proto`] — the generated `registry.v1` types, for clients and tools.
 //!
@@ -41,6 +45,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod store;
