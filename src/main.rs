@@ -1,14 +1,13 @@
 //! `executor-registry`: the registry server (`serve`).
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use executor_registry::config::{ServeArgs, StoreKind};
-use executor_registry::registry::{NoopObserver, Registry};
+use executor_registry::registry::Registry;
 use executor_registry::server;
 use executor_registry::store::{MembershipStore, MemoryStore};
 
@@ -28,12 +27,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    executor_registry::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,12 +59,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let (registry, task) = Registry::start(config, store, Arc::new(NoopObserver))
+    let metrics = executor_registry::metrics::install(args.metrics_listen).with_context(|| {
+        format!(
+            "cannot serve metrics on {} (--metrics-listen)",
+            args.metrics_listen
+        )
+    })?;
+    let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
-    tracing::info!(listen = %listener.local_addr()?, "executor-registry serving");
+    tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, "executor-registry serving");
     let stopped = server::serve(listener, registry, shutdown_signal(), args.shutdown_grace).await?;
     tracing::info!(?stopped, "gRPC server stopped; flushing the store");
     task.stop().await;
+    metrics.flush();
     tracing::info!("bye");
     Ok(())
 }

@@ -221,7 +221,10 @@ impl Registry {
         store: Box<dyn MembershipStore>,
         observer: Arc<dyn Observer>,
     ) -> Result<(Registry, RegistryTask), StoreError> {
-        let (worker, loaded) = StoreWorker::start(store)?;
+        let started = std::time::Instant::now();
+        let started_worker = StoreWorker::start(store);
+        observer.store_operation("load", started.elapsed(), started_worker.is_ok());
+        let (worker, loaded) = started_worker?;
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (rearm_tx, rearm_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(config.watch_buffer.max(1));
