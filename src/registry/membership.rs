@@ -228,13 +228,21 @@ impl MembershipLoop {
     /// Runs until stopped, then flushes pending store work.
     pub(crate) async fn run(mut self) {
         loop {
-            let turn = std::future::poll_fn(|cx| self.poll_turn(cx)).await;
+            // Gathering a turn must not be cut short by tokio's cooperative
+            // budget (128 operations per task poll): DelayQueue polls a timer
+            // per popped entry and so runs out after ~128, splitting one
+            // expiry pass into many turns. A turn is bounded anyway (what
+            // expired, MAX_COMMANDS_PER_TURN); the loop pays one unit of
+            // budget per turn instead, so it still yields under a flood.
+            let turn =
+                tokio::task::unconstrained(std::future::poll_fn(|cx| self.poll_turn(cx))).await;
             let stop = turn.stop;
             self.apply(turn);
             self.submit_store_work();
             if stop {
                 break;
             }
+            tokio::task::consume_budget().await;
         }
         self.finish().await;
     }
