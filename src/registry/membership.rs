@@ -23,7 +23,7 @@ use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -65,8 +65,11 @@ pub(crate) struct Shared {
     pub tombstones: DashSet<ExecutorId>,
     pub snapshot: ArcSwap<Snapshot>,
     pub events: broadcast::Sender<Event>,
-    pub initing: AtomicU64,
-    pub running: AtomicU64,
+    /// Live executors by status. Signed: a heartbeat moves INITING→RUNNING
+    /// after its CAS while an expiry may already have counted the RUNNING
+    /// one out, so a counter can dip below zero for an instant; readers clamp.
+    pub initing: AtomicI64,
+    pub running: AtomicI64,
     /// Live members (for the suggested interval), updated per turn.
     pub live_count: AtomicU64,
     pub observer: Arc<dyn Observer>,
@@ -75,6 +78,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Live executors with `status` (clamped at 0, see the counters).
+    pub fn count_of(&self, status: Status) -> u64 {
+        let counter = match status {
+            Status::Initing => &self.initing,
+            Status::Running => &self.running,
+            Status::Tombstone => return 0,
+        };
+        u64::try_from(counter.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
     /// Moves the status counters for a transition out of `was`.
     pub fn count_leaving(&self, was: Status) {
         match was {
@@ -228,13 +241,21 @@ impl MembershipLoop {
     /// Runs until stopped, then flushes pending store work.
     pub(crate) async fn run(mut self) {
         loop {
-            let turn = std::future::poll_fn(|cx| self.poll_turn(cx)).await;
+            // Gathering a turn must not be cut short by tokio's cooperative
+            // budget (128 operations per task poll): DelayQueue polls a timer
+            // per popped entry and so runs out after ~128, splitting one
+            // expiry pass into many turns. A turn is bounded anyway (what
+            // expired, MAX_COMMANDS_PER_TURN); the loop pays one unit of
+            // budget per turn instead, so it still yields under a flood.
+            let turn =
+                tokio::task::unconstrained(std::future::poll_fn(|cx| self.poll_turn(cx))).await;
             let stop = turn.stop;
             self.apply(turn);
             self.submit_store_work();
             if stop {
                 break;
             }
+            tokio::task::consume_budget().await;
         }
         self.finish().await;
     }
@@ -550,8 +571,8 @@ impl MembershipLoop {
             .store(self.members.len() as u64, Ordering::Relaxed);
         shared.observer.membership(
             self.revision,
-            shared.initing.load(Ordering::Relaxed),
-            shared.running.load(Ordering::Relaxed),
+            shared.count_of(Status::Initing),
+            shared.count_of(Status::Running),
         );
     }
 

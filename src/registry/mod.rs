@@ -408,9 +408,7 @@ impl Registry {
         let shared = &self.shared;
         match status {
             None => shared.live_count.load(Ordering::Relaxed),
-            Some(Status::Initing) => shared.initing.load(Ordering::Relaxed),
-            Some(Status::Running) => shared.running.load(Ordering::Relaxed),
-            Some(Status::Tombstone) => 0,
+            Some(status) => shared.count_of(status),
         }
     }
 
