@@ -74,7 +74,9 @@ impl TestServer {
 
     /// A client whose HTTP/2 windows are the protocol's default 64 KiB
     /// (hyper's client defaults to 2 MiB per stream), so a client that stops
-    /// reading pushes back on the server after a few hundred events.
+    /// reading pushes back on the server after 64 KiB of events. Beware: h2
+    /// also closes the connection when ~170 unread DATA frames under 256
+    /// bytes pile up, so stalled-watcher tests need events above that size.
     pub async fn small_window_client(&self) -> RegistryClient<Channel> {
         let endpoint = Channel::from_shared(format!("http://{}", self.addr))
             .expect("valid uri")
