@@ -233,10 +233,12 @@ impl Entry {
             if status == Status::Tombstone {
                 return Beat::Tombstoned;
             }
-            match self
-                .state
-                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.state.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     return Beat::Renewed {
                         deadline_ms,
@@ -263,10 +265,12 @@ impl Entry {
                 };
             }
             let tomb = State::new(Status::Tombstone, state.deadline_ms()).bits();
-            match self
-                .state
-                .compare_exchange_weak(current, tomb, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.state.compare_exchange_weak(
+                current,
+                tomb,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     return Expiry::Expired {
                         deadline_ms: state.deadline_ms(),
@@ -288,10 +292,12 @@ impl Entry {
                 return None;
             }
             let tomb = State::new(Status::Tombstone, state.deadline_ms()).bits();
-            match self
-                .state
-                .compare_exchange_weak(current, tomb, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.state.compare_exchange_weak(
+                current,
+                tomb,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Some(state.status()),
                 Err(actual) => current = actual,
             }
@@ -343,8 +349,14 @@ mod tests {
                 assert_eq!(s.deadline_ms(), deadline);
             }
         }
-        assert_eq!(State::new(Status::Running, u64::MAX).deadline_ms(), DEADLINE_MASK);
-        assert_eq!(State::new(Status::Running, u64::MAX).status(), Status::Running);
+        assert_eq!(
+            State::new(Status::Running, u64::MAX).deadline_ms(),
+            DEADLINE_MASK
+        );
+        assert_eq!(
+            State::new(Status::Running, u64::MAX).status(),
+            Status::Running
+        );
     }
 
     #[test]
@@ -353,13 +365,19 @@ mod tests {
         assert_eq!(e.status(), Status::Initing);
         assert_eq!(
             e.heartbeat(50, Some(300)),
-            Beat::Renewed { deadline_ms: 350, was_initing: true }
+            Beat::Renewed {
+                deadline_ms: 350,
+                was_initing: true
+            }
         );
         assert_eq!(e.status(), Status::Running);
         assert_eq!(e.ttl_ms(), 300);
         assert_eq!(
             e.heartbeat(60, None),
-            Beat::Renewed { deadline_ms: 360, was_initing: false }
+            Beat::Renewed {
+                deadline_ms: 360,
+                was_initing: false
+            }
         );
     }
 
@@ -369,7 +387,10 @@ mod tests {
         assert_eq!(e.try_expire(99), Expiry::Alive { deadline_ms: 100 });
         assert_eq!(
             e.try_expire(100),
-            Expiry::Expired { deadline_ms: 100, was: Status::Initing }
+            Expiry::Expired {
+                deadline_ms: 100,
+                was: Status::Initing
+            }
         );
         assert_eq!(e.try_expire(200), Expiry::AlreadyTombstone);
     }
@@ -397,7 +418,8 @@ mod tests {
             let last_ok = Arc::new(AtomicU64::new(1_000));
             let stop = Arc::new(AtomicBool::new(false));
             let beater = {
-                let (e, clock, last_ok, stop) = (e.clone(), clock.clone(), last_ok.clone(), stop.clone());
+                let (e, clock, last_ok, stop) =
+                    (e.clone(), clock.clone(), last_ok.clone(), stop.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         let now = clock.load(Ordering::Acquire);

@@ -26,7 +26,10 @@ pub fn check_label_part(s: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if b.len() > MAX_LABEL_LEN {
-        return Err(format!("is {} bytes, at most {MAX_LABEL_LEN} allowed", b.len()));
+        return Err(format!(
+            "is {} bytes, at most {MAX_LABEL_LEN} allowed",
+            b.len()
+        ));
     }
     let alnum = |c: u8| c.is_ascii_alphanumeric();
     if !alnum(b[0]) || !alnum(b[b.len() - 1]) {
@@ -66,7 +69,10 @@ impl Labels {
                 RegistryError::invalid("labels", format!("key {:?} {why}", truncate(k)))
             })?;
             check_label_part(v).map_err(|why| {
-                RegistryError::invalid("labels", format!("value of {k:?} ({:?}) {why}", truncate(v)))
+                RegistryError::invalid(
+                    "labels",
+                    format!("value of {k:?} ({:?}) {why}", truncate(v)),
+                )
             })?;
             out.push((k.into(), v.into()));
         }
@@ -105,7 +111,9 @@ impl Labels {
 
     /// The labels as an owned map (for the wire format).
     pub fn to_map(&self) -> HashMap<String, String> {
-        self.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
     }
 }
 
@@ -171,7 +179,10 @@ impl Selector {
                 SelectorKind::Regex(re)
             }
         };
-        Ok(Self { label: label.into(), kind })
+        Ok(Self {
+            label: label.into(),
+            kind,
+        })
     }
 
     /// Whether `labels` satisfy this selector.
@@ -235,7 +246,10 @@ mod tests {
     #[test]
     fn labels_are_sorted_and_looked_up() {
         let l = Labels::new([("zone", "b"), ("arch", "x86")]).unwrap();
-        assert_eq!(l.iter().collect::<Vec<_>>(), vec![("arch", "x86"), ("zone", "b")]);
+        assert_eq!(
+            l.iter().collect::<Vec<_>>(),
+            vec![("arch", "x86"), ("zone", "b")]
+        );
         assert_eq!(l.get("zone"), Some("b"));
         assert_eq!(l.get("nope"), None);
     }
@@ -243,11 +257,19 @@ mod tests {
     #[test]
     fn labels_errors_name_the_field_and_problem() {
         let e = Labels::new([("a_b", "x")]).unwrap_err();
-        assert!(e.to_string().contains("labels") && e.to_string().contains("a_b"), "{e}");
+        assert!(
+            e.to_string().contains("labels") && e.to_string().contains("a_b"),
+            "{e}"
+        );
         let e = Labels::new([("k", "")]).unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
         let many: Vec<(String, String)> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
-        assert!(Labels::new(many).unwrap_err().to_string().contains("more than 64"));
+        assert!(
+            Labels::new(many)
+                .unwrap_err()
+                .to_string()
+                .contains("more than 64")
+        );
         let max: Vec<(String, String)> = (0..64).map(|i| (format!("k{i}"), "v".into())).collect();
         assert_eq!(Labels::new(max).unwrap().len(), 64);
     }
@@ -269,9 +291,15 @@ mod tests {
         assert!(!sel("zone", "us|x", SelectorOp::Regex).matches(&l));
         assert!(!sel("missing", ".*", SelectorOp::Regex).matches(&l));
         // AND of all.
-        let both = [sel("zone", "us-.*", SelectorOp::Regex), sel("gpu", "a100", SelectorOp::Eq)];
+        let both = [
+            sel("zone", "us-.*", SelectorOp::Regex),
+            sel("gpu", "a100", SelectorOp::Eq),
+        ];
         assert!(matches_all(&both, &l));
-        let one_fails = [sel("zone", "us-.*", SelectorOp::Regex), sel("gpu", "h100", SelectorOp::Eq)];
+        let one_fails = [
+            sel("zone", "us-.*", SelectorOp::Regex),
+            sel("gpu", "h100", SelectorOp::Eq),
+        ];
         assert!(!matches_all(&one_fails, &l));
         assert!(matches_all(&[], &l));
     }

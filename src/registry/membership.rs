@@ -85,11 +85,14 @@ impl Shared {
     }
 }
 
+/// Where the loop answers a registration.
+type RegisterReply = oneshot::Sender<Result<Arc<Entry>, RegistryError>>;
+
 /// A request to the loop.
 pub(crate) enum Command {
     Register {
         registration: ValidRegistration,
-        reply: oneshot::Sender<Result<Arc<Entry>, RegistryError>>,
+        reply: RegisterReply,
     },
     Deregister {
         id: String,
@@ -101,7 +104,7 @@ struct PendingRegistration {
     id: ExecutorId,
     registration: ValidRegistration,
     registered_unix_ms: u64,
-    reply: oneshot::Sender<Result<Arc<Entry>, RegistryError>>,
+    reply: RegisterReply,
 }
 
 struct InFlight {
@@ -136,7 +139,7 @@ impl Turn {
 #[derive(Default)]
 struct Changes {
     events: Vec<Event>,
-    registered: Vec<(oneshot::Sender<Result<Arc<Entry>, RegistryError>>, Arc<Entry>)>,
+    registered: Vec<(RegisterReply, Arc<Entry>)>,
     deregistered: Vec<oneshot::Sender<Result<(), RegistryError>>>,
     lags: Vec<Duration>,
 }
@@ -520,7 +523,12 @@ impl MembershipLoop {
         if !changes.lags.is_empty() {
             observer.expired(&changes.lags);
             let max = changes.lags.iter().max().copied().unwrap_or_default();
-            tracing::info!(expired = changes.lags.len(), max_lag_ms = max.as_millis() as u64, revision = self.revision, "expiry pass");
+            tracing::info!(
+                expired = changes.lags.len(),
+                max_lag_ms = max.as_millis() as u64,
+                revision = self.revision,
+                "expiry pass"
+            );
         }
         for (reply, entry) in changes.registered {
             observer.registration(RegistrationResult::Ok);
@@ -625,11 +633,16 @@ impl MembershipLoop {
         while !self.pending_deletes.is_empty() {
             self.retry_deletes_at_ms = 0;
             self.submit_store_work();
-            let Some(in_flight) = self.in_flight.take() else { break };
+            let Some(in_flight) = self.in_flight.take() else {
+                break;
+            };
             match in_flight.commit.await {
                 Ok((Ok(()), _)) => {}
                 _ => {
-                    tracing::warn!(left = self.pending_deletes.len() + in_flight.deletes.len(), "could not flush deletes at shutdown; they expire at the next start");
+                    tracing::warn!(
+                        left = self.pending_deletes.len() + in_flight.deletes.len(),
+                        "could not flush deletes at shutdown; they expire at the next start"
+                    );
                     break;
                 }
             }

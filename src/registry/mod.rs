@@ -138,7 +138,10 @@ fn check_address(address: &str) -> Result<(), RegistryError> {
     if address.len() > MAX_ADDRESS_LEN {
         return Err(RegistryError::invalid(
             "address",
-            format!("is {} bytes, at most {MAX_ADDRESS_LEN} allowed", address.len()),
+            format!(
+                "is {} bytes, at most {MAX_ADDRESS_LEN} allowed",
+                address.len()
+            ),
         ));
     }
     let shown = || address.chars().take(80).collect::<String>();
@@ -421,7 +424,9 @@ impl Registry {
         let config = &self.shared.config;
         let live = self.shared.live_count.load(Ordering::Relaxed);
         let spread_ms = live.saturating_mul(1000) / config.max_heartbeats_per_second.max(1);
-        config.heartbeat_interval.max(Duration::from_millis(spread_ms))
+        config
+            .heartbeat_interval
+            .max(Duration::from_millis(spread_ms))
     }
 
     /// Wall-clock ms of the entry's last heartbeat (0 if it never beat).

@@ -63,9 +63,10 @@ impl StoreWorker {
             .as_ref()
             .map(|jobs| jobs.send(Job { batch, done }));
         if let Some(Err(mpsc::SendError(job))) = sent {
-            let _ = job
-                .done
-                .send((Err(StoreError("store thread stopped".into())), Duration::ZERO));
+            let _ = job.done.send((
+                Err(StoreError("store thread stopped".into())),
+                Duration::ZERO,
+            ));
         }
         rx
     }
