@@ -415,7 +415,8 @@ mod tests {
         for round in 0..200u64 {
             let e = Arc::new(entry(1_000));
             let clock = Arc::new(AtomicU64::new(0));
-            let last_ok = Arc::new(AtomicU64::new(1_000));
+            // The initial deadline was not written by a heartbeat: start at 0.
+            let last_ok = Arc::new(AtomicU64::new(0));
             let stop = Arc::new(AtomicBool::new(false));
             let beater = {
                 let (e, clock, last_ok, stop) =
