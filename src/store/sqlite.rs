@@ -1038,3 +1038,96 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod disk_full {
+    use super::*;
+
+    /// Manual: needs a small filesystem, e.g. as root
+    /// `mkdir -p /tmp/full && mount -t tmpfs -o size=512k tmpfs /tmp/full`, then
+    /// `REGISTRY_FULL_FS=/tmp/full cargo test --lib disk_full -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs a small filesystem mounted by hand"]
+    fn a_commit_on_a_full_disk_fails_and_works_again_once_space_is_freed() {
+        let root = PathBuf::from(std::env::var("REGISTRY_FULL_FS").expect("REGISTRY_FULL_FS"));
+        let data = root.join("data");
+        let filler = root.join("filler");
+        let _ = std::fs::remove_dir_all(&data);
+        let _ = std::fs::remove_file(&filler);
+        let row = |i: usize| StoredExecutor {
+            id: format!(
+                "worker-{:016x}",
+                (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ),
+            name: "worker".into(),
+            address: "10.0.0.7:9000".into(),
+            labels: vec![("zone".into(), "a".into())],
+            registered_unix_ms: 1,
+        };
+        let batch = |range: std::ops::Range<usize>| Batch {
+            inserts: range.map(row).collect(),
+            deletes: vec![],
+        };
+
+        let mut store = SqliteStore::open(&data).unwrap();
+        store.commit(&batch(0..100)).unwrap();
+
+        // Fill the filesystem, leaving nothing.
+        let fill = || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let chunk = vec![0u8; 4096];
+            while f.write_all(&chunk).is_ok() {}
+            let _ = f.write_all(&[0u8; 1]);
+            let _ = f.sync_all();
+            println!(
+                "filler: {} bytes",
+                std::fs::metadata(&filler).unwrap().len()
+            );
+        };
+        fill();
+
+        let mut failures = 0;
+        for i in 1..=5 {
+            match store.commit(&batch(i * 1000..i * 1000 + 300)) {
+                Ok(()) => println!("commit {i} on the full disk: ok (fit in the WAL's free space)"),
+                Err(e) => {
+                    failures += 1;
+                    println!("commit {i} on the full disk: {e}");
+                    assert!(store.conn.is_autocommit());
+                }
+            }
+        }
+        assert!(failures > 0, "the disk never got full");
+        let after_failures = store.load_all().unwrap().len();
+        println!("rows visible after the failures: {after_failures}");
+
+        std::fs::remove_file(&filler).unwrap();
+        store.commit(&batch(10_000..10_300)).unwrap();
+        let rows = store.load_all().unwrap().len();
+        println!("after freeing space: commit ok, {rows} rows");
+        assert_eq!(rows, after_failures + 300);
+        drop(store);
+        assert_eq!(
+            SqliteStore::open(&data).unwrap().load_all().unwrap().len(),
+            rows
+        );
+        println!("reopened: {rows} rows");
+
+        // Starting on a full disk: the WAL cannot be created.
+        fill();
+        match SqliteStore::open(&data) {
+            Ok(mut store) => println!(
+                "open on the full disk: ok; commit: {:?}",
+                store.commit(&batch(20_000..20_300))
+            ),
+            Err(e) => println!("open on the full disk: {e}"),
+        }
+        std::fs::remove_file(&filler).unwrap();
+        assert_eq!(
+            SqliteStore::open(&data).unwrap().load_all().unwrap().len(),
+            rows
+        );
+        println!("after freeing space: opened with {rows} rows");
+    }
+}
