@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use executor_registry::config::{ServeArgs, StoreKind};
 use executor_registry::registry::Registry;
 use executor_registry::server;
-use executor_registry::store::{MembershipStore, MemoryStore};
+use executor_registry::store::{MembershipStore, MemoryStore, SqliteStore};
 
 /// Membership and liveness registry for a fleet of executors.
 #[derive(Debug, Parser)]
@@ -54,7 +54,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     let store: Box<dyn MembershipStore> = match args.store_kind()? {
         StoreKind::Memory => Box::new(MemoryStore::new()),
-        StoreKind::Sqlite => Box::new(MemoryStore::new()),
+        StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
+            format!(
+                "cannot open the store in {} (--data-dir)",
+                args.data_dir.display()
+            )
+        })?),
     };
     let listener = TcpListener::bind(args.listen)
         .await

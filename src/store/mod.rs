@@ -6,12 +6,17 @@
 //! expired/deregistered executors); while a batch is in flight the next one
 //! gathers, which is the group commit.
 //!
+//! Stores: [`SqliteStore`] (the default: one WAL-mode SQLite file in the data
+//! directory, fsynced at each commit) and [`MemoryStore`] (nothing durable).
+//!
 //! Must not touch: registry state. A store only persists what it is given.
 
 mod memory;
+mod sqlite;
 mod worker;
 
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 pub use worker::{Commit, StoreWorker};
 
 /// An executor as persisted.
