@@ -62,4 +62,10 @@ pub trait MembershipStore: Send + 'static {
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError>;
     /// Applies a batch atomically and durably.
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
+    /// Whether calls block (disk, network). A store that never blocks is
+    /// called inline by the membership loop instead of on a thread of its own,
+    /// which also keeps paused-time tests exact (tokio cannot see a thread).
+    fn blocks(&self) -> bool {
+        true
+    }
 }
