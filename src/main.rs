@@ -64,12 +64,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let metrics = executor_registry::metrics::install(args.metrics_listen).with_context(|| {
-        format!(
-            "cannot serve metrics on {} (--metrics-listen)",
-            args.metrics_listen
-        )
-    })?;
+    let metrics = executor_registry::metrics::install(args.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (--metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
     tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, "executor-registry serving");
