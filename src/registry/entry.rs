@@ -294,6 +294,18 @@ impl Entry {
         })
     }
 
+    /// Moves the deadline later (never earlier), keeping the status; no-op
+    /// on a tombstone. For pause compensation (membership loop only).
+    pub(crate) fn extend_deadline_to(&self, deadline_ms: u64) {
+        self.transition(|state| {
+            if state.status() == Status::Tombstone || state.deadline_ms() >= deadline_ms {
+                Err(())
+            } else {
+                Ok((State::new(state.status(), deadline_ms), ()))
+            }
+        })
+    }
+
     /// Deadline at which the loop's queue holds this entry (`u64::MAX`: none).
     pub(crate) fn armed_ms(&self) -> u64 {
         self.armed_ms.load(Ordering::Acquire)
@@ -399,6 +411,18 @@ mod tests {
     /// expiry wins, the deadline it decided on must be at least as late as
     /// every deadline an OK heartbeat wrote before (no OK heartbeat is
     /// followed by an expiry based on an older deadline).
+    #[test]
+    fn extending_a_deadline_never_shortens_it_nor_revives_a_tombstone() {
+        let e = entry(100);
+        e.extend_deadline_to(50);
+        assert_eq!(e.state().deadline_ms(), 100);
+        e.extend_deadline_to(500);
+        assert_eq!(e.state(), State::new(Status::Initing, 500));
+        e.tombstone();
+        e.extend_deadline_to(10_000);
+        assert_eq!(e.status(), Status::Tombstone);
+    }
+
     #[test]
     fn heartbeat_versus_expiry_race_never_expires_on_a_stale_deadline() {
         use std::sync::atomic::AtomicBool;

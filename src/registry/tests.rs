@@ -899,3 +899,95 @@ async fn the_suggested_interval_grows_with_the_fleet_over_the_heartbeat_budget()
         Ok(Duration::from_millis(1_000))
     );
 }
+
+/// A stall of the registry itself: the clock jumps `stall` while no task
+/// runs (as under SIGSTOP), then the loop gets to run before anything else.
+async fn stall_registry(stall: Duration) {
+    tokio::time::advance(stall).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn executors_are_not_expired_for_heartbeats_the_registry_was_too_stalled_to_read() {
+    let (registry, _task, _) = start(RegistryConfig::default());
+    let alive = register(&registry, "alive").await;
+    let dead = register(&registry, "dead").await;
+    registry.heartbeat(id(&alive), 1_000).expect("alive beats");
+    registry
+        .heartbeat(id(&dead), 1_000)
+        .expect("dead beats once, then dies");
+    let mut watch = registry.watch();
+    sleep(Duration::from_millis(300)).await;
+    registry.heartbeat(id(&alive), 1_000).expect("alive beats");
+
+    // Stalled for twice the TTL: both deadlines pass while nothing runs.
+    stall_registry(Duration::from_secs(2)).await;
+    let resumed = registry.clock().now_ms();
+    assert_eq!(alive.status(), Status::Running, "not expired at the resume");
+    assert_eq!(dead.status(), Status::Running, "not expired at the resume");
+
+    // The heartbeat sent during the stall is read now, and alive carries on.
+    let beats = tokio::spawn({
+        let registry = registry.clone();
+        let alive = id(&alive).to_owned();
+        async move {
+            for _ in 0..20 {
+                registry
+                    .heartbeat(&alive, 1_000)
+                    .expect("alive keeps beating");
+                sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+    // The dead one still expires: at the end of the resume grace (its
+    // deadline moved by the stall's length falls before that), not never.
+    let event = next_event(&mut watch).await;
+    let now = registry.clock().now_ms();
+    assert_eq!(id(&event.entry), id(&dead));
+    assert_eq!(event.kind, EventKind::Offline(OfflineReason::Expired));
+    let grace = super::membership::RESUME_GRACE.as_millis() as u64;
+    assert!(
+        now >= resumed + grace && now <= resumed + grace + MAX_LAG_MS,
+        "expired {}ms after the resume",
+        now - resumed
+    );
+    beats.await.expect("alive was never expired");
+    assert_eq!(alive.status(), Status::Running);
+}
+
+/// The control: without compensation the same stall expires the live
+/// executor at the resume (what the test above guards against).
+#[tokio::test(start_paused = true)]
+async fn without_stall_compensation_a_stall_expires_live_executors() {
+    let config = RegistryConfig {
+        stall_threshold: Duration::ZERO,
+        ..RegistryConfig::default()
+    };
+    let (registry, _task, _) = start(config);
+    let alive = register(&registry, "alive").await;
+    registry.heartbeat(id(&alive), 1_000).expect("alive beats");
+    stall_registry(Duration::from_secs(2)).await;
+    assert_eq!(alive.status(), Status::Tombstone);
+    assert_eq!(
+        registry.heartbeat(id(&alive), 1_000).unwrap_err(),
+        RegistryError::Tombstone(id(&alive).to_owned())
+    );
+}
+
+/// A short hiccup below the threshold is not a stall: expiry stays exact.
+#[tokio::test(start_paused = true)]
+async fn a_hiccup_below_the_stall_threshold_changes_nothing() {
+    let (registry, _task, _) = start(RegistryConfig::default());
+    let silent = register(&registry, "silent").await;
+    registry.heartbeat(id(&silent), 1_000).expect("beats once");
+    sleep(Duration::from_millis(500)).await;
+    // 600 ms without the loop: late, but under tick + 1 s.
+    stall_registry(Duration::from_millis(600)).await;
+    assert_eq!(
+        silent.status(),
+        Status::Tombstone,
+        "expired at its deadline"
+    );
+}
