@@ -15,6 +15,9 @@
 //!   health, reflection, graceful shutdown.
 //! - [`config`] — command-line flags and their validation.
 //! - [`proto`] — the generated `registry.v1` types, for clients and tools.
+//! - [`client`] — the client library: [`client::Membership`] keeps an
+//!   executor's lease, [`client::FleetView`] keeps a scheduler's copy of the
+//!   live fleet.
 //!
 //! ## Embedding
 //!
@@ -40,6 +43,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod registry;
 pub mod server;
