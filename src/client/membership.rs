@@ -588,7 +588,19 @@ impl Heartbeater {
         };
         let mut next = Instant::now();
         loop {
-            sleep_until(next).await;
+            // Between beats nothing is due on the stream; anything that
+            // arrives is its end (the registry restarting), noticed now
+            // rather than at the next beat. (`message()` is cancel-safe.)
+            tokio::select! {
+                () = sleep_until(next) => {}
+                early = results.message() => {
+                    return StreamEnd::Broken(match early {
+                        Ok(None) => "the registry ended the heartbeat stream".into(),
+                        Ok(Some(_)) => "a heartbeat result nobody asked for".into(),
+                        Err(status) => status_text(self.endpoints.current(), &status),
+                    });
+                }
+            }
             let ttl_ms = self.ttl_ms();
             let request = HeartbeatRequest {
                 executor_id: id.clone(),
