@@ -186,18 +186,27 @@ expect_running_within_grace
 first_id=$last_id
 
 soak_end=$((SECONDS + DURATION))
-while ((SECONDS + INTERVAL <= soak_end)); do
-  next_restart=$((SECONDS + INTERVAL))
-  while ((SECONDS + CHECK_EVERY < next_restart)); do
+next_restart=$((SECONDS + INTERVAL))
+check_until() {
+  local until=$1
+  while ((SECONDS + CHECK_EVERY < until)); do
     sleep "$CHECK_EVERY"
     expect_running_now
   done
-  sleep $((next_restart - SECONDS > 0 ? next_restart - SECONDS : 0))
+  local rest=$((until - SECONDS))
+  ((rest > 0)) && sleep "$rest"
+  return 0
+}
+while ((next_restart <= soak_end)); do
+  check_until "$next_restart"
   stop_server
   start_server
   restarts=$((restarts + 1))
   expect_running_within_grace
+  next_restart=$((next_restart + INTERVAL))
 done
+check_until "$soak_end"
+expect_running_now
 
 log "stopping the executor (SIGTERM): it must deregister"
 final_id=$(current_id)
