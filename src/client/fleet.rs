@@ -17,8 +17,9 @@
 //!   holds it (or something newer).
 //! - When a watch ends — RESOURCE_EXHAUSTED (the view fell behind the
 //!   registry's `--watch-buffer`), UNAVAILABLE (restart), a network error —
-//!   the task watches again (at once after a lag; otherwise at the next
-//!   endpoint, after a backoff), diffs the fresh snapshot against the
+//!   the task watches again (at once after a lag, unless watches keep
+//!   lagging within a second; otherwise at the next endpoint, after a
+//!   backoff), diffs the fresh snapshot against the
 //!   fleet, and sends the difference as changes marked `resync: true`. A
 //!   consumer that applies every change to the fleet it started from
 //!   therefore always holds the registry's live set; only executors that
@@ -316,6 +317,7 @@ impl FleetView {
         let follower = Follower {
             endpoints,
             retry,
+            retry_backoff: options.backoff,
             shared: shared.clone(),
             fleet,
             changes: changes_tx,
@@ -428,10 +430,14 @@ enum WatchEnd {
     Failed(String),
 }
 
+/// A watch that lags again within this long of opening backs off first.
+const LAG_STORM_WINDOW: Duration = Duration::from_secs(1);
+
 /// The background task.
 struct Follower {
     endpoints: Endpoints,
     retry: Retry,
+    retry_backoff: Backoff,
     shared: Arc<Shared>,
     /// The working copy; published after every change.
     fleet: Fleet,
@@ -440,12 +446,22 @@ struct Follower {
 
 impl Follower {
     async fn run(mut self, mut stream: WatchStream) {
+        // Re-watching after a lag costs the registry a full snapshot: at once
+        // the first time, but backing off when watches keep lagging within
+        // a second (a burst larger than the buffer, again and again).
+        let mut lags = Retry::new(self.retry_backoff);
         loop {
+            let opened = Instant::now();
             let end = self.follow(&mut stream).await;
             drop(stream);
             match &end {
                 WatchEnd::Behind(why) => {
                     tracing::info!(reason = %why, revision = self.fleet.revision, "fleet view fell behind; watching again");
+                    if opened.elapsed() < LAG_STORM_WINDOW {
+                        sleep(lags.next_delay()).await;
+                    } else {
+                        lags.reset();
+                    }
                 }
                 WatchEnd::Failed(why) => {
                     tracing::warn!(error = %why, revision = self.fleet.revision, "fleet watch ended; watching again");
