@@ -1,4 +1,7 @@
-//! `executor-registry`: the registry server (`serve`).
+//! `executor-registry`: the registry server (`serve`) and the operator CLI
+//! (`ctl`, in [`ctl`]).
+
+mod ctl;
 
 use std::process::ExitCode;
 
@@ -23,10 +26,17 @@ struct Cli {
 enum Command {
     /// Run the registry server.
     Serve(Box<ServeArgs>),
+    /// Inspect and manage a running registry (list, get, count, watch, deregister).
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let args = match cli.command {
+        // The CLI prints to stdout for scripts: no log subscriber.
+        Command::Ctl(args) => return ctl::run(args),
+        Command::Serve(args) => args,
+    };
     executor_registry::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -38,10 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(*args)),
-    };
-    match result {
+    match runtime.block_on(serve(*args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
