@@ -2,6 +2,8 @@
 //! server on `127.0.0.1:0`, and clients connected to it.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
