@@ -86,6 +86,27 @@ pub struct ServeArgs {
     #[arg(long, env = "EXECUTOR_REGISTRY_STALL_THRESHOLD", default_value = "1s", value_parser = duration)]
     pub stall_threshold: Duration,
 
+    /// Most executors at once; registrations beyond it get RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_MAX_EXECUTORS",
+        default_value_t = 2_000_000
+    )]
+    pub max_executors: usize,
+
+    /// Most open watch streams; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "EXECUTOR_REGISTRY_MAX_WATCHERS", default_value_t = 1_024)]
+    pub max_watchers: usize,
+
+    /// Most non-heartbeat calls in flight; more are shed with UNAVAILABLE.
+    /// Heartbeats are never shed.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_MAX_IN_FLIGHT",
+        default_value_t = 10_000
+    )]
+    pub max_in_flight: usize,
+
     /// How long a graceful shutdown may take before connections are dropped.
     #[arg(long, env = "EXECUTOR_REGISTRY_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -210,6 +231,15 @@ impl ServeArgs {
                 show(MAX_TTL_CEILING)
             ));
         }
+        for (flag, value) in [
+            ("--max-executors", self.max_executors),
+            ("--max-watchers", self.max_watchers),
+            ("--max-in-flight", self.max_in_flight),
+        ] {
+            if value == 0 {
+                return err(format!("{flag} must be above 0"));
+            }
+        }
         self.store_kind()?;
         self.refuse_unimplemented()?;
         Ok(RegistryConfig {
@@ -221,7 +251,16 @@ impl ServeArgs {
             tombstone_retention: self.tombstone_retention,
             watch_buffer: self.watch_buffer,
             stall_threshold: self.stall_threshold,
+            max_executors: self.max_executors,
         })
+    }
+
+    /// The server's overload limits.
+    pub fn limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            max_in_flight: self.max_in_flight,
+            max_watchers: self.max_watchers,
+        }
     }
 
     /// The store `--store` names.
@@ -321,6 +360,9 @@ mod tests {
     fn nonsense_values_are_refused() {
         for args in [
             &["--watch-buffer", "0"][..],
+            &["--max-executors", "0"],
+            &["--max-watchers", "0"],
+            &["--max-in-flight", "0"],
             &["--max-heartbeats-per-second", "0"],
             &["--min-heartbeat-ttl", "0s"],
             &["--heartbeat-interval", "0s"],

@@ -82,7 +82,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
     tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, "executor-registry serving");
-    let stopped = server::serve(listener, registry, shutdown_signal(), args.shutdown_grace).await?;
+    let options = server::ServeOptions {
+        grace: args.shutdown_grace,
+        limits: args.limits(),
+    };
+    let stopped = server::serve_with(listener, registry, shutdown_signal(), options).await?;
     tracing::info!(?stopped, "gRPC server stopped; flushing the store");
     task.stop().await;
     metrics.flush();

@@ -355,6 +355,16 @@ impl MembershipLoop {
                         let _ = reply.send(Err(RegistryError::ShuttingDown));
                         continue;
                     }
+                    let max = self.shared.config.max_executors;
+                    if self.members.len() + self.reserved.len() >= max {
+                        self.shared
+                            .observer
+                            .registration(RegistrationResult::Unavailable);
+                        let _ = reply.send(Err(RegistryError::ResourceExhausted(format!(
+                            "the registry holds its maximum of {max} executors (--max-executors)"
+                        ))));
+                        continue;
+                    }
                     let id = self.new_id(&registration.name);
                     self.reserved.insert(id.clone());
                     self.pending_registrations.push(PendingRegistration {

@@ -70,6 +70,9 @@ pub struct RegistryConfig {
     /// registry was stalled: deadlines that fell in the stall are given one
     /// more TTL instead of being expired. Zero disables the compensation.
     pub stall_threshold: Duration,
+    /// Most executors live (and being registered) at once; registrations
+    /// beyond it are refused with `ResourceExhausted`.
+    pub max_executors: usize,
 }
 
 impl Default for RegistryConfig {
@@ -83,6 +86,7 @@ impl Default for RegistryConfig {
             tombstone_retention: Duration::from_secs(600),
             watch_buffer: 4096,
             stall_threshold: Duration::from_secs(1),
+            max_executors: 2_000_000,
         }
     }
 }

@@ -991,3 +991,25 @@ async fn a_hiccup_below_the_stall_threshold_changes_nothing() {
         "expired at its deadline"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn registrations_beyond_max_executors_are_refused_and_change_nothing() {
+    let config = RegistryConfig {
+        max_executors: 2,
+        ..RegistryConfig::default()
+    };
+    let (registry, _task, _) = start(config);
+    let a = register(&registry, "a").await;
+    register(&registry, "b").await;
+    let refused = still(registry.register(registration("c", "10.0.0.1:1"))).await;
+    assert!(
+        matches!(&refused, Err(RegistryError::ResourceExhausted(m)) if m.contains("--max-executors")),
+        "{refused:?}"
+    );
+    assert_eq!(registry.count(None), 2);
+    assert_eq!(registry.snapshot().revision(), 2);
+    still(registry.deregister(id(&a)))
+        .await
+        .expect("deregister");
+    register(&registry, "c").await;
+}

@@ -7,6 +7,7 @@
 
 mod convert;
 mod error;
+mod limits;
 mod service;
 
 use std::future::Future;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 pub use error::{to_heartbeat_status, to_status};
+pub use limits::{Admission, Limits};
 pub use service::RegistryService;
 
 use crate::proto;
@@ -54,14 +56,48 @@ pub enum Stopped {
     GraceElapsed,
 }
 
+/// How a server runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// How long shutdown may drain before connections are dropped.
+    pub grace: Duration,
+    /// Overload limits.
+    pub limits: Limits,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+            limits: Limits::default(),
+        }
+    }
+}
+
 /// Serves `registry` on `listener` until `shutdown` resolves, then drains
-/// for at most `grace`.
+/// for at most `grace`; default limits.
 pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<Stopped, tonic::transport::Error> {
+    let options = ServeOptions {
+        grace,
+        ..ServeOptions::default()
+    };
+    serve_with(listener, registry, shutdown, options).await
+}
+
+/// Serves `registry` on `listener` until `shutdown` resolves, then drains
+/// for at most `options.grace`.
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
+) -> Result<Stopped, tonic::transport::Error> {
+    let grace = options.grace;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -78,11 +114,16 @@ pub async fn serve(
         .expect("the embedded descriptor sets are valid");
 
     let streams_stop = CancellationToken::new();
-    let service = RegistryServer::new(RegistryService::new(registry, streams_stop.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        // Lists and snapshots of a large fleet are big; clients raise their
-        // own decoding limit to read them.
-        .max_encoding_message_size(usize::MAX);
+    let admission = Admission::new(options.limits);
+    let service = RegistryServer::new(RegistryService::new(
+        registry,
+        streams_stop.clone(),
+        admission,
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    // Lists and snapshots of a large fleet are big; clients raise their
+    // own decoding limit to read them.
+    .max_encoding_message_size(usize::MAX);
 
     let draining = CancellationToken::new();
     let signal = {

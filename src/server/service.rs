@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use super::error::{to_heartbeat_status, to_status};
+use super::limits::Admission;
 use crate::proto;
 use crate::proto::registry_server::Registry as RegistryRpc;
 use crate::registry::{MAX_BATCH, Registration, Registry, RegistryError, Watch, WatchError};
@@ -27,14 +28,18 @@ pub struct RegistryService {
     /// Cancelled at shutdown: ends watch and heartbeat streams, which would
     /// otherwise hold the server open forever.
     streams_stop: CancellationToken,
+    /// Sheds non-heartbeat calls under overload; caps watchers.
+    admission: Admission,
 }
 
 impl RegistryService {
-    /// A service over `registry`; streams end when `streams_stop` is cancelled.
-    pub fn new(registry: Registry, streams_stop: CancellationToken) -> Self {
+    /// A service over `registry`; streams end when `streams_stop` is
+    /// cancelled; calls are admitted by `admission`.
+    pub fn new(registry: Registry, streams_stop: CancellationToken, admission: Admission) -> Self {
         Self {
             registry,
             streams_stop,
+            admission,
         }
     }
 
@@ -60,6 +65,7 @@ impl RegistryRpc for RegistryService {
         &self,
         request: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterResponse>, Status> {
+        let _permit = self.admission.call()?;
         let req = request.into_inner();
         let registration = Registration {
             name: req.name,
@@ -132,6 +138,7 @@ impl RegistryRpc for RegistryService {
         &self,
         request: Request<proto::DeregisterRequest>,
     ) -> Result<Response<proto::DeregisterResponse>, Status> {
+        let _permit = self.admission.call()?;
         let req = request.into_inner();
         self.registry
             .deregister(&req.executor_id)
@@ -144,6 +151,7 @@ impl RegistryRpc for RegistryService {
         &self,
         request: Request<proto::GetExecutorRequest>,
     ) -> Result<Response<proto::Executor>, Status> {
+        let _permit = self.admission.call()?;
         let req = request.into_inner();
         let entry = self.registry.get(&req.executor_id).map_err(to_status)?;
         Ok(Response::new(convert::executor(&self.registry, &entry)))
@@ -153,6 +161,7 @@ impl RegistryRpc for RegistryService {
         &self,
         request: Request<proto::ListExecutorsRequest>,
     ) -> Result<Response<proto::ListExecutorsResponse>, Status> {
+        let _permit = self.admission.call()?;
         let req = request.into_inner();
         let status = convert::status_filter(req.status).map_err(to_status)?;
         let selectors = convert::selectors(&req.selectors).map_err(to_status)?;
@@ -171,6 +180,7 @@ impl RegistryRpc for RegistryService {
         &self,
         request: Request<proto::CountExecutorsRequest>,
     ) -> Result<Response<proto::CountExecutorsResponse>, Status> {
+        let _permit = self.admission.call()?;
         let req = request.into_inner();
         let status = convert::status_filter(req.status).map_err(to_status)?;
         Ok(Response::new(proto::CountExecutorsResponse {
@@ -190,10 +200,13 @@ impl RegistryRpc for RegistryService {
         if self.streams_stop.is_cancelled() {
             return Err(to_status(RegistryError::ShuttingDown));
         }
+        // Held for the stream's lifetime: the closure below owns it.
+        let permit = self.admission.watcher()?;
         let registry = self.registry.clone();
         let stop = self.streams_stop.clone();
         let watch = self.registry.watch();
         let messages = stream::unfold(WatchState::Start(watch), move |state| {
+            let _held = &permit;
             let registry = registry.clone();
             let stop = stop.clone();
             async move {

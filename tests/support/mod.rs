@@ -12,7 +12,7 @@ use std::time::Duration;
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{self, RegisterRequest};
 use executor_registry::registry::{NoopObserver, Observer, Registry, RegistryConfig, RegistryTask};
-use executor_registry::server::{self, Stopped};
+use executor_registry::server::{self, Limits, ServeOptions, Stopped};
 use executor_registry::store::{Batch, MembershipStore, MemoryStore, StoreError, StoredExecutor};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -50,7 +50,25 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
-        Self::serve(listener, config, store, Arc::new(NoopObserver))
+        Self::serve(
+            listener,
+            config,
+            store,
+            Arc::new(NoopObserver),
+            Limits::default(),
+        )
+    }
+
+    /// Starts a server with `config` on `store`, with overload `limits`.
+    pub async fn start_limited(
+        config: RegistryConfig,
+        store: Box<dyn MembershipStore>,
+        limits: Limits,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        Self::serve(listener, config, store, Arc::new(NoopObserver), limits)
     }
 
     /// Starts a server on `addr` — the address of a server that was stopped:
@@ -82,7 +100,7 @@ impl TestServer {
                 Err(e) => panic!("cannot bind {addr} again: {e}"),
             }
         };
-        Self::serve(listener, config, store, observer)
+        Self::serve(listener, config, store, observer, Limits::default())
     }
 
     fn serve(
@@ -90,16 +108,21 @@ impl TestServer {
         config: RegistryConfig,
         store: Box<dyn MembershipStore>,
         observer: Arc<dyn Observer>,
+        limits: Limits,
     ) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let (registry, task) = Registry::start(config, store, observer).expect("registry starts");
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone().cancelled_owned();
-        let server = tokio::spawn(server::serve(
+        let options = ServeOptions {
+            grace: Duration::from_secs(5),
+            limits,
+        };
+        let server = tokio::spawn(server::serve_with(
             listener,
             registry.clone(),
             signal,
-            Duration::from_secs(5),
+            options,
         ));
         Self {
             addr,
@@ -297,5 +320,56 @@ where
             "not within {limit:?}: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A store whose commits wait until the gate is opened: a slow disk, to
+/// hold registrations in flight.
+pub struct GatedStore {
+    inner: MemoryStore,
+    gate: Gate,
+}
+
+/// Opens a [`GatedStore`].
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    /// Lets every waiting and later commit through.
+    pub fn open(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().expect("gate lock") = true;
+        changed.notify_all();
+    }
+
+    fn wait(&self) {
+        let (open, changed) = &*self.0;
+        let mut guard = open.lock().expect("gate lock");
+        while !*guard {
+            guard = changed.wait(guard).expect("gate lock");
+        }
+    }
+}
+
+impl GatedStore {
+    /// A closed store and the gate that opens it.
+    pub fn new() -> (Self, Gate) {
+        let gate = Gate::default();
+        let store = Self {
+            inner: MemoryStore::new(),
+            gate: gate.clone(),
+        };
+        (store, gate)
+    }
+}
+
+impl MembershipStore for GatedStore {
+    fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
+        self.inner.load_all()
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        self.gate.wait();
+        self.inner.commit(batch)
     }
 }
