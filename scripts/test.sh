@@ -41,3 +41,9 @@ fi
 
 log "cargo test (ignored tests included)"
 cargo test --locked -- --include-ignored
+
+# Model checking of the heartbeat/expiry/deregister protocol on the state
+# word: every interleaving, with loom's atomics (a build of its own).
+log "loom model checking (cfg registry_loom)"
+RUSTFLAGS="--cfg registry_loom" CARGO_TARGET_DIR=target/loom \
+  cargo test --locked --lib loom_

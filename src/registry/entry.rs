@@ -15,7 +15,13 @@
 //! the registry clock (see [`super::clock`]).
 
 use std::sync::Arc;
+#[cfg(not(registry_loom))]
 use std::sync::atomic::{AtomicU64, Ordering};
+
+// Model checking: under `--cfg registry_loom` the state word uses loom's
+// atomics, and `loom_tests` below explores every interleaving.
+#[cfg(registry_loom)]
+use loom::sync::atomic::{AtomicU64, Ordering};
 
 use super::labels::Labels;
 
@@ -469,5 +475,98 @@ mod tests {
                 assert_eq!(e.heartbeat(now, None), Beat::Tombstoned);
             }
         }
+    }
+}
+
+/// Every interleaving of heartbeat, expiry and deregistration on one state
+/// word, explored by loom. Run with
+/// `RUSTFLAGS="--cfg registry_loom" cargo test --lib loom_`.
+#[cfg(all(test, registry_loom))]
+mod loom_tests {
+    use loom::sync::Arc;
+    use loom::thread;
+
+    use super::*;
+
+    fn entry(status: Status, deadline_ms: u64) -> Entry {
+        let e = Entry::new(
+            ExecutorId::new("e-0000000000000001"),
+            "e".into(),
+            "127.0.0.1:1".into(),
+            Labels::default(),
+            0,
+            100,
+            deadline_ms,
+        );
+        if status == Status::Running {
+            e.heartbeat(deadline_ms - 100, None);
+        }
+        e
+    }
+
+    /// Heartbeat (now 90, TTL 50: deadline 140), expiry (now 120) and
+    /// deregistration race on an entry whose deadline is 100.
+    fn race(start: Status, deregister: bool) {
+        loom::model(move || {
+            let e = Arc::new(entry(start, 100));
+            let beat = {
+                let e = e.clone();
+                thread::spawn(move || e.heartbeat(90, Some(50)))
+            };
+            let expire = {
+                let e = e.clone();
+                thread::spawn(move || e.try_expire(120))
+            };
+            let leave = deregister.then(|| {
+                let e = e.clone();
+                thread::spawn(move || e.tombstone())
+            });
+            let beat = beat.join().expect("heartbeat thread");
+            let expiry = expire.join().expect("expiry thread");
+            let left = leave.map(|t| t.join().expect("deregister thread"));
+
+            // An OK heartbeat is never followed by an expiry decided on the
+            // older deadline: expiry on 100 means the heartbeat came after
+            // the tombstone and was refused.
+            if let Expiry::Expired { deadline_ms, was } = expiry {
+                assert_eq!(deadline_ms, 100, "only the old deadline had passed");
+                assert_eq!(beat, Beat::Tombstoned, "an OK heartbeat was overtaken");
+                assert_eq!(was, start);
+            }
+            if let Beat::Renewed { deadline_ms, was_initing } = beat {
+                assert_eq!(deadline_ms, 140);
+                assert_eq!(was_initing, start == Status::Initing);
+                // Renewed before the expiry looked: it saw the new deadline.
+                assert!(!matches!(expiry, Expiry::Expired { .. }));
+            }
+            // Exactly one transition made the tombstone.
+            let by_expiry = matches!(expiry, Expiry::Expired { .. });
+            let by_leave = matches!(left, Some(Some(_)));
+            assert!(!(by_expiry && by_leave), "two transitions to TOMBSTONE");
+            // A tombstone never comes back to life.
+            let end = e.state();
+            if by_expiry || by_leave {
+                assert_eq!(end.status(), Status::Tombstone);
+                assert_eq!(e.heartbeat(200, Some(50)), Beat::Tombstoned);
+                assert_eq!(e.status(), Status::Tombstone);
+            } else {
+                assert_eq!(end, State::new(Status::Running, 140));
+            }
+        });
+    }
+
+    #[test]
+    fn loom_heartbeat_versus_expiry_from_initing() {
+        race(Status::Initing, false);
+    }
+
+    #[test]
+    fn loom_heartbeat_versus_expiry_from_running() {
+        race(Status::Running, false);
+    }
+
+    #[test]
+    fn loom_heartbeat_expiry_and_deregister_from_running() {
+        race(Status::Running, true);
     }
 }
