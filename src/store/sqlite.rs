@@ -1043,11 +1043,11 @@ mod tests {
 mod disk_full {
     use super::*;
 
-    /// Manual: needs a small filesystem, e.g. as root
+    /// Needs a small filesystem; scripts/test.sh mounts one. By hand, as root:
     /// `mkdir -p /tmp/full && mount -t tmpfs -o size=512k tmpfs /tmp/full`, then
     /// `REGISTRY_FULL_FS=/tmp/full cargo test --lib disk_full -- --ignored --nocapture`.
     #[test]
-    #[ignore = "needs a small filesystem mounted by hand"]
+    #[ignore = "needs a small filesystem (REGISTRY_FULL_FS): scripts/test.sh mounts a tmpfs"]
     fn a_commit_on_a_full_disk_fails_and_works_again_once_space_is_freed() {
         let root = PathBuf::from(std::env::var("REGISTRY_FULL_FS").expect("REGISTRY_FULL_FS"));
         let data = root.join("data");
