@@ -533,7 +533,11 @@ mod loom_tests {
                 assert_eq!(beat, Beat::Tombstoned, "an OK heartbeat was overtaken");
                 assert_eq!(was, start);
             }
-            if let Beat::Renewed { deadline_ms, was_initing } = beat {
+            if let Beat::Renewed {
+                deadline_ms,
+                was_initing,
+            } = beat
+            {
                 assert_eq!(deadline_ms, 140);
                 assert_eq!(was_initing, start == Status::Initing);
                 // Renewed before the expiry looked: it saw the new deadline.
