@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::RegistryCodec")
         .file_descriptor_set_path(out_dir.join("registry_descriptor.bin"))
         .compile_with_config(config, &[proto], &["proto"])?;
     Ok(())

@@ -18,7 +18,8 @@
 //! - [`logging`] — the `tracing` subscriber (`RUST_LOG`) and per-executor
 //!   rate limiting of log lines.
 //! - [`config`] — command-line flags and their validation.
-//! - [`proto`] — the generated `registry.v1` types, for clients and tools.
+//! - [`proto`] — the generated `registry.v1` types, for clients and tools;
+//!   [`codec`] — their codec (malformed messages are INVALID_ARGUMENT).
 //! - [`client`] — the client library: [`client::Membership`] keeps an
 //!   executor's lease, [`client::FleetView`] keeps a scheduler's copy of the
 //!   live fleet.
@@ -48,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod logging;
 pub mod metrics;

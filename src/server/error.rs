@@ -9,6 +9,10 @@ use tonic::{Code, Status};
 use crate::proto::HeartbeatStatus;
 use crate::registry::RegistryError;
 
+/// Longest status message: it travels in an HTTP/2 trailer, and an error
+/// that echoes a hostile 3 MB id must not turn into a transport failure.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// Maps a core error to the gRPC status a client sees.
 pub fn to_status(error: RegistryError) -> Status {
     let code = match &error {
@@ -18,7 +22,16 @@ pub fn to_status(error: RegistryError) -> Status {
         RegistryError::Unavailable(_) | RegistryError::ShuttingDown => Code::Unavailable,
         RegistryError::ResourceExhausted(_) => Code::ResourceExhausted,
     };
-    Status::new(code, error.to_string())
+    let mut message = error.to_string();
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut cut = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("… (truncated)");
+    }
+    Status::new(code, message)
 }
 
 /// Maps a heartbeat's outcome to its per-item status (stream and batch).
@@ -70,6 +83,14 @@ mod tests {
             "5 is outside [100, 600000]",
         ));
         assert!(status.message().contains("ttl_ms") && status.message().contains("outside"));
+    }
+
+    #[test]
+    fn long_messages_are_truncated_on_a_char_boundary() {
+        let status = to_status(RegistryError::NotFound("é".repeat(2_000)));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES + 20);
+        assert!(status.message().ends_with("(truncated)"));
     }
 
     #[test]

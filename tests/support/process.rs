@@ -39,6 +39,17 @@ impl RegistryProcess {
 
     /// Starts `serve` on `grpc` (e.g. again after a restart).
     pub fn start_on(grpc: SocketAddr, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::spawn(grpc, data_dir, extra, Stdio::inherit())
+    }
+
+    /// Starts `serve` with its log (stderr) written to `log`, and
+    /// `RUST_BACKTRACE=1` so a panic would show in it.
+    pub fn start_logged(data_dir: &Path, extra: &[&str], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Self::spawn(free_addr(), data_dir, extra, Stdio::from(file))
+    }
+
+    fn spawn(grpc: SocketAddr, data_dir: &Path, extra: &[&str], stderr: Stdio) -> Self {
         let metrics = free_addr();
         let child = Command::new(BIN)
             .args(["serve", "--listen", &grpc.to_string()])
@@ -47,8 +58,9 @@ impl RegistryProcess {
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
+            .env("RUST_BACKTRACE", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start the binary");
         Self {
