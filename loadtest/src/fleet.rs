@@ -25,7 +25,8 @@
 //! other executor went OFFLINE (false expirations). The last heartbeat's
 //! time is when it was *sent*, which is no later than when the server
 //! stamped it, so a measured lag is an upper bound of the real one and a
-//! negative lag is a premature expiry.
+//! lag below −1 ms (the registry's clock counts whole milliseconds) is a
+//! premature expiry.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -68,9 +69,20 @@ const STREAM_REOPEN_DELAY: Duration = Duration::from_millis(200);
 const EXPIRY_SLACK: Duration = Duration::from_millis(1_500);
 /// A killed executor must be OFFLINE within TTL + this.
 pub const EXPIRY_ALLOWANCE: Duration = Duration::from_secs(1);
+/// The registry's clock counts whole milliseconds (a deadline is the
+/// truncated `now` + TTL), so an expiry up to 1 ms before send + TTL is on
+/// time; earlier than this is premature.
+pub const CLOCK_GRANULARITY: Duration = Duration::from_millis(1);
 /// Wait after registration before sampling the server's memory (its
 /// `process_*` metrics are sampled every 5 s).
 const MEMORY_SAMPLE_DELAY: Duration = Duration::from_secs(6);
+
+/// A heartbeat went out after last OK + TTL: the generator fell behind.
+const SENT_LATE: u8 = 1;
+/// A heartbeat sent before last OK + TTL was refused after that deadline:
+/// it spent its slack in queues (client, kernel or server), and the registry
+/// cannot tell a late heartbeat from a missing one.
+const ANSWERED_LATE: u8 = 2;
 
 const REASON_EXPIRED: u8 = 1;
 const REASON_DEREGISTERED: u8 = 2;
@@ -153,6 +165,9 @@ struct Fleet {
     ttl_ms: Vec<AtomicU32>,
     offline_us: Vec<AtomicU64>,
     offline_reason: Vec<AtomicU8>,
+    /// Why an expiry of this executor may not be the registry's fault:
+    /// [`SENT_LATE`], [`ANSWERED_LATE`].
+    late: Vec<AtomicU8>,
     /// When the killed set stopped (0: not yet).
     kill_us: AtomicU64,
     interval_ms: AtomicU64,
@@ -162,6 +177,9 @@ struct Fleet {
     beats_ok: AtomicU64,
     beats_failed: AtomicU64,
     lost: AtomicU64,
+    late_sends: AtomicU64,
+    /// Largest heartbeat latency since the last progress line (µs).
+    worst_latency_us: AtomicU64,
     offline_killed: AtomicU64,
     offline_false: AtomicU64,
     stop: CancellationToken,
@@ -377,6 +395,11 @@ impl Worker {
         }
     }
 
+    fn record_latency(&mut self, us: u64) {
+        stats::record(&mut self.out.beat_latency, us);
+        self.fleet.worst_latency_us.fetch_max(us, Ordering::Relaxed);
+    }
+
     fn schedule(&mut self, slot: u32, due_us: u64) {
         self.due_us[slot as usize] = due_us;
         self.wheel.insert(due_us, slot);
@@ -404,6 +427,13 @@ impl Worker {
             &mut self.out.slip,
             now.saturating_sub(self.due_us[slot as usize]),
         );
+        let index = self.index(slot);
+        let last = self.fleet.last_ok_us[index].load(Ordering::Relaxed);
+        let ttl_us = u64::from(self.fleet.ttl_ms[index].load(Ordering::Relaxed)) * 1_000;
+        if last != 0 && now > last + ttl_us {
+            self.fleet.late[index].fetch_or(SENT_LATE, Ordering::Relaxed);
+            self.fleet.late_sends.fetch_add(1, Ordering::Relaxed);
+        }
         (now, self.fleet.ttl_for_next_beat())
     }
 
@@ -521,7 +551,7 @@ impl Worker {
                 result,
             } => match result {
                 Ok(interval_ms) => {
-                    stats::record(&mut self.out.beat_latency, now.saturating_sub(sent_us));
+                    self.record_latency(now.saturating_sub(sent_us));
                     self.beat_ok(slot, sent_us, ttl_ms, interval_ms);
                 }
                 Err(status) => {
@@ -539,7 +569,7 @@ impl Worker {
                 result,
             } => match result {
                 Ok(results) if results.len() == slots.len() => {
-                    stats::record(&mut self.out.beat_latency, now.saturating_sub(sent_us));
+                    self.record_latency(now.saturating_sub(sent_us));
                     for (slot, item) in slots.into_iter().zip(results) {
                         self.item_result(slot, sent_us, ttl_ms, &item);
                     }
@@ -576,7 +606,7 @@ impl Worker {
                     self.out.errors.add("stream:out_of_order", 1);
                 }
                 let now = self.fleet.now_us();
-                stats::record(&mut self.out.beat_latency, now.saturating_sub(sent_us));
+                self.record_latency(now.saturating_sub(sent_us));
                 self.item_result(slot, sent_us, ttl_ms, &item);
                 true
             }
@@ -621,6 +651,12 @@ impl Worker {
 
     fn beat_failed(&mut self, slot: u32, lost: bool) {
         self.fleet.beats_failed.fetch_add(1, Ordering::Relaxed);
+        let index = self.index(slot);
+        let last = self.fleet.last_ok_us[index].load(Ordering::Relaxed);
+        let ttl_us = u64::from(self.fleet.ttl_ms[index].load(Ordering::Relaxed)) * 1_000;
+        if last != 0 && self.fleet.now_us() > last + ttl_us {
+            self.fleet.late[index].fetch_or(ANSWERED_LATE, Ordering::Relaxed);
+        }
         if lost {
             // The registry no longer knows it: a real executor would register
             // again; here it leaves the fleet (and shows up in the checks).
@@ -786,6 +822,8 @@ pub struct HeartbeatSummary {
     pub failed: u64,
     /// Executors the registry no longer knew (UNKNOWN/EXPIRED answers).
     pub lost: u64,
+    /// Heartbeats sent later than their executor's last OK + TTL.
+    pub late_sends: u64,
     /// Length of the heartbeat phase.
     pub seconds: f64,
     /// `ok / seconds`.
@@ -811,15 +849,26 @@ pub struct ExpirySummary {
     pub killed_not_offline: u64,
     /// Killed, OFFLINE more than TTL + 1 s after the last OK heartbeat.
     pub killed_late: u64,
-    /// Killed, OFFLINE before last OK heartbeat + TTL.
+    /// Killed, OFFLINE more than the registry's clock granularity (1 ms)
+    /// before last OK heartbeat + TTL.
     pub killed_premature: u64,
     /// Killed before any OK heartbeat (no lag to measure).
     pub killed_without_heartbeat: u64,
     /// OFFLINE time − (last OK heartbeat sent + TTL), milliseconds.
     pub lag_ms: LagSummary,
-    /// Executors that kept heartbeating (or were not yet stopped) and went
-    /// OFFLINE anyway.
+    /// Executors that kept heartbeating on time (or were not yet stopped)
+    /// and went OFFLINE anyway: the registry's fault (or the transport's).
     pub false_expirations: u64,
+    /// Executors not killed that went OFFLINE after the generator sent one
+    /// of their heartbeats later than last OK + TTL: the load generator fell
+    /// behind, so these say nothing against the registry, but the run did
+    /// not test what it was meant to.
+    pub expired_after_late_send: u64,
+    /// Executors not killed, whose heartbeats all went out on time, that went
+    /// OFFLINE and had a heartbeat refused only after its deadline had
+    /// passed: the slack (TTL − interval) was spent in queues between the
+    /// generator and the registry's table.
+    pub expired_answered_late: u64,
     /// Why this fleet's executors went OFFLINE, as the watch told.
     pub offline_reasons: Tally,
 }
@@ -953,6 +1002,7 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         ttl_ms: atomics(n),
         offline_us: atomics(n),
         offline_reason: atomics(n),
+        late: atomics(n),
         kill_us: AtomicU64::new(0),
         interval_ms: AtomicU64::new(500),
         max_ttl_ms: AtomicU64::new(0),
@@ -961,6 +1011,8 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         beats_ok: AtomicU64::new(0),
         beats_failed: AtomicU64::new(0),
         lost: AtomicU64::new(0),
+        late_sends: AtomicU64::new(0),
+        worst_latency_us: AtomicU64::new(0),
         offline_killed: AtomicU64::new(0),
         offline_false: AtomicU64::new(0),
         stop: CancellationToken::new(),
@@ -1097,12 +1149,14 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
             next_line += config.progress_every;
             let beats = fleet.beats_ok.load(Ordering::Relaxed);
             eprintln!(
-                "[{:>7.1}s] heartbeats {:>9.0}/s  interval {} ms  failed {}  lost {}  offline: killed {}/{kill_count}, false {}",
+                "[{:>7.1}s] heartbeats {:>9.0}/s  worst {:>5} ms  interval {} ms  failed {}  lost {}  sent late {}  offline: killed {}/{kill_count}, other {}",
                 fleet.start.elapsed().as_secs_f64(),
                 (beats - last_beats) as f64 / (now - last_t).as_secs_f64(),
+                fleet.worst_latency_us.swap(0, Ordering::Relaxed) / 1_000,
                 fleet.interval_ms.load(Ordering::Relaxed),
                 fleet.beats_failed.load(Ordering::Relaxed),
                 fleet.lost.load(Ordering::Relaxed),
+                fleet.late_sends.load(Ordering::Relaxed),
                 fleet.offline_killed.load(Ordering::Relaxed),
                 fleet.offline_false.load(Ordering::Relaxed),
             );
@@ -1174,6 +1228,24 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
             expiry.false_expirations
         ));
     }
+    if expiry.expired_after_late_send > 0 {
+        failures.push(format!(
+            "{} executors expired after the load generator sent a heartbeat later than \
+             last OK + TTL (send slip p99 {} ms): the generator could not offer this load \
+             on this machine; lower the server's --max-heartbeats-per-second or use batch mode",
+            expiry.expired_after_late_send,
+            slip.value_at_quantile(0.99) / 1_000
+        ));
+    }
+    if expiry.expired_answered_late > 0 {
+        failures.push(format!(
+            "{} executors expired although every heartbeat went out on time: one was refused \
+             after its deadline (heartbeat latency p99.9 {} ms), so the slack TTL − interval \
+             was spent in queues on this machine",
+            expiry.expired_answered_late,
+            beat_latency.value_at_quantile(0.999) / 1_000
+        ));
+    }
     if expiry.killed_not_offline > 0 {
         failures.push(format!(
             "{} killed executors never went OFFLINE",
@@ -1217,6 +1289,7 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
             ok: beats_ok,
             failed: fleet.beats_failed.load(Ordering::Relaxed),
             lost: fleet.lost.load(Ordering::Relaxed),
+            late_sends: fleet.late_sends.load(Ordering::Relaxed),
             seconds: beat_seconds,
             per_s: beats_ok as f64 / beat_seconds.max(1e-9),
             interval_ms: fleet.interval_ms.load(Ordering::Relaxed),
@@ -1245,6 +1318,8 @@ fn check_expiry(fleet: &Fleet) -> ExpirySummary {
         killed_without_heartbeat: 0,
         lag_ms: LagSummary::default(),
         false_expirations: 0,
+        expired_after_late_send: 0,
+        expired_answered_late: 0,
         offline_reasons: Tally::default(),
     };
     let mut lags = Vec::new();
@@ -1262,9 +1337,19 @@ fn check_expiry(fleet: &Fleet) -> ExpirySummary {
             };
             s.offline_reasons.add(reason, 1);
         }
+        let late = fleet.late[index].load(Ordering::Relaxed);
+        let classify_unexpected = |s: &mut ExpirySummary| {
+            if late & SENT_LATE != 0 {
+                s.expired_after_late_send += 1;
+            } else if late & ANSWERED_LATE != 0 {
+                s.expired_answered_late += 1;
+            } else {
+                s.false_expirations += 1;
+            }
+        };
         if !fleet.killed[index] || kill_us == 0 {
             if offline != 0 {
-                s.false_expirations += 1;
+                classify_unexpected(&mut s);
             }
             continue;
         }
@@ -1274,7 +1359,7 @@ fn check_expiry(fleet: &Fleet) -> ExpirySummary {
             continue;
         }
         if offline < kill_us {
-            s.false_expirations += 1;
+            classify_unexpected(&mut s);
             continue;
         }
         s.killed_offline += 1;
@@ -1285,7 +1370,7 @@ fn check_expiry(fleet: &Fleet) -> ExpirySummary {
         }
         let deadline = last + u64::from(fleet.ttl_ms[index].load(Ordering::Relaxed)) * 1_000;
         let lag = offline as i64 - deadline as i64;
-        if lag < 0 {
+        if lag < -(CLOCK_GRANULARITY.as_micros() as i64) {
             s.killed_premature += 1;
         } else if lag > allowance_us {
             s.killed_late += 1;

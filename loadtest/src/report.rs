@@ -98,7 +98,7 @@ pub fn fleet(r: &FleetReport) -> String {
     );
     row(&mut out, "killed never OFFLINE", e.killed_not_offline);
     row(&mut out, "killed late (> TTL + 1 s)", e.killed_late);
-    row(&mut out, "killed premature (< TTL)", e.killed_premature);
+    row(&mut out, "killed premature (< TTL-1ms)", e.killed_premature);
     row(
         &mut out,
         "expiry lag (ms)",
@@ -108,6 +108,11 @@ pub fn fleet(r: &FleetReport) -> String {
         ),
     );
     row(&mut out, "false expirations", e.false_expirations);
+    row(
+        &mut out,
+        "expired after a late send",
+        e.expired_after_late_send,
+    );
     row(&mut out, "OFFLINE reasons", e.offline_reasons.summary());
     let w = &r.watch;
     row(
