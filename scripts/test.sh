@@ -19,5 +19,25 @@ if ! python3 -c 'import grpc_tools, grpc_health, grpc_reflection' 2>/dev/null; t
     'grpcio==1.85.*' 'grpcio-tools==1.85.*' 'grpcio-health-checking==1.85.*' 'grpcio-reflection==1.85.*'
 fi
 
+# Prometheus and promtool: tests/prometheus.rs checks the exposition, the
+# rules and the scrape config with promtool, and evaluates every dashboard and
+# alert expression in a Prometheus of its own (on a free loopback port, with a
+# temporary data directory). The package's own service is not wanted: where no
+# policy-rc.d already forbids it, one is put in place while this script runs.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  log "installing Prometheus and promtool (Debian package prometheus)"
+  as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# scripts/test.sh: no service starts during this install\nexit 101\n' \
+      | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+    trap 'as_root rm -f "$policy"' EXIT  # removed when this script ends
+  fi
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y --no-install-recommends prometheus
+fi
+
 log "cargo test (ignored tests included)"
 cargo test --locked -- --include-ignored

@@ -80,6 +80,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EXECUTOR_REGISTRY_WATCH_BUFFER", default_value_t = 4096)]
     pub watch_buffer: usize,
 
+    /// A membership-loop turn this much later than due means the registry
+    /// was stalled (paused, CPU-starved): executors whose deadlines fell in
+    /// the stall get one more TTL instead of expiring. 0s disables.
+    #[arg(long, env = "EXECUTOR_REGISTRY_STALL_THRESHOLD", default_value = "1s", value_parser = duration)]
+    pub stall_threshold: Duration,
+
     /// How long a graceful shutdown may take before connections are dropped.
     #[arg(long, env = "EXECUTOR_REGISTRY_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -214,6 +220,7 @@ impl ServeArgs {
             max_heartbeats_per_second: self.max_heartbeats_per_second,
             tombstone_retention: self.tombstone_retention,
             watch_buffer: self.watch_buffer,
+            stall_threshold: self.stall_threshold,
         })
     }
 

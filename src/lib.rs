@@ -19,6 +19,9 @@
 //!   rate limiting of log lines.
 //! - [`config`] — command-line flags and their validation.
 //! - [`proto`] — the generated `registry.v1` types, for clients and tools.
+//! - [`client`] — the client library: [`client::Membership`] keeps an
+//!   executor's lease, [`client::FleetView`] keeps a scheduler's copy of the
+//!   live fleet.
 //!
 //! ## Embedding
 //!
@@ -44,6 +47,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod logging;
 pub mod metrics;

@@ -1,4 +1,7 @@
-//! `executor-registry`: the registry server (`serve`).
+//! `executor-registry`: the registry server (`serve`) and the operator CLI
+//! (`ctl`, in [`ctl`]).
+
+mod ctl;
 
 use std::process::ExitCode;
 
@@ -9,7 +12,7 @@ use tokio::net::TcpListener;
 use executor_registry::config::{ServeArgs, StoreKind};
 use executor_registry::registry::Registry;
 use executor_registry::server;
-use executor_registry::store::{MembershipStore, MemoryStore};
+use executor_registry::store::{MembershipStore, MemoryStore, SqliteStore};
 
 /// Membership and liveness registry for a fleet of executors.
 #[derive(Debug, Parser)]
@@ -23,10 +26,17 @@ struct Cli {
 enum Command {
     /// Run the registry server.
     Serve(Box<ServeArgs>),
+    /// Inspect and manage a running registry (list, get, count, watch, deregister).
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let args = match cli.command {
+        // The CLI prints to stdout for scripts: no log subscriber.
+        Command::Ctl(args) => return ctl::run(args),
+        Command::Serve(args) => args,
+    };
     executor_registry::logging::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -38,10 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(*args)),
-    };
-    match result {
+    match runtime.block_on(serve(*args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -54,17 +61,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     let store: Box<dyn MembershipStore> = match args.store_kind()? {
         StoreKind::Memory => Box::new(MemoryStore::new()),
-        StoreKind::Sqlite => Box::new(MemoryStore::new()),
+        StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
+            format!(
+                "cannot open the store in {} (--data-dir)",
+                args.data_dir.display()
+            )
+        })?),
     };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let metrics = executor_registry::metrics::install(args.metrics_listen).with_context(|| {
-        format!(
-            "cannot serve metrics on {} (--metrics-listen)",
-            args.metrics_listen
-        )
-    })?;
+    let metrics = executor_registry::metrics::install(args.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (--metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
     tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, "executor-registry serving");

@@ -2,9 +2,9 @@
 //!
 //! Owns: the metric names of SPEC §4 (defined once, here, as constants), their
 //! descriptions and histogram buckets, every metric handle (created once, in
-//! [`Metrics::new`]), the heartbeat tallies, and the background thread that
-//! folds those tallies into the exported counters and samples the standard
-//! `process_*` metrics.
+//! [`Metrics::new`]), the heartbeat tallies, and the `/metrics` HTTP endpoint,
+//! which at every scrape folds the tallies into the exported counters,
+//! samples the standard `process_*` metrics and renders the text.
 //!
 //! Invariants:
 //! - Every known label value is registered at start, so each series exists
@@ -13,11 +13,13 @@
 //!   `metrics::Counter` increment through the Prometheus recorder is a virtual
 //!   call plus two read-modify-writes (the value, and a generation counter for
 //!   idle tracking), roughly twice the cost under contention; so tallies are
-//!   copied into the counters by [`Metrics::flush`], every
-//!   [`FLUSH_INTERVAL`] on the `registry-metrics` thread. A scrape can lag
-//!   heartbeats by up to that interval; every other metric is immediate.
+//!   copied into the counters by [`Metrics::flush`], which every scrape
+//!   calls first: a scrape shows every heartbeat answered before it.
+//! - `process_cpu_seconds_total` is rendered here, as a float: `metrics`
+//!   counters are integers, and whole CPU seconds make a useless rate.
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -26,7 +28,10 @@ use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, Unit};
 use anyhow::Context;
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::registry::{HeartbeatResult, Observer, RegistrationResult};
 
@@ -61,7 +66,7 @@ pub const LEADER_CHANGES: &str = "registry_leader_changes_total";
 /// `registry_auth_denied_total{reason}` counter.
 pub const AUTH_DENIED: &str = "registry_auth_denied_total";
 
-/// `process_cpu_seconds_total` counter (whole seconds: `metrics` counters are integers).
+/// `process_cpu_seconds_total` counter, rendered by [`Metrics::render`] as a float.
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
 /// `process_resident_memory_bytes` gauge.
 pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
@@ -89,10 +94,15 @@ pub const STORE_OPERATION_BUCKETS: &[f64] = &[
 /// Store operations registered at start (the `op` label of the store metrics).
 pub const STORE_OPS: &[&str] = &["commit", "load"];
 
-/// How often heartbeat tallies reach the exported counters.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
-/// How often the `process_*` metrics are sampled, in flush intervals (5 s).
-const PROCESS_EVERY: u32 = 10;
+/// Reasons of `registry_auth_denied_total`, registered at 0 so the series
+/// exist before the first denial: a TLS handshake refused, a request without
+/// valid credentials, an executor touching another's registration, a call
+/// that needs an admin identity or token.
+pub const AUTH_DENIED_REASONS: &[&str] =
+    &["handshake", "unauthenticated", "not_owner", "not_admin"];
+
+/// How often the recorder's upkeep (histogram bucket draining) runs.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Heartbeat results in tally order, with their label values.
 const HEARTBEAT_RESULTS: [(HeartbeatResult, &str); 4] = [
@@ -142,43 +152,96 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
 }
 
 /// Installs the global recorder and serves Prometheus text over HTTP on
-/// `listen` (any path, `/metrics` included); returns the observer to hand to
-/// the registry.
+/// `listen` at `/metrics`; returns the observer to hand to the registry.
 ///
-/// Uses `PrometheusBuilder::install`, which also runs the recorder's upkeep.
-/// Inside a tokio runtime the listener and upkeep run on that runtime (and
-/// stop with it); outside one, on a runtime thread of their own. A thread
-/// named `registry-metrics` flushes heartbeat tallies and samples
-/// `process_*` until the returned `Metrics` is dropped.
+/// Must run inside a tokio runtime: the endpoint is a task on it. A thread
+/// named `registry-metrics` runs the recorder's upkeep until the returned
+/// `Metrics` is dropped (without upkeep, histograms grow without bound).
 ///
 /// Fails if `listen` cannot be bound or a global recorder is already set.
-pub fn install(listen: SocketAddr) -> anyhow::Result<Arc<Metrics>> {
-    builder()
-        .and_then(|builder| builder.with_http_listener(listen).install())
-        .with_context(|| format!("starting the metrics exporter on {listen}"))?;
+pub async fn install(listen: SocketAddr) -> anyhow::Result<Arc<Metrics>> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {listen}"))?;
+    let recorder = builder().context("metric buckets")?.build_recorder();
+    let handle = recorder.handle();
+    ::metrics::set_global_recorder(recorder)
+        .context("a global metrics recorder is already installed")?;
     let metrics = Arc::new(::metrics::with_recorder(Metrics::new));
-    spawn_upkeep(Arc::downgrade(&metrics)).context("starting the metrics upkeep thread")?;
+    spawn_upkeep(Arc::downgrade(&metrics), handle.clone())
+        .context("starting the metrics upkeep thread")?;
+    tokio::spawn(serve_scrapes(listener, handle, Arc::downgrade(&metrics)));
     Ok(metrics)
 }
 
-fn spawn_upkeep(metrics: Weak<Metrics>) -> std::io::Result<()> {
+fn spawn_upkeep(metrics: Weak<Metrics>, handle: PrometheusHandle) -> std::io::Result<()> {
     thread::Builder::new()
         .name("registry-metrics".into())
         .spawn(move || {
-            let mut tick: u32 = 0;
-            loop {
-                thread::sleep(FLUSH_INTERVAL);
-                let Some(metrics) = metrics.upgrade() else {
-                    return;
-                };
-                metrics.flush();
-                tick = tick.wrapping_add(1);
-                if tick % PROCESS_EVERY == 0 {
-                    metrics.collect_process();
-                }
+            while metrics.strong_count() > 0 {
+                thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
             }
         })
         .map(drop)
+}
+
+/// Answers `GET /metrics` (HTTP/1.1) with a fresh rendering; 404 elsewhere.
+async fn serve_scrapes(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    metrics: Weak<Metrics>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (handle, metrics) = (handle.clone(), metrics.clone());
+        let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let response = scrape(&request, &handle, &metrics);
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+fn scrape<B>(
+    request: &Request<B>,
+    handle: &PrometheusHandle,
+    metrics: &Weak<Metrics>,
+) -> Response<Full<Bytes>> {
+    let response = |status: StatusCode, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return response(StatusCode::NOT_FOUND, "metrics are at /metrics\n".into());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return response(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".into());
+    }
+    match metrics.upgrade() {
+        Some(metrics) => response(StatusCode::OK, metrics.render(handle)),
+        None => response(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into()),
+    }
 }
 
 /// Heartbeat tallies on a cache line of their own, so the heartbeat path
@@ -230,7 +293,8 @@ impl<T> ByLabel<T> {
 
 /// Handles of the standard process metrics.
 struct ProcessMetrics {
-    cpu_seconds: Counter,
+    /// Bits of the last CPU-seconds sample (an `f64`), rendered by hand.
+    cpu_seconds: AtomicU64,
     resident_memory: Gauge,
     virtual_memory: Gauge,
     open_fds: Gauge,
@@ -340,11 +404,6 @@ fn describe(recorder: &dyn Recorder) {
             None,
             "Requests refused by authentication or authorization, by reason.",
         ),
-        (
-            PROCESS_CPU_SECONDS,
-            Some(Unit::Seconds),
-            "Total user and system CPU time spent, in whole seconds.",
-        ),
     ];
     for &(name, unit, help) in counters {
         recorder.describe_counter(KeyName::from_const_str(name), unit, help.into());
@@ -438,11 +497,11 @@ impl Metrics {
             leader: AtomicBool::new(true),
             is_leader: gauge(recorder, IS_LEADER, None),
             leader_changes: counter(recorder, LEADER_CHANGES, None),
-            auth_denied: ByLabel::new(recorder, &[], |r, reason| {
+            auth_denied: ByLabel::new(recorder, AUTH_DENIED_REASONS, |r, reason| {
                 counter(r, AUTH_DENIED, Some(("reason", reason)))
             }),
             process: ProcessMetrics {
-                cpu_seconds: counter(recorder, PROCESS_CPU_SECONDS, None),
+                cpu_seconds: AtomicU64::new(0f64.to_bits()),
                 resident_memory: gauge(recorder, PROCESS_RESIDENT_MEMORY, None),
                 virtual_memory: gauge(recorder, PROCESS_VIRTUAL_MEMORY, None),
                 open_fds: gauge(recorder, PROCESS_OPEN_FDS, None),
@@ -465,8 +524,8 @@ impl Metrics {
         metrics
     }
 
-    /// Copies the heartbeat tallies into the exported counters. Runs every
-    /// [`FLUSH_INTERVAL`] after [`install`]; call it before rendering a
+    /// Copies the heartbeat tallies into the exported counters. Every scrape
+    /// of [`install`]'s endpoint calls it; call it before rendering a
     /// recorder of your own.
     pub fn flush(&self) {
         for (tally, counter) in self.heartbeat_tallies.0.iter().zip(&self.heartbeats) {
@@ -474,14 +533,12 @@ impl Metrics {
         }
     }
 
-    /// Samples the `process_*` metrics now. Runs every few seconds after
-    /// [`install`].
+    /// Samples the `process_*` metrics now. Every scrape calls it.
     pub fn collect_process(&self) {
         let sample = metrics_process::collector::collect();
         let p = &self.process;
         if let Some(v) = sample.cpu_seconds_total {
-            // Counters are integers; whole seconds it is.
-            p.cpu_seconds.absolute(v as u64);
+            p.cpu_seconds.store(v.to_bits(), Ordering::Relaxed);
         }
         let gauges = [
             (&p.resident_memory, sample.resident_memory_bytes),
@@ -496,6 +553,22 @@ impl Metrics {
                 gauge.set(v as f64);
             }
         }
+    }
+
+    /// One scrape: flushes the heartbeat tallies, samples the process, and
+    /// renders `handle` followed by `process_cpu_seconds_total` as a float.
+    pub fn render(&self, handle: &PrometheusHandle) -> String {
+        self.flush();
+        self.collect_process();
+        let mut text = handle.render();
+        let cpu = f64::from_bits(self.process.cpu_seconds.load(Ordering::Relaxed));
+        let _ = write!(
+            text,
+            "# HELP {PROCESS_CPU_SECONDS} Total user and system CPU time spent in seconds.\n\
+             # TYPE {PROCESS_CPU_SECONDS} counter\n\
+             {PROCESS_CPU_SECONDS} {cpu}\n"
+        );
+        text
     }
 
     /// Records whether this replica leads; counts a change when it flips.
@@ -596,8 +669,8 @@ mod tests {
     #[test]
     fn every_known_series_exists_at_zero_before_any_event() {
         let recorder = recorder();
-        let _metrics = Metrics::new(&recorder);
-        let text = recorder.handle().render();
+        let metrics = Metrics::new(&recorder);
+        let text = metrics.render(&recorder.handle());
         for result in ["ok", "unknown", "expired", "invalid"] {
             assert_sample(&text, &format!("{HEARTBEATS}{{result=\"{result}\"}}"), 0.0);
         }
@@ -842,30 +915,20 @@ mod tests {
     }
 
     /// The only test that installs: the global recorder can be set once per
-    /// process, and the exporter runs on (and stops with) this test's runtime.
+    /// process, and the endpoint runs on (and stops with) this test's runtime.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn installed_exporter_serves_the_metrics_over_http_from_inside_a_runtime() {
-        // The builder cannot report the port it bound; take a free one.
+    async fn installed_endpoint_serves_fresh_metrics_over_http_at_every_scrape() {
         let addr = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port");
-        let metrics = install(addr).expect("exporter installs");
+        let metrics = install(addr).await.expect("endpoint installs");
         metrics.heartbeat(HeartbeatResult::Ok);
         metrics.heartbeat(HeartbeatResult::Ok);
         metrics.membership(5, 0, 1);
-        let deadline = tokio::time::Instant::now() + FLUSH_INTERVAL * 10;
-        let response = loop {
-            let response = tokio::task::spawn_blocking(move || get_metrics(addr))
-                .await
-                .expect("GET does not panic");
-            let flushed =
-                sample(&response, "registry_heartbeats_total{result=\"ok\"}") == Some(2.0);
-            if flushed || tokio::time::Instant::now() >= deadline {
-                break response;
-            }
-            tokio::time::sleep(FLUSH_INTERVAL / 5).await;
-        };
-        assert!(response.starts_with("HTTP/1."), "{response}");
+        // No waiting: the scrape itself flushes the heartbeat tallies.
+        let response = tokio::task::spawn_blocking(move || get_metrics(addr))
+            .await
+            .expect("GET does not panic");
         assert!(
             response.lines().next().is_some_and(|l| l.contains(" 200 ")),
             "{response}"
@@ -884,6 +947,32 @@ mod tests {
         assert!(
             sample(&response, PROCESS_RESIDENT_MEMORY).is_some_and(|v| v > 0.0),
             "{response}"
+        );
+        // CPU time is rendered as a float with tick (10 ms) resolution. Burn
+        // a little CPU so the sample cannot legitimately be 0.
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let response = tokio::task::spawn_blocking(move || get_metrics(addr))
+            .await
+            .expect("GET does not panic");
+        assert!(
+            response.contains("# TYPE process_cpu_seconds_total counter"),
+            "{response}"
+        );
+        let cpu = sample(&response, PROCESS_CPU_SECONDS).expect("cpu sample");
+        assert!(cpu > 0.0, "cpu {cpu}");
+        let mut stream = TcpStream::connect(addr).expect("endpoint accepts");
+        stream
+            .write_all(b"GET /other HTTP/1.0\r\n\r\n")
+            .expect("request sent");
+        let mut other = String::new();
+        stream.read_to_string(&mut other).expect("response read");
+        assert!(
+            other.lines().next().is_some_and(|l| l.contains(" 404 ")),
+            "{other}"
         );
     }
 }

@@ -101,7 +101,7 @@ impl State {
         self.0 & DEADLINE_MASK
     }
 
-    fn bits(self) -> u64 {
+    const fn bits(self) -> u64 {
         self.0
     }
 }
@@ -215,6 +215,30 @@ impl Entry {
         self.ttl_ms.load(Ordering::Relaxed)
     }
 
+    /// The one compare-and-swap loop on the state word: `decide` looks at the
+    /// current state and either keeps it (`Err(outcome)`) or names the state
+    /// to write (`Ok((next, outcome))`), retried until the write lands on the
+    /// state it was decided on. Every transition goes through here, so two
+    /// racing transitions can never both be decided on the same old word.
+    fn transition<T>(&self, mut decide: impl FnMut(State) -> Result<(State, T), T>) -> T {
+        let mut current = self.state.load(Ordering::Acquire);
+        loop {
+            let (next, outcome) = match decide(State(current)) {
+                Ok(write) => write,
+                Err(outcome) => return outcome,
+            };
+            match self.state.compare_exchange_weak(
+                current,
+                next.bits(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return outcome,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
     /// Heartbeat at `now_ms`: deadline = now + TTL (`ttl_ms` = None keeps the
     /// current TTL), status RUNNING. Fails only on a tombstone.
     pub fn heartbeat(&self, now_ms: u64, ttl_ms: Option<u64>) -> Beat {
@@ -226,82 +250,60 @@ impl Entry {
             None => self.ttl_ms.load(Ordering::Relaxed),
         };
         let deadline_ms = now_ms.saturating_add(ttl);
-        let next = State::new(Status::Running, deadline_ms).bits();
-        let mut current = self.state.load(Ordering::Acquire);
-        loop {
-            let status = State(current).status();
-            if status == Status::Tombstone {
-                return Beat::Tombstoned;
-            }
-            match self.state.compare_exchange_weak(
-                current,
+        let next = State::new(Status::Running, deadline_ms);
+        self.transition(|state| match state.status() {
+            Status::Tombstone => Err(Beat::Tombstoned),
+            status => Ok((
                 next,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    return Beat::Renewed {
-                        deadline_ms,
-                        was_initing: status == Status::Initing,
-                    };
-                }
-                Err(actual) => current = actual,
-            }
-        }
+                Beat::Renewed {
+                    deadline_ms,
+                    was_initing: status == Status::Initing,
+                },
+            )),
+        })
     }
 
     /// Expiry check at `now_ms`: a deadline at or before now becomes a
     /// tombstone; a later one is reported so the caller can re-arm.
     pub fn try_expire(&self, now_ms: u64) -> Expiry {
-        let mut current = self.state.load(Ordering::Acquire);
-        loop {
-            let state = State(current);
+        self.transition(|state| {
+            let deadline_ms = state.deadline_ms();
             if state.status() == Status::Tombstone {
-                return Expiry::AlreadyTombstone;
+                Err(Expiry::AlreadyTombstone)
+            } else if deadline_ms > now_ms {
+                Err(Expiry::Alive { deadline_ms })
+            } else {
+                let was = state.status();
+                Ok((
+                    State::new(Status::Tombstone, deadline_ms),
+                    Expiry::Expired { deadline_ms, was },
+                ))
             }
-            if state.deadline_ms() > now_ms {
-                return Expiry::Alive {
-                    deadline_ms: state.deadline_ms(),
-                };
-            }
-            let tomb = State::new(Status::Tombstone, state.deadline_ms()).bits();
-            match self.state.compare_exchange_weak(
-                current,
-                tomb,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    return Expiry::Expired {
-                        deadline_ms: state.deadline_ms(),
-                        was: state.status(),
-                    };
-                }
-                Err(actual) => current = actual,
-            }
-        }
+        })
     }
 
     /// Unconditional tombstone (deregistration). Returns the status before,
     /// or `None` if it already was a tombstone.
     pub fn tombstone(&self) -> Option<Status> {
-        let mut current = self.state.load(Ordering::Acquire);
-        loop {
-            let state = State(current);
-            if state.status() == Status::Tombstone {
-                return None;
+        self.transition(|state| match state.status() {
+            Status::Tombstone => Err(None),
+            was => Ok((
+                State::new(Status::Tombstone, state.deadline_ms()),
+                Some(was),
+            )),
+        })
+    }
+
+    /// Moves the deadline later (never earlier), keeping the status; no-op
+    /// on a tombstone. For pause compensation (membership loop only).
+    pub(crate) fn extend_deadline_to(&self, deadline_ms: u64) {
+        self.transition(|state| {
+            if state.status() == Status::Tombstone || state.deadline_ms() >= deadline_ms {
+                Err(())
+            } else {
+                Ok((State::new(state.status(), deadline_ms), ()))
             }
-            let tomb = State::new(Status::Tombstone, state.deadline_ms()).bits();
-            match self.state.compare_exchange_weak(
-                current,
-                tomb,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(state.status()),
-                Err(actual) => current = actual,
-            }
-        }
+        })
     }
 
     /// Deadline at which the loop's queue holds this entry (`u64::MAX`: none).
@@ -409,6 +411,18 @@ mod tests {
     /// expiry wins, the deadline it decided on must be at least as late as
     /// every deadline an OK heartbeat wrote before (no OK heartbeat is
     /// followed by an expiry based on an older deadline).
+    #[test]
+    fn extending_a_deadline_never_shortens_it_nor_revives_a_tombstone() {
+        let e = entry(100);
+        e.extend_deadline_to(50);
+        assert_eq!(e.state().deadline_ms(), 100);
+        e.extend_deadline_to(500);
+        assert_eq!(e.state(), State::new(Status::Initing, 500));
+        e.tombstone();
+        e.extend_deadline_to(10_000);
+        assert_eq!(e.status(), Status::Tombstone);
+    }
+
     #[test]
     fn heartbeat_versus_expiry_race_never_expires_on_a_stale_deadline() {
         use std::sync::atomic::AtomicBool;

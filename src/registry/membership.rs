@@ -17,13 +17,23 @@
 //! write the state word; when a heartbeat *shortens* a deadline below the
 //! queued one (a smaller TTL) it sends the entry on the re-arm channel.
 //!
+//! Pause compensation: the loop wakes at least every [`TICK`]. A turn that
+//! comes more than `stall_threshold` later than that means the process was
+//! stalled (SIGSTOP, CPU starvation, a blocked runtime): heartbeats sent
+//! meanwhile could not be read. An executor whose deadline fell in the stall
+//! (or within [`RESUME_GRACE`] after it, while the backlog of heartbeats is
+//! read) has its deadline moved by the length of the stall, and at least to
+//! the end of that grace, instead of being expired (Eureka compensates its
+//! eviction the same way). Those that really died still expire, at most one
+//! stall + grace later. Each deadline is compensated at most once.
+//!
 //! Must not touch: I/O (the store runs on its own thread), gRPC types.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -52,8 +62,12 @@ const MAX_COMMANDS_PER_TURN: usize = 8192;
 const MAX_DELETES_PER_COMMIT: usize = 8192;
 /// Wait before retrying deletes after a store failure.
 const DELETE_RETRY: Duration = Duration::from_secs(1);
-/// How often tombstones past their retention are forgotten.
-const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+/// The loop wakes at least this often (stall detection, and forgetting
+/// tombstones past their retention).
+pub(crate) const TICK: Duration = Duration::from_millis(100);
+/// After a stall, deadlines this soon after the resume are compensated too:
+/// the heartbeats queued during the stall are still being read.
+pub(crate) const RESUME_GRACE: Duration = Duration::from_secs(1);
 
 /// State shared between the loop (sole writer of membership) and readers.
 pub(crate) struct Shared {
@@ -65,8 +79,11 @@ pub(crate) struct Shared {
     pub tombstones: DashSet<ExecutorId>,
     pub snapshot: ArcSwap<Snapshot>,
     pub events: broadcast::Sender<Event>,
-    pub initing: AtomicU64,
-    pub running: AtomicU64,
+    /// Live executors by status. Signed: a heartbeat moves INITING→RUNNING
+    /// after its CAS while an expiry may already have counted the RUNNING
+    /// one out, so a counter can dip below zero for an instant; readers clamp.
+    pub initing: AtomicI64,
+    pub running: AtomicI64,
     /// Live members (for the suggested interval), updated per turn.
     pub live_count: AtomicU64,
     pub observer: Arc<dyn Observer>,
@@ -75,6 +92,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Live executors with `status` (clamped at 0, see the counters).
+    pub fn count_of(&self, status: Status) -> u64 {
+        let counter = match status {
+            Status::Initing => &self.initing,
+            Status::Running => &self.running,
+            Status::Tombstone => return 0,
+        };
+        u64::try_from(counter.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
     /// Moves the status counters for a transition out of `was`.
     pub fn count_leaving(&self, was: Status) {
         match was {
@@ -142,6 +169,8 @@ struct Changes {
     registered: Vec<(RegisterReply, Arc<Entry>)>,
     deregistered: Vec<oneshot::Sender<Result<(), RegistryError>>>,
     lags: Vec<Duration>,
+    /// Executors given one more TTL because of a stall.
+    compensated: u64,
 }
 
 /// The loop's private state.
@@ -159,6 +188,11 @@ pub(crate) struct MembershipLoop {
     pending_deletes: Vec<ExecutorId>,
     in_flight: Option<InFlight>,
     retry_deletes_at_ms: u64,
+    /// When the previous turn ran (registry ms), for stall detection.
+    last_turn_ms: u64,
+    /// Recent stalls `(start, end)`: deadlines in `(start, end + grace]` are
+    /// compensated rather than expired.
+    stalls: VecDeque<(u64, u64)>,
     store: StoreWorker,
     housekeeping: Interval,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -173,7 +207,7 @@ impl MembershipLoop {
         loaded: Vec<StoredExecutor>,
         stop: CancellationToken,
     ) -> Self {
-        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_PERIOD);
+        let mut housekeeping = tokio::time::interval(TICK);
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut this = Self {
             shared,
@@ -188,6 +222,8 @@ impl MembershipLoop {
             pending_deletes: Vec::new(),
             in_flight: None,
             retry_deletes_at_ms: 0,
+            last_turn_ms: 0,
+            stalls: VecDeque::new(),
             store,
             housekeeping,
             stop: Box::pin(stop.cancelled_owned()),
@@ -228,13 +264,21 @@ impl MembershipLoop {
     /// Runs until stopped, then flushes pending store work.
     pub(crate) async fn run(mut self) {
         loop {
-            let turn = std::future::poll_fn(|cx| self.poll_turn(cx)).await;
+            // Gathering a turn must not be cut short by tokio's cooperative
+            // budget (128 operations per task poll): DelayQueue polls a timer
+            // per popped entry and so runs out after ~128, splitting one
+            // expiry pass into many turns. A turn is bounded anyway (what
+            // expired, MAX_COMMANDS_PER_TURN); the loop pays one unit of
+            // budget per turn instead, so it still yields under a flood.
+            let turn =
+                tokio::task::unconstrained(std::future::poll_fn(|cx| self.poll_turn(cx))).await;
             let stop = turn.stop;
             self.apply(turn);
             self.submit_store_work();
             if stop {
                 break;
             }
+            tokio::task::consume_budget().await;
         }
         self.finish().await;
     }
@@ -287,6 +331,7 @@ impl MembershipLoop {
 
     fn apply(&mut self, turn: Turn) {
         let now = self.shared.clock.now_ms();
+        self.detect_stall(now);
         let mut changes = Changes::default();
         if let Some((in_flight, result, elapsed)) = turn.committed {
             self.committed(in_flight, result, elapsed, now, &mut changes);
@@ -399,6 +444,17 @@ impl MembershipLoop {
             // A re-arm queued it again, earlier; that queue entry is the live one.
             return;
         }
+        let state = entry.state();
+        if state.status() != Status::Tombstone && state.deadline_ms() <= now {
+            if let Some(compensated) = self.compensated_deadline(state.deadline_ms()) {
+                // Its heartbeat may be among those the stall kept us from reading.
+                entry.extend_deadline_to(compensated);
+                changes.compensated += 1;
+                let deadline = entry.state().deadline_ms();
+                self.arm(entry, deadline);
+                return;
+            }
+        }
         match entry.try_expire(now) {
             Expiry::Alive { deadline_ms } => self.arm(entry, deadline_ms),
             Expiry::Expired { deadline_ms, was } => {
@@ -470,6 +526,45 @@ impl MembershipLoop {
         self.queue.insert_at((entry, deadline_ms), at);
     }
 
+    /// Notes a stall if this turn came much later than the tick allows, and
+    /// forgets stalls whose compensation window has passed.
+    fn detect_stall(&mut self, now: u64) {
+        let threshold = self.shared.config.stall_threshold;
+        let gap = now.saturating_sub(self.last_turn_ms);
+        self.last_turn_ms = now;
+        let grace = duration_ms(RESUME_GRACE);
+        while let Some(&(_, end)) = self.stalls.front() {
+            if end + grace >= now {
+                break;
+            }
+            self.stalls.pop_front();
+        }
+        if threshold.is_zero() || gap <= duration_ms(TICK + threshold) {
+            return;
+        }
+        let start = now - gap + duration_ms(TICK);
+        tracing::warn!(
+            stalled_ms = gap - duration_ms(TICK),
+            "the registry was stalled (paused, starved or blocked); executors whose deadlines fell in the stall get one more TTL"
+        );
+        self.shared
+            .observer
+            .stalled(Duration::from_millis(gap - duration_ms(TICK)));
+        self.stalls.push_back((start, now));
+    }
+
+    /// If a deadline fell in a recent stall (or its resume grace), the
+    /// deadline it gets instead: moved by the stall's length, and at least to
+    /// the end of the grace — which lies outside the window, so no deadline
+    /// is compensated twice.
+    fn compensated_deadline(&self, deadline_ms: u64) -> Option<u64> {
+        let grace = duration_ms(RESUME_GRACE);
+        self.stalls
+            .iter()
+            .find(|&&(start, end)| deadline_ms > start && deadline_ms < end + grace)
+            .map(|&(start, end)| (deadline_ms + (end - start)).max(end + grace))
+    }
+
     fn forget_tombstones(&mut self, now: u64) {
         while let Some((forget_at, _)) = self.tombstone_queue.front() {
             if *forget_at > now {
@@ -506,6 +601,12 @@ impl MembershipLoop {
 
     /// Publishes the snapshot, then the events, then answers callers.
     fn finish_turn(&mut self, changes: Changes) {
+        if changes.compensated > 0 {
+            tracing::warn!(
+                executors = changes.compensated,
+                "deadlines extended by one TTL after a stall"
+            );
+        }
         if changes.events.is_empty() {
             return;
         }
@@ -550,8 +651,8 @@ impl MembershipLoop {
             .store(self.members.len() as u64, Ordering::Relaxed);
         shared.observer.membership(
             self.revision,
-            shared.initing.load(Ordering::Relaxed),
-            shared.running.load(Ordering::Relaxed),
+            shared.count_of(Status::Initing),
+            shared.count_of(Status::Running),
         );
     }
 

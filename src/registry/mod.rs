@@ -66,6 +66,10 @@ pub struct RegistryConfig {
     /// Events a watcher may fall behind before it is ended (rounded up to a
     /// power of two by the broadcast channel).
     pub watch_buffer: usize,
+    /// A membership-loop turn this much later than its 100 ms tick means the
+    /// registry was stalled: deadlines that fell in the stall are given one
+    /// more TTL instead of being expired. Zero disables the compensation.
+    pub stall_threshold: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -78,6 +82,7 @@ impl Default for RegistryConfig {
             max_heartbeats_per_second: 200_000,
             tombstone_retention: Duration::from_secs(600),
             watch_buffer: 4096,
+            stall_threshold: Duration::from_secs(1),
         }
     }
 }
@@ -408,9 +413,7 @@ impl Registry {
         let shared = &self.shared;
         match status {
             None => shared.live_count.load(Ordering::Relaxed),
-            Some(Status::Initing) => shared.initing.load(Ordering::Relaxed),
-            Some(Status::Running) => shared.running.load(Ordering::Relaxed),
-            Some(Status::Tombstone) => 0,
+            Some(status) => shared.count_of(status),
         }
     }
 

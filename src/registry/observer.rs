@@ -50,6 +50,9 @@ pub trait Observer: Send + Sync + 'static {
     fn watchers(&self, _delta: i64) {}
     /// A watcher fell more than the watch buffer behind and was ended.
     fn watcher_lagged(&self) {}
+    /// The registry itself was stalled for about `duration` (deadlines that
+    /// fell in it are compensated).
+    fn stalled(&self, _duration: Duration) {}
     /// A store operation finished after `elapsed`; `ok` = false on error.
     fn store_operation(&self, _op: &'static str, _elapsed: Duration, _ok: bool) {}
 }

@@ -6,7 +6,9 @@
 //! below the snapshot's revision, which — because the loop publishes each
 //! turn's snapshot before sending that turn's events — yields exactly the
 //! events from snapshot + 1 on, consecutively. A watcher that falls more than
-//! the buffer behind gets [`WatchError::Lagged`] and must watch again.
+//! the buffer behind gets [`WatchError::Lagged`] and must watch again: the
+//! watch is over at its first error, which every later call returns again,
+//! so nobody can read on past a gap.
 
 use std::sync::Arc;
 
@@ -64,6 +66,9 @@ pub struct Watch {
     snapshot: Arc<Snapshot>,
     events: broadcast::Receiver<Event>,
     observer: Arc<dyn Observer>,
+    /// The error that ended this watch. After `Lagged` the receiver would
+    /// resume at the oldest event still buffered, past a gap.
+    ended: Option<WatchError>,
 }
 
 impl Watch {
@@ -77,6 +82,7 @@ impl Watch {
             snapshot,
             events,
             observer,
+            ended: None,
         }
     }
 
@@ -86,17 +92,23 @@ impl Watch {
     }
 
     /// The next event after the snapshot, in revision order. Cancel-safe.
+    /// Once it returns an error, it returns that error forever.
     pub async fn next(&mut self) -> Result<Event, WatchError> {
+        if let Some(ended) = self.ended {
+            return Err(ended);
+        }
         loop {
-            match self.events.recv().await {
+            let error = match self.events.recv().await {
                 Ok(event) if event.revision <= self.snapshot.revision() => continue,
                 Ok(event) => return Ok(event),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     self.observer.watcher_lagged();
-                    return Err(WatchError::Lagged { missed });
+                    WatchError::Lagged { missed }
                 }
-                Err(broadcast::error::RecvError::Closed) => return Err(WatchError::Closed),
-            }
+                Err(broadcast::error::RecvError::Closed) => WatchError::Closed,
+            };
+            self.ended = Some(error);
+            return Err(error);
         }
     }
 }

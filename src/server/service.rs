@@ -182,8 +182,11 @@ impl RegistryRpc for RegistryService {
 
     async fn watch_executors(
         &self,
-        _request: Request<proto::WatchExecutorsRequest>,
+        request: Request<proto::WatchExecutorsRequest>,
     ) -> Result<Response<Self::WatchExecutorsStream>, Status> {
+        // Named in the log line when this watcher falls behind: the
+        // RegistryWatchersLagging runbook sends operators there to find it.
+        let peer = request.remote_addr();
         if self.streams_stop.is_cancelled() {
             return Err(to_status(RegistryError::ShuttingDown));
         }
@@ -227,10 +230,17 @@ impl RegistryRpc for RegistryService {
                                 };
                                 Some((Ok(message), WatchState::Events(watch)))
                             }
-                            Err(e @ WatchError::Lagged { .. }) => Some((
-                                Err(Status::resource_exhausted(e.to_string())),
-                                WatchState::Done,
-                            )),
+                            Err(e @ WatchError::Lagged { missed }) => {
+                                tracing::warn!(
+                                    peer = ?peer,
+                                    missed,
+                                    "watcher fell behind the watch buffer; ended with RESOURCE_EXHAUSTED"
+                                );
+                                Some((
+                                    Err(Status::resource_exhausted(e.to_string())),
+                                    WatchState::Done,
+                                ))
+                            }
                             Err(WatchError::Closed) => Some((
                                 Err(to_status(RegistryError::ShuttingDown)),
                                 WatchState::Done,

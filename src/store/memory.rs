@@ -32,4 +32,8 @@ impl MembershipStore for MemoryStore {
         }
         Ok(())
     }
+
+    fn blocks(&self) -> bool {
+        false
+    }
 }

@@ -6,12 +6,17 @@
 //! expired/deregistered executors); while a batch is in flight the next one
 //! gathers, which is the group commit.
 //!
+//! Stores: [`SqliteStore`] (the default: one WAL-mode SQLite file in the data
+//! directory, fsynced at each commit) and [`MemoryStore`] (nothing durable).
+//!
 //! Must not touch: registry state. A store only persists what it is given.
 
 mod memory;
+mod sqlite;
 mod worker;
 
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 pub use worker::{Commit, StoreWorker};
 
 /// An executor as persisted.
@@ -57,4 +62,10 @@ pub trait MembershipStore: Send + 'static {
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError>;
     /// Applies a batch atomically and durably.
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
+    /// Whether calls block (disk, network). A store that never blocks is
+    /// called inline by the membership loop instead of on a thread of its own,
+    /// which also keeps paused-time tests exact (tokio cannot see a thread).
+    fn blocks(&self) -> bool {
+        true
+    }
 }

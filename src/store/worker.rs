@@ -2,7 +2,8 @@
 //!
 //! Owns: the boxed `MembershipStore` and the OS thread that calls it, so that
 //! blocking writes (fsync) never run on the async runtime. Commits are
-//! executed one at a time in submission order.
+//! executed one at a time in submission order. A store that does not block
+//! (`MembershipStore::blocks` is false) is called inline instead.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -25,14 +26,25 @@ pub type Commit = oneshot::Receiver<(Result<(), StoreError>, Duration)>;
 pub struct StoreWorker {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
+    /// A store that does not block, called inline.
+    inline: Option<Box<dyn MembershipStore>>,
 }
 
 impl StoreWorker {
-    /// Loads everything from `store`, then moves it to a new thread.
+    /// Loads everything from `store`, then moves it to a new thread (or
+    /// keeps it inline if it does not block).
     pub fn start(
         mut store: Box<dyn MembershipStore>,
     ) -> Result<(Self, Vec<StoredExecutor>), StoreError> {
         let loaded = store.load_all()?;
+        if !store.blocks() {
+            let worker = Self {
+                jobs: None,
+                thread: None,
+                inline: Some(store),
+            };
+            return Ok((worker, loaded));
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("registry-store".into())
@@ -49,6 +61,7 @@ impl StoreWorker {
             Self {
                 jobs: Some(tx),
                 thread: Some(thread),
+                inline: None,
             },
             loaded,
         ))
@@ -56,8 +69,14 @@ impl StoreWorker {
 
     /// Queues a batch; the returned receiver resolves when it is durable (or
     /// failed).
-    pub fn submit(&self, batch: Batch) -> Commit {
+    pub fn submit(&mut self, batch: Batch) -> Commit {
         let (done, rx) = oneshot::channel();
+        if let Some(store) = self.inline.as_mut() {
+            let started = Instant::now();
+            let result = store.commit(&batch);
+            let _ = done.send((result, started.elapsed()));
+            return rx;
+        }
         let sent = self
             .jobs
             .as_ref()

@@ -2,15 +2,18 @@
 //! server on `127.0.0.1:0`, and clients connected to it.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{self, RegisterRequest};
-use executor_registry::registry::{NoopObserver, Registry, RegistryConfig, RegistryTask};
+use executor_registry::registry::{NoopObserver, Observer, Registry, RegistryConfig, RegistryTask};
 use executor_registry::server::{self, Stopped};
-use executor_registry::store::{MembershipStore, MemoryStore};
+use executor_registry::store::{Batch, MembershipStore, MemoryStore, StoreError, StoredExecutor};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -47,9 +50,49 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
+        Self::serve(listener, config, store, Arc::new(NoopObserver))
+    }
+
+    /// Starts a server on `addr` — the address of a server that was stopped:
+    /// a restart, as clients see it. Retries the bind for a few seconds.
+    pub async fn start_on(
+        addr: SocketAddr,
+        config: RegistryConfig,
+        store: Box<dyn MembershipStore>,
+    ) -> Self {
+        Self::start_observed(Some(addr), config, store, Arc::new(NoopObserver)).await
+    }
+
+    /// Starts a server on `addr` (None: any port) reporting to `observer`.
+    pub async fn start_observed(
+        addr: Option<SocketAddr>,
+        config: RegistryConfig,
+        store: Box<dyn MembershipStore>,
+        observer: Arc<dyn Observer>,
+    ) -> Self {
+        let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
+        let mut attempts = 0;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(_) if attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("cannot bind {addr} again: {e}"),
+            }
+        };
+        Self::serve(listener, config, store, observer)
+    }
+
+    fn serve(
+        listener: TcpListener,
+        config: RegistryConfig,
+        store: Box<dyn MembershipStore>,
+        observer: Arc<dyn Observer>,
+    ) -> Self {
         let addr = listener.local_addr().expect("local addr");
-        let (registry, task) =
-            Registry::start(config, store, Arc::new(NoopObserver)).expect("registry starts");
+        let (registry, task) = Registry::start(config, store, observer).expect("registry starts");
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone().cancelled_owned();
         let server = tokio::spawn(server::serve(
@@ -67,6 +110,11 @@ impl TestServer {
         }
     }
 
+    /// `http://addr`, as clients are configured.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// A connected client.
     pub async fn client(&self) -> RegistryClient<Channel> {
         RegistryClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
@@ -74,7 +122,9 @@ impl TestServer {
 
     /// A client whose HTTP/2 windows are the protocol's default 64 KiB
     /// (hyper's client defaults to 2 MiB per stream), so a client that stops
-    /// reading pushes back on the server after a few hundred events.
+    /// reading pushes back on the server after 64 KiB of events. Beware: h2
+    /// also closes the connection when ~170 unread DATA frames under 256
+    /// bytes pile up, so stalled-watcher tests need events above that size.
     pub async fn small_window_client(&self) -> RegistryClient<Channel> {
         let endpoint = Channel::from_shared(format!("http://{}", self.addr))
             .expect("valid uri")
@@ -168,5 +218,84 @@ pub async fn watch(
     match next_message(&mut stream).await.expect("snapshot") {
         proto::watch_executors_response::Kind::Snapshot(s) => (s, stream),
         other => panic!("expected a snapshot first, got {other:?}"),
+    }
+}
+
+/// A store whose rows outlive the registry that wrote them: a second
+/// registry started on a clone loads what the first committed (a restart
+/// "with its store").
+#[derive(Clone, Default)]
+pub struct SharedStore(Arc<Mutex<MemoryStore>>);
+
+impl MembershipStore for SharedStore {
+    fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
+        self.0.lock().expect("store lock").load_all()
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        self.0.lock().expect("store lock").commit(batch)
+    }
+}
+
+/// An in-memory store whose first `failures` commits fail (the registry
+/// then answers UNAVAILABLE).
+pub struct FlakyStore {
+    inner: MemoryStore,
+    failures: Arc<AtomicUsize>,
+}
+
+impl FlakyStore {
+    /// A store that fails its first `failures` commits.
+    pub fn new(failures: usize) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            failures: Arc::new(AtomicUsize::new(failures)),
+        }
+    }
+}
+
+impl MembershipStore for FlakyStore {
+    fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
+        self.inner.load_all()
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(StoreError("disk on fire (test)".into()));
+        }
+        self.inner.commit(batch)
+    }
+}
+
+/// Counts open watches on the server.
+#[derive(Default)]
+pub struct WatcherGauge(pub AtomicI64);
+
+impl Observer for WatcherGauge {
+    fn watchers(&self, delta: i64) {
+        self.0.fetch_add(delta, Ordering::SeqCst);
+    }
+}
+
+/// Waits up to `limit` for `check` to hold, polling every 20 ms.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,216 @@
+//! The list of registry endpoints a client rotates through, and the channel
+//! settings every connection gets.
+//!
+//! Owns: URI parsing (`host:port` is taken as `http://host:port`), the
+//! round-robin position, and the tonic `Endpoint` configuration: connect
+//! timeout, HTTP/2 keepalive (so a dead peer is noticed on a long-lived
+//! heartbeat or watch stream even when nothing is sent), `TCP_NODELAY`, and
+//! the raised decoding limit (snapshots of a large fleet exceed 4 MiB).
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::ClientError;
+use crate::proto::registry_client::RegistryClient;
+
+/// The registry's default gRPC address (`serve --listen`'s default).
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:10240";
+
+/// Default largest response a client decodes: 1 GiB, room for a snapshot of
+/// a few million executors (tonic's own default, 4 MiB, holds about 20,000).
+pub const DEFAULT_MAX_DECODING_MESSAGE_SIZE: usize = 1 << 30;
+
+/// Settings of every connection a client opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// Longest TCP connect to one endpoint before trying the next.
+    pub connect_timeout: Duration,
+    /// Longest unary call (register, deregister) and stream opening.
+    pub request_timeout: Duration,
+    /// HTTP/2 ping period, on idle connections too.
+    pub keepalive_interval: Duration,
+    /// A ping unanswered for this long closes the connection.
+    pub keepalive_timeout: Duration,
+    /// HTTP/2 stream window (None: hyper's default, 2 MiB).
+    pub initial_stream_window_size: Option<u32>,
+    /// HTTP/2 connection window (None: hyper's default, 5 MiB).
+    pub initial_connection_window_size: Option<u32>,
+    /// Largest response message decoded.
+    pub max_decoding_message_size: usize,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            initial_stream_window_size: None,
+            initial_connection_window_size: None,
+            max_decoding_message_size: DEFAULT_MAX_DECODING_MESSAGE_SIZE,
+        }
+    }
+}
+
+/// `host:port` → `http://host:port`; anything with a scheme is kept.
+pub(crate) fn normalize(endpoint: &str) -> String {
+    let endpoint = endpoint.trim();
+    if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+/// A configured tonic endpoint for `uri`.
+pub(crate) fn endpoint(uri: &str, options: &ChannelOptions) -> Result<Endpoint, ClientError> {
+    let normalized = normalize(uri);
+    let endpoint =
+        Endpoint::from_shared(normalized.clone()).map_err(|e| ClientError::InvalidEndpoint {
+            endpoint: uri.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if endpoint.uri().host().is_none() {
+        return Err(ClientError::InvalidEndpoint {
+            endpoint: uri.to_owned(),
+            reason: "no host".into(),
+        });
+    }
+    Ok(endpoint
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(options.keepalive_interval)
+        .keep_alive_timeout(options.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(options.initial_stream_window_size)
+        .initial_connection_window_size(options.initial_connection_window_size))
+}
+
+/// Endpoints in the order given; the client starts at the first and moves to
+/// the next when one fails.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoints {
+    list: Vec<(String, Endpoint)>,
+    current: usize,
+    options: ChannelOptions,
+}
+
+impl Endpoints {
+    pub(crate) fn new<I, S>(uris: I, options: &ChannelOptions) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let list = uris
+            .into_iter()
+            .map(|uri| {
+                let uri = uri.as_ref();
+                endpoint(uri, options).map(|e| (normalize(uri), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if list.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        Ok(Self {
+            list,
+            current: 0,
+            options: options.clone(),
+        })
+    }
+
+    /// The settings every connection gets.
+    pub(crate) fn options(&self) -> &ChannelOptions {
+        &self.options
+    }
+
+    /// The endpoint the next connection goes to.
+    pub(crate) fn current(&self) -> &str {
+        &self.list[self.current].0
+    }
+
+    /// Moves on to the next endpoint (after a failure).
+    pub(crate) fn advance(&mut self) {
+        self.current = (self.current + 1) % self.list.len();
+    }
+
+    /// Every endpoint, comma-separated (for messages).
+    pub(crate) fn describe(&self) -> String {
+        self.list
+            .iter()
+            .map(|(uri, _)| uri.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Connects to the current endpoint (one attempt, bounded by the
+    /// connect timeout). The error says which endpoint failed and why.
+    pub(crate) async fn connect(&self) -> Result<RegistryClient<Channel>, String> {
+        let (uri, endpoint) = &self.list[self.current];
+        match endpoint.connect().await {
+            Ok(channel) => Ok(RegistryClient::new(channel)
+                .max_decoding_message_size(self.options.max_decoding_message_size)),
+            Err(e) => Err(format!("{uri}: {}", describe_transport_error(&e))),
+        }
+    }
+}
+
+/// The innermost cause of a transport error, which is where the useful part
+/// is ("connection refused" rather than "transport error").
+pub fn describe_transport_error(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost: &(dyn std::error::Error + 'static) = error;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    if let Some(io) = innermost.downcast_ref::<std::io::Error>() {
+        return match io.kind() {
+            std::io::ErrorKind::Other => io.to_string(),
+            kind => kind.to_string(),
+        };
+    }
+    let text = innermost.to_string();
+    if text.is_empty() {
+        error.to_string()
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_host_port_gets_a_scheme() {
+        assert_eq!(normalize("127.0.0.1:10240"), "http://127.0.0.1:10240");
+        assert_eq!(normalize(" http://a:1 "), "http://a:1");
+        assert_eq!(normalize("https://a:1"), "https://a:1");
+    }
+
+    #[test]
+    fn an_empty_list_and_a_bad_uri_are_refused() {
+        let options = ChannelOptions::default();
+        assert!(matches!(
+            Endpoints::new(Vec::<String>::new(), &options),
+            Err(ClientError::NoEndpoints)
+        ));
+        let err = Endpoints::new(["http://exa mple:1"], &options).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::InvalidEndpoint { endpoint, .. } if endpoint == "http://exa mple:1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn endpoints_rotate_in_order() {
+        let mut endpoints =
+            Endpoints::new(["a:1", "http://b:2"], &ChannelOptions::default()).unwrap();
+        assert_eq!(endpoints.current(), "http://a:1");
+        endpoints.advance();
+        assert_eq!(endpoints.current(), "http://b:2");
+        endpoints.advance();
+        assert_eq!(endpoints.current(), "http://a:1");
+        assert_eq!(endpoints.describe(), "http://a:1,http://b:2");
+    }
+}

@@ -1,0 +1,120 @@
+//! The real `executor-registry` binary as a child process, for tests that
+//! need signals, restarts or a crash: started on free loopback ports, killed
+//! on drop.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use executor_registry::proto::registry_client::RegistryClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_executor-registry");
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A running `executor-registry serve`, killed (SIGKILL) on drop.
+pub struct RegistryProcess {
+    child: Child,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// Prometheus address.
+    pub metrics: SocketAddr,
+    /// `--data-dir` (unused with `--store memory`).
+    pub data_dir: PathBuf,
+}
+
+impl RegistryProcess {
+    /// Starts `serve` on new ports with `--data-dir data_dir` and `extra`.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_on(free_addr(), data_dir, extra)
+    }
+
+    /// Starts `serve` on `grpc` (e.g. again after a restart).
+    pub fn start_on(grpc: SocketAddr, data_dir: &Path, extra: &[&str]) -> Self {
+        let metrics = free_addr();
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &grpc.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the binary");
+        Self {
+            child,
+            grpc,
+            metrics,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// An endpoint for the gRPC address.
+    pub fn endpoint(&self) -> Endpoint {
+        Channel::from_shared(format!("http://{}", self.grpc)).expect("valid uri")
+    }
+
+    /// A channel, once the server accepts (within 20 s).
+    pub async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.endpoint().connect().await {
+                Ok(channel) => return channel,
+                Err(e) if Instant::now() > deadline => panic!("registry never came up: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// A client with no decoding limit (snapshots can be large).
+    pub async fn client(&self) -> RegistryClient<Channel> {
+        RegistryClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+    }
+
+    /// Sends `signal` (e.g. `-STOP`, `-TERM`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RegistryProcess {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die promptly.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
