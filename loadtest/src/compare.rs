@@ -1,0 +1,240 @@
+//! Registry ÷ bare transport, measured in one run.
+//!
+//! Both targets get the same pool shape and the same closed loop
+//! ([`crate::throughput`]); rounds alternate which goes first, so drift from
+//! other work on the machine falls on both. Reported: each target's median
+//! over the rounds, the ratio of medians, and the median of the per-round
+//! ratios (each round's pair ran seconds apart).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::Mode;
+use crate::stats::{Latency, Tally, median};
+use crate::throughput::{self, Load, ThroughputReport};
+
+/// Goal: unary and stream heartbeats at this fraction of the echo's rate.
+pub const RATIO_GOAL: f64 = 0.9;
+/// Goal: executors per second through `HeartbeatBatch` of 1,000.
+pub const BATCH_GOAL: f64 = 2_000_000.0;
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// The registry's gRPC endpoint.
+    pub registry: String,
+    /// The echo's gRPC endpoint.
+    pub echo: String,
+    /// Modes to measure, in order.
+    pub modes: Vec<Mode>,
+    /// Connections per target.
+    pub connections: usize,
+    /// Shape of each measurement (its `mode` is overridden per mode).
+    pub load: Load,
+    /// Measurements per target and mode.
+    pub rounds: usize,
+    /// Executors registered per target.
+    pub executors: usize,
+    /// TTL of their heartbeats.
+    pub ttl: Duration,
+    /// Print a line per measurement on stderr.
+    pub progress: bool,
+}
+
+/// One mode, both targets.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeComparison {
+    /// Transport.
+    pub mode: Mode,
+    /// Echo heartbeats/s, per round.
+    pub echo_per_s: Vec<f64>,
+    /// Registry heartbeats/s, per round.
+    pub registry_per_s: Vec<f64>,
+    /// Median of `echo_per_s`.
+    pub echo_median: f64,
+    /// Median of `registry_per_s`.
+    pub registry_median: f64,
+    /// `registry_median / echo_median`.
+    pub ratio: f64,
+    /// Median of the per-round ratios.
+    pub paired_ratio_median: f64,
+    /// Latency of the echo's median round.
+    pub echo_latency: Latency,
+    /// Latency of the registry's median round.
+    pub registry_latency: Latency,
+    /// Errors over all rounds, echo.
+    pub echo_errors: Tally,
+    /// Errors over all rounds, registry.
+    pub registry_errors: Tally,
+    /// The goal for this mode and whether the median meets it.
+    pub goal: String,
+    /// Whether the goal is met.
+    pub goal_met: bool,
+}
+
+/// Every mode compared.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompareReport {
+    /// Connections per target.
+    pub connections: usize,
+    /// The load shape.
+    pub load: Load,
+    /// Rounds per target and mode.
+    pub rounds: usize,
+    /// Per mode.
+    pub modes: Vec<ModeComparison>,
+}
+
+/// Runs the comparison.
+pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
+    let echo = throughput::prepare(
+        &config.echo,
+        config.connections,
+        config.executors,
+        config.ttl,
+    )
+    .await
+    .context("preparing the echo")?;
+    let registry = throughput::prepare(
+        &config.registry,
+        config.connections,
+        config.executors,
+        config.ttl,
+    )
+    .await
+    .context("preparing the registry")?;
+    let mut modes = Vec::new();
+    for &mode in &config.modes {
+        let load = Load {
+            mode,
+            ..config.load.clone()
+        };
+        let mut echo_runs: Vec<ThroughputReport> = Vec::new();
+        let mut registry_runs: Vec<ThroughputReport> = Vec::new();
+        for round in 0..config.rounds.max(1) {
+            let order = if round % 2 == 0 {
+                [(&echo, true), (&registry, false)]
+            } else {
+                [(&registry, false), (&echo, true)]
+            };
+            for (pool, is_echo) in order {
+                let report = throughput::measure(pool, &load).await;
+                if config.progress {
+                    eprintln!(
+                        "compare {mode:>6} round {} {:>8}: {:>12.0} heartbeats/s  p50 {} µs  p99 {} µs  errors {}",
+                        round + 1,
+                        if is_echo { "echo" } else { "registry" },
+                        report.heartbeats_per_s,
+                        report.latency.p50_us,
+                        report.latency.p99_us,
+                        report.errors.total()
+                    );
+                }
+                if is_echo {
+                    echo_runs.push(report);
+                } else {
+                    registry_runs.push(report);
+                }
+            }
+        }
+        modes.push(summarise(mode, &echo_runs, &registry_runs));
+    }
+    Ok(CompareReport {
+        connections: config.connections,
+        load: config.load.clone(),
+        rounds: config.rounds.max(1),
+        modes,
+    })
+}
+
+fn summarise(
+    mode: Mode,
+    echo: &[ThroughputReport],
+    registry: &[ThroughputReport],
+) -> ModeComparison {
+    let rate =
+        |runs: &[ThroughputReport]| runs.iter().map(|r| r.heartbeats_per_s).collect::<Vec<_>>();
+    let (echo_per_s, registry_per_s) = (rate(echo), rate(registry));
+    let (echo_median, registry_median) = (median(&echo_per_s), median(&registry_per_s));
+    let paired: Vec<f64> = echo_per_s
+        .iter()
+        .zip(&registry_per_s)
+        .map(|(e, r)| if *e > 0.0 { r / e } else { 0.0 })
+        .collect();
+    let ratio = if echo_median > 0.0 {
+        registry_median / echo_median
+    } else {
+        0.0
+    };
+    let errors = |runs: &[ThroughputReport]| {
+        let mut t = Tally::default();
+        for r in runs {
+            t.merge(&r.errors);
+        }
+        t
+    };
+    let (goal, goal_met) = match mode {
+        Mode::Batch => (
+            format!("≥ {BATCH_GOAL:.0} executors/s"),
+            registry_median >= BATCH_GOAL,
+        ),
+        _ => (
+            format!("registry ÷ echo ≥ {RATIO_GOAL}"),
+            ratio >= RATIO_GOAL,
+        ),
+    };
+    ModeComparison {
+        mode,
+        echo_latency: median_latency(echo),
+        registry_latency: median_latency(registry),
+        echo_errors: errors(echo),
+        registry_errors: errors(registry),
+        paired_ratio_median: median(&paired),
+        echo_per_s,
+        registry_per_s,
+        echo_median,
+        registry_median,
+        ratio,
+        goal,
+        goal_met,
+    }
+}
+
+/// The latency of the run whose throughput is the median.
+fn median_latency(runs: &[ThroughputReport]) -> Latency {
+    let mut sorted: Vec<&ThroughputReport> = runs.iter().collect();
+    sorted.sort_by(|a, b| a.heartbeats_per_s.total_cmp(&b.heartbeats_per_s));
+    sorted
+        .get(sorted.len() / 2)
+        .map(|r| r.latency)
+        .unwrap_or_default()
+}
+
+/// Starts `exe echo-server --listen 127.0.0.1:0` as a child process (its own
+/// runtime, like the registry's) and returns it with its endpoint. The
+/// child is killed when the handle is dropped.
+pub async fn spawn_echo(exe: &Path) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(exe)
+        .args(["echo-server", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {} echo-server", exe.display()))?;
+    let stdout = child.stdout.take().context("echo-server stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("echo-server did not say where it listens within 10 s")??
+        .context("echo-server exited before listening")?;
+    let Some(addr) = line.strip_prefix("listening on ") else {
+        bail!("unexpected first line from echo-server: {line:?}");
+    };
+    Ok((child, format!("http://{}", addr.trim())))
+}

@@ -1,0 +1,319 @@
+//! `loadtest`: fleet simulator, closed-loop throughput, registry ÷ echo
+//! comparison, and the echo server. See the crate docs of `loadtest`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use loadtest::compare::{self, CompareConfig};
+use loadtest::fleet::{self, FleetConfig};
+use loadtest::throughput::{self, Load};
+use loadtest::{Mode, echo, report};
+
+/// Load tests for executor-registry. Without a subcommand: the fleet
+/// simulator (same flags as `loadtest fleet`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Simulate a fleet against a running registry and verify expiry.
+    Fleet(FleetArgs),
+    /// Closed-loop heartbeat throughput against the registry or the echo.
+    Throughput(ThroughputArgs),
+    /// Registry ÷ echo throughput for each mode, in one run.
+    Compare(CompareArgs),
+    /// Serve the trivial echo `registry.v1.Registry` (the transport baseline).
+    EchoServer(EchoServerArgs),
+}
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+#[derive(Debug, Args)]
+struct FleetArgs {
+    /// Registry gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:10240")]
+    endpoint: String,
+    /// Registry Prometheus endpoint, to measure its memory per executor
+    /// (e.g. http://127.0.0.1:9464/metrics).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Fleet size.
+    #[arg(long, default_value_t = 10_000)]
+    executors: usize,
+    /// How heartbeats travel.
+    #[arg(long, value_enum, default_value_t = Mode::Stream)]
+    mode: Mode,
+    /// Connections for registrations and heartbeats (the watch gets one more).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Heartbeat phase after registration (the kill happens at half).
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    duration: Duration,
+    /// TTL the executors ask for [default: 3 × the suggested interval].
+    #[arg(long, value_parser = duration)]
+    ttl: Option<Duration>,
+    /// Share of the fleet that stops heartbeating halfway.
+    #[arg(long, default_value_t = 0.1)]
+    kill_fraction: f64,
+    /// Registrations in flight, over all connections.
+    #[arg(long, default_value_t = 1_024)]
+    register_concurrency: usize,
+    /// Per connection: unary calls, batch calls or stream messages in flight
+    /// [default: unary 64, stream 1024, batch 8].
+    #[arg(long)]
+    inflight: Option<usize>,
+    /// Most heartbeats per HeartbeatBatch call.
+    #[arg(long, default_value_t = 1_000)]
+    batch_size: usize,
+    /// Period of progress lines.
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    progress_every: Duration,
+    /// Print one JSON document on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Registry,
+    Echo,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Connections to the target.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Unary/batch calls in flight, or streams, over all connections.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Requests in flight per stream (stream mode; 1 = ping-pong).
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    /// Heartbeats per HeartbeatBatch call.
+    #[arg(long, default_value_t = 1_000)]
+    batch_size: usize,
+    /// Measured time per run.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    duration: Duration,
+    /// Unmeasured time before each run.
+    #[arg(long, value_parser = duration, default_value = "1s")]
+    warmup: Duration,
+    /// Executors registered beforehand (heartbeats cycle through them).
+    #[arg(long, default_value_t = 10_000)]
+    executors: usize,
+    /// TTL of their heartbeats (longer than the whole run).
+    #[arg(long, value_parser = duration, default_value = "120s")]
+    ttl: Duration,
+    /// Print one JSON document on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ThroughputArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Target::Registry)]
+    target: Target,
+    /// Transport.
+    #[arg(long, value_enum, default_value_t = Mode::Unary)]
+    mode: Mode,
+    /// Registry gRPC endpoint (target registry).
+    #[arg(long, default_value = "http://127.0.0.1:10240")]
+    endpoint: String,
+    /// Echo endpoint (target echo) [default: start `loadtest echo-server` as a child].
+    #[arg(long)]
+    echo_endpoint: Option<String>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Registry gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:10240")]
+    endpoint: String,
+    /// Echo endpoint [default: start `loadtest echo-server` as a child].
+    #[arg(long)]
+    echo_endpoint: Option<String>,
+    /// Modes to compare.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "unary,stream,batch"
+    )]
+    modes: Vec<Mode>,
+    /// Measurements per target and mode (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+struct EchoServerArgs {
+    /// Address to listen on; the first line on stdout says where it listens.
+    #[arg(long, default_value = "127.0.0.1:10250")]
+    listen: SocketAddr,
+}
+
+impl LoadArgs {
+    fn load(&self, mode: Mode) -> Load {
+        Load {
+            mode,
+            concurrency: self.concurrency,
+            window: self.window,
+            batch_size: self.batch_size,
+            duration: self.duration,
+            warmup: self.warmup,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run_fleet(cli.fleet).await,
+        Some(Command::Fleet(args)) => run_fleet(args).await,
+        Some(Command::Throughput(args)) => run_throughput(args).await,
+        Some(Command::Compare(args)) => run_compare(args).await,
+        Some(Command::EchoServer(args)) => run_echo_server(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
+    let mut config = FleetConfig::new(args.endpoint, args.executors, args.mode);
+    config.metrics = args.metrics;
+    config.connections = args.connections;
+    config.duration = args.duration;
+    config.ttl = args.ttl;
+    config.kill_fraction = args.kill_fraction;
+    config.register_concurrency = args.register_concurrency;
+    config.inflight = args.inflight.unwrap_or(fleet::default_inflight(args.mode));
+    config.batch_size = args.batch_size;
+    config.progress = true;
+    config.progress_every = args.progress_every;
+    let report = fleet::run(&config).await?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report::fleet(&report));
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// The echo endpoint, starting a child echo server if none is given.
+async fn echo_endpoint(
+    given: Option<String>,
+) -> anyhow::Result<(Option<tokio::process::Child>, String)> {
+    match given {
+        Some(endpoint) => Ok((None, endpoint)),
+        None => {
+            let exe = std::env::current_exe().context("cannot find the loadtest executable")?;
+            let (child, endpoint) = compare::spawn_echo(&exe).await?;
+            Ok((Some(child), endpoint))
+        }
+    }
+}
+
+async fn run_throughput(args: ThroughputArgs) -> anyhow::Result<ExitCode> {
+    let (child, endpoint) = match args.target {
+        Target::Registry => (None, args.endpoint),
+        Target::Echo => echo_endpoint(args.echo_endpoint).await?,
+    };
+    let load = args.load.load(args.mode);
+    let report = throughput::run(
+        &endpoint,
+        args.load.connections,
+        args.load.executors,
+        args.load.ttl,
+        &load,
+    )
+    .await?;
+    drop(child);
+    if args.load.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report::throughput(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
+    let (child, echo) = echo_endpoint(args.echo_endpoint).await?;
+    let config = CompareConfig {
+        registry: args.endpoint,
+        echo,
+        modes: args.modes,
+        connections: args.load.connections,
+        load: args.load.load(Mode::Unary),
+        rounds: args.rounds,
+        executors: args.load.executors,
+        ttl: args.load.ttl,
+        progress: true,
+    };
+    let report = compare::run(&config).await?;
+    drop(child);
+    if args.load.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report::compare(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_echo_server(args: EchoServerArgs) -> anyhow::Result<ExitCode> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {}", listener.local_addr()?)?;
+        out.flush()?;
+    }
+    echo::serve(listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,123 @@
+//! Smoke test: the simulator against a real registry on loopback, and the
+//! echo baseline, small and short enough for CI in a debug build.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use executor_registry::registry::{Registry, RegistryConfig, RegistryTask};
+use executor_registry::server::{self, Stopped};
+use loadtest::fleet::{self, FleetConfig};
+use loadtest::throughput::{self, Load};
+use loadtest::{Mode, echo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<Stopped, tonic::transport::Error>>,
+    task: RegistryTask,
+}
+
+impl Server {
+    /// A registry that allows short TTLs and suggests a 100 ms interval.
+    async fn start() -> Self {
+        let config = RegistryConfig {
+            init_ttl: Duration::from_secs(2),
+            min_ttl: Duration::from_millis(50),
+            max_ttl: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_millis(100),
+            ..RegistryConfig::default()
+        };
+        let (registry, task) = Registry::start_in_memory(config);
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(server::serve(
+            listener,
+            registry,
+            shutdown.clone().cancelled_owned(),
+            Duration::from_secs(5),
+        ));
+        Self {
+            addr,
+            shutdown,
+            handle,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.expect("server task").expect("server ran");
+        self.task.stop().await;
+    }
+}
+
+async fn fleet_expires_exactly_the_killed_executors(mode: Mode) {
+    let server = Server::start().await;
+    let mut config = FleetConfig::new(format!("http://{}", server.addr), 200, mode);
+    config.connections = 2;
+    config.duration = Duration::from_secs(3);
+    config.ttl = Some(Duration::from_millis(500));
+    config.kill_fraction = 0.2;
+    let report = fleet::run(&config).await.expect("fleet run");
+    server.stop().await;
+
+    assert_eq!(report.registration.registered, 200, "{report:#?}");
+    assert_eq!(report.expiry.false_expirations, 0, "{report:#?}");
+    assert_eq!(report.expiry.killed, 40, "{report:#?}");
+    assert_eq!(report.expiry.killed_offline, 40, "{report:#?}");
+    assert_eq!(report.expiry.killed_not_offline, 0, "{report:#?}");
+    assert!(report.passed, "{:?}", report.failures);
+    assert!(report.heartbeats.ok > 0);
+    assert_eq!(report.heartbeats.interval_ms, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_fleet_expires_exactly_the_killed_executors() {
+    fleet_expires_exactly_the_killed_executors(Mode::Stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_fleet_expires_exactly_the_killed_executors() {
+    fleet_expires_exactly_the_killed_executors(Mode::Batch).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_fleet_expires_exactly_the_killed_executors() {
+    fleet_expires_exactly_the_killed_executors(Mode::Unary).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_throughput_is_positive_in_every_mode() {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(echo::serve(listener, shutdown.clone().cancelled_owned()));
+    let endpoint = format!("http://{addr}");
+    let pool = throughput::prepare(&endpoint, 2, 100, Duration::from_secs(60))
+        .await
+        .expect("prepare echo pool");
+    for mode in [Mode::Unary, Mode::Stream, Mode::Batch] {
+        let load = Load {
+            mode,
+            concurrency: 8,
+            window: 4,
+            batch_size: 100,
+            duration: Duration::from_secs(1),
+            warmup: Duration::from_millis(100),
+        };
+        let report = throughput::measure(&pool, &load).await;
+        assert!(report.heartbeats_per_s > 0.0, "{mode}: {report:#?}");
+        assert_eq!(report.errors.total(), 0, "{mode}: {report:#?}");
+        assert!(report.latency.count > 0);
+    }
+    shutdown.cancel();
+    server.await.expect("echo task").expect("echo served");
+}
