@@ -54,7 +54,7 @@ else
 fi
 
 log "cargo test (ignored tests included)"
-cargo test --locked -- --include-ignored "${skip[@]}"
+cargo test --workspace --locked -- --include-ignored "${skip[@]}"
 
 # Model checking of the heartbeat/expiry/deregister protocol on the state
 # word: every interleaving, with loom's atomics (a build of its own).
