@@ -240,8 +240,8 @@ impl Registry {
         let shared = Arc::new(Shared {
             config,
             clock: Clock::start(),
-            live: DashMap::new(),
-            tombstones: DashSet::new(),
+            live: DashMap::with_hasher(Default::default()),
+            tombstones: DashSet::with_hasher(Default::default()),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             events,
             initing: Default::default(),

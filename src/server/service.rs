@@ -43,12 +43,15 @@ impl RegistryService {
         }
     }
 
-    fn heartbeat_result(&self, req: &proto::HeartbeatRequest) -> proto::HeartbeatResult {
+    /// One heartbeat's per-item result; the request's id moves into it.
+    fn heartbeat_result(&self, req: proto::HeartbeatRequest) -> proto::HeartbeatResult {
         let result = self.registry.heartbeat(&req.executor_id, req.ttl_ms);
+        let status = to_heartbeat_status(&result) as i32;
+        let interval = result.unwrap_or_else(|_| self.registry.suggested_interval());
         proto::HeartbeatResult {
-            executor_id: req.executor_id.clone(),
-            status: to_heartbeat_status(&result) as i32,
-            heartbeat_interval_ms: convert::millis(self.registry.suggested_interval()),
+            executor_id: req.executor_id,
+            status,
+            heartbeat_interval_ms: convert::millis(interval),
         }
     }
 }
@@ -108,7 +111,7 @@ impl RegistryRpc for RegistryService {
         let results = request
             .into_inner()
             .take_until(stop)
-            .map(move |item| item.map(|req| this.heartbeat_result(&req)));
+            .map(move |item| item.map(|req| this.heartbeat_result(req)));
         Ok(Response::new(Box::pin(results)))
     }
 
@@ -128,7 +131,7 @@ impl RegistryRpc for RegistryService {
         }
         let results = req
             .heartbeats
-            .iter()
+            .into_iter()
             .map(|hb| self.heartbeat_result(hb))
             .collect();
         Ok(Response::new(proto::HeartbeatBatchResponse { results }))
