@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use executor_registry::registry::Registration;
-use support::{Fleet, HEARTBEAT_TTL_MS, XorShift, address, labels, report, selector};
+use support::{Fleet, HEARTBEAT_TTL_MS, KeepAlive, XorShift, address, labels, report, selector};
 
 const FLEET_SMALL: usize = 1_000;
 const FLEET_LARGE: usize = 1_000_000;
@@ -39,12 +39,7 @@ fn main() {
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
 
-    for mib in [1, 64, 1024] {
-        report(
-            &format!("machine: ns per dependent load, random over {mib} MiB"),
-            format!("{:.0}", support::dependent_load_ns(mib)),
-        );
-    }
+    support::report_machine("start");
     for (label, n) in [("1k", FLEET_SMALL), ("1M", FLEET_LARGE)] {
         let fleet = Fleet::start(n);
         report(
@@ -62,6 +57,7 @@ fn main() {
         }
         check_alive(&fleet);
     }
+    support::report_machine("end");
     c.final_summary();
 }
 
@@ -86,10 +82,12 @@ fn bench_register(c: &mut Criterion, fleet: &Fleet, label: &str) {
     let registry = &fleet.registry;
     let mut next = fleet.ids.len();
 
+    let mut keep = KeepAlive::new();
     let mut group = c.benchmark_group("register_one");
     group.throughput(Throughput::Elements(1));
     group.bench_function(label, |b| {
         b.iter_custom(|iters| {
+            keep.maybe(|| fleet.refresh());
             let mut timed = Duration::ZERO;
             for _ in 0..iters {
                 next += 1;
@@ -124,6 +122,7 @@ fn bench_register(c: &mut Criterion, fleet: &Fleet, label: &str) {
     group.throughput(Throughput::Elements(1));
     group.bench_function(label, |b| {
         b.iter_custom(|iters| {
+            keep.maybe(|| fleet.refresh());
             let mut timed = Duration::ZERO;
             let mut left = iters as usize;
             while left > 0 {
@@ -155,11 +154,26 @@ fn bench_reads(c: &mut Criterion, fleet: &Fleet) {
     );
     let mut group = c.benchmark_group("read_1M");
     group.sampling_mode(criterion::SamplingMode::Flat);
+    let mut keep = KeepAlive::new();
     group.bench_function("schedulable_zone_eq", |b| {
-        b.iter(|| registry.schedulable(black_box(&selectors)).len())
+        b.iter_custom(|iters| {
+            keep.maybe(|| fleet.refresh());
+            let started = Instant::now();
+            for _ in 0..iters {
+                black_box(registry.schedulable(black_box(&selectors)).len());
+            }
+            started.elapsed()
+        })
     });
     group.bench_function("list_all", |b| {
-        b.iter(|| registry.list(None, black_box(&[])).0.len())
+        b.iter_custom(|iters| {
+            keep.maybe(|| fleet.refresh());
+            let started = Instant::now();
+            for _ in 0..iters {
+                black_box(registry.list(None, black_box(&[])).0.len());
+            }
+            started.elapsed()
+        })
     });
     group.finish();
 }

@@ -6,6 +6,8 @@
 //! Nothing here asserts a timing: the benches report, the reader judges.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,6 +63,34 @@ pub fn address(i: usize) -> String {
 /// the fleet).
 pub fn selector() -> Selector {
     Selector::new("zone", "zone-3", Some(SelectorOp::Eq)).expect("a valid selector")
+}
+
+/// Longest time between two refreshes of a fleet during a bench (random
+/// heartbeats alone may miss some executors for a whole TTL when throughput
+/// is low, and slow benches send none).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// Calls `refresh` (untimed) before a sample when the last refresh is older
+/// than [`KEEP_ALIVE`].
+pub struct KeepAlive(Instant);
+
+impl KeepAlive {
+    pub fn new() -> Self {
+        Self(Instant::now())
+    }
+
+    pub fn maybe(&mut self, refresh: impl FnOnce()) {
+        if self.0.elapsed() > KEEP_ALIVE {
+            refresh();
+            self.0 = Instant::now();
+        }
+    }
+}
+
+impl Default for KeepAlive {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A tiny xorshift generator: random ids without the RNG showing up in the
@@ -316,4 +346,45 @@ pub fn dependent_load_ns(mib: usize) -> f64 {
     let elapsed = started.elapsed();
     std::hint::black_box(p);
     elapsed.as_nanos() as f64 / steps as f64
+}
+
+/// How much faster two threads finish two equal pure-compute jobs than one
+/// thread finishes one (2.0 = two free cores). Other work on the machine
+/// shows up here first.
+pub fn two_thread_speedup() -> f64 {
+    fn job() -> u64 {
+        let mut x = 1u64;
+        for i in 0..100_000_000u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i);
+        }
+        x
+    }
+    let started = Instant::now();
+    std::hint::black_box(job());
+    let one = started.elapsed();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let a = s.spawn(job);
+        let b = s.spawn(job);
+        std::hint::black_box((
+            a.join().expect("a compute thread"),
+            b.join().expect("a compute thread"),
+        ));
+    });
+    let two = started.elapsed();
+    2.0 * one.as_secs_f64() / two.as_secs_f64()
+}
+
+/// Reports the machine's state: memory latency and 2-thread scaling.
+pub fn report_machine(when: &str) {
+    for mib in [1, 64, 1024] {
+        report(
+            &format!("machine ({when}): ns per dependent load, random over {mib} MiB"),
+            format!("{:.0}", dependent_load_ns(mib)),
+        );
+    }
+    report(
+        &format!("machine ({when}): 2-thread speedup of pure compute (2.0 = two free cores)"),
+        format!("{:.2}", two_thread_speedup()),
+    );
 }
