@@ -52,13 +52,19 @@ const PACE: Duration = Duration::from_micros(100);
 
 /// Heartbeats that failed (executor expired or unknown) since last taken.
 static FAILED: AtomicU64 = AtomicU64::new(0);
+/// Reference executors removed by its check-alive thread although the bench
+/// meant to keep them alive, put back by a refresh, since last taken.
+static RESTORED: AtomicU64 = AtomicU64::new(0);
 
 fn report_failures(what: &str) {
     let failed = FAILED.swap(0, Ordering::SeqCst);
-    if failed > 0 {
+    let restored = RESTORED.swap(0, Ordering::SeqCst);
+    if failed > 0 || restored > 0 {
         report(
-            &format!("{what}: heartbeats that failed (executor had expired)"),
-            failed,
+            &format!(
+                "{what}: failed heartbeats (executor had expired) / executors expired and put back"
+            ),
+            format!("{failed} / {restored}"),
         );
     }
 }
@@ -151,19 +157,30 @@ impl RefFleet {
         fleet
     }
 
-    /// Heartbeats every executor once. Executors the reference already
-    /// removed (its scans starved the bench's heartbeats for a whole TTL) stay
-    /// lost; they are counted in [`FAILED`].
+    /// Heartbeats every executor once. Executors the reference removed
+    /// meanwhile (its scans starved the bench's heartbeats for a whole TTL:
+    /// false expirations) are put back under the same id and counted in
+    /// [`RESTORED`], so every measurement starts on the full fleet.
     fn refresh(&self) {
         let half = self.ids.len() / 2;
         std::thread::scope(|s| {
-            for part in [&self.ids[..half], &self.ids[half..]] {
+            for (offset, part) in [(0, &self.ids[..half]), (half, &self.ids[half..])] {
                 s.spawn(move || {
-                    let lost = part
-                        .iter()
-                        .filter(|id| self.registry.heartbeat(id, HEARTBEAT_TTL_MS).is_err())
-                        .count();
-                    FAILED.fetch_add(lost as u64, Ordering::SeqCst);
+                    let mut restored = 0;
+                    for (i, id) in part.iter().enumerate() {
+                        if self.registry.heartbeat(id, HEARTBEAT_TTL_MS).is_ok() {
+                            continue;
+                        }
+                        let index = offset + i;
+                        self.registry
+                            .register_with_id(id, "exec", &address(index), labels(index))
+                            .expect("valid labels");
+                        self.registry
+                            .heartbeat(id, HEARTBEAT_TTL_MS)
+                            .expect("a restored executor is alive");
+                        restored += 1;
+                    }
+                    RESTORED.fetch_add(restored, Ordering::SeqCst);
                 });
             }
         });
@@ -343,6 +360,7 @@ fn reads_reference(c: &mut Criterion, fleet: &RefFleet) {
     group.finish();
     drop(checker);
     fleet.report_scans("reads at 1M, 500 ms tick");
+    report_failures("reference reads at 1M");
 }
 
 fn registrations_ours(c: &mut Criterion, fleet: &Fleet, label: &str) {
@@ -409,6 +427,7 @@ fn registrations_reference(c: &mut Criterion, fleet: &RefFleet, label: &str) {
     });
     group.finish();
     drop(checker);
+    report_failures(&format!("reference registrations at {label}"));
 }
 
 /// Heartbeats per second of `threads` threads hammering random ids for
@@ -749,4 +768,5 @@ fn expiry_reference(fleet: &RefFleet, tick: Duration, reps: usize) {
     let tick_ms = tick.as_millis();
     fleet.report_scans(&format!("the 100k expiry, {tick_ms} ms tick"));
     report_outcomes(&format!("reference_{tick_ms}ms"), &outcomes);
+    report_failures(&format!("reference_{tick_ms}ms expiry scenario"));
 }

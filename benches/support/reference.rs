@@ -199,6 +199,35 @@ impl RefRegistry {
         Ok(executor)
     }
 
+    /// `registerExecLocked` with a known id, as `resetExecutors` does for
+    /// the executors it loads: inserted INITING under the global lock and
+    /// notified. The benches use it to put back executors the check-alive
+    /// thread removed, so a fleet keeps its size.
+    pub fn register_with_id(
+        &self,
+        id: &str,
+        name: &str,
+        address: &str,
+        labels: Vec<(String, String)>,
+    ) -> Result<Arc<RefExecutor>, RefError> {
+        let labels = Labels::new(labels).map_err(|_| RefError::InvalidLabels)?;
+        let mut map = self.map();
+        let executor = Arc::new(RefExecutor {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            address: address.to_owned(),
+            labels,
+            live: Mutex::new(Liveness {
+                status: Status::Initing,
+                last_update: Instant::now(),
+                ttl: self.init_ttl,
+            }),
+        });
+        map.insert(id.to_owned(), executor.clone());
+        self.notify(true, executor.clone());
+        Ok(executor)
+    }
+
     /// Bench hygiene only (the reference has no deregistration): drops an
     /// executor at once.
     pub fn remove(&self, id: &str) {
