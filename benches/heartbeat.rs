@@ -37,6 +37,7 @@ fn main() {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
+        .without_plots()
         .configure_from_args();
 
     support::report_machine("start");

@@ -149,6 +149,8 @@ pub struct Fleet {
     pub probe: Arc<Probe>,
     /// How long registering the fleet took.
     pub registration_time: Duration,
+    /// When the last refresh finished.
+    last_refresh: Mutex<Instant>,
 }
 
 impl Fleet {
@@ -199,6 +201,7 @@ impl Fleet {
             ids,
             probe,
             registration_time,
+            last_refresh: Mutex::new(Instant::now()),
         };
         fleet.refresh();
         fleet
@@ -208,7 +211,15 @@ impl Fleet {
     /// threads. Panics if any heartbeat fails: a bench must not measure a
     /// fleet that expired under it.
     pub fn refresh(&self) {
-        refresh(&self.registry, &self.ids);
+        let mut last = self.last_refresh.lock().expect("refresh lock");
+        let failed = try_refresh(&self.registry, &self.ids);
+        assert_eq!(
+            failed,
+            0,
+            "executors of the fleet expired {:.1?} after the previous refresh",
+            last.elapsed()
+        );
+        *last = Instant::now();
     }
 
     /// Registers `n` more executors concurrently; returns their ids. They
@@ -235,6 +246,28 @@ impl Drop for Fleet {
             self.rt.block_on(task.stop());
         }
     }
+}
+
+/// Heartbeats every id once with a 30 s TTL, on two threads; returns how
+/// many failed.
+pub fn try_refresh(registry: &Registry, ids: &[String]) -> usize {
+    let half = ids.len() / 2;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = [&ids[..half], &ids[half..]]
+            .into_iter()
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .filter(|id| registry.heartbeat(id, HEARTBEAT_TTL_MS).is_err())
+                        .count()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .map(|p| p.join().expect("a refresh thread"))
+            .sum()
+    })
 }
 
 /// Heartbeats every id once with a 30 s TTL, on two threads.

@@ -20,17 +20,24 @@
 //! - the scheduler read builds a `Vec` of the RUNNING executors matching the
 //!   selector (the Go code builds a map of every executor, then filters).
 //!
+//! Locks are `parking_lot` mutexes: like Go's `sync.Mutex` (which hands the
+//! lock to a waiter that waited over 1 ms), they are eventually fair. With
+//! `std`'s mutex the check-alive thread, scanning back to back at 1M, would
+//! re-take the lock before any heartbeat and starve them for seconds, which
+//! the Go code does not do.
+//!
 //! Label validation and selector matching reuse the registry's own types, so
 //! only the structure differs between the two designs.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use executor_registry::registry::{Labels, Selector, Status};
+use parking_lot::{Mutex, MutexGuard};
 
 /// Why a reference call failed (`ErrUnknownExecutor`, `ErrTombstoneExecutor`,
 /// invalid labels).
@@ -66,7 +73,7 @@ pub struct RefExecutor {
 
 impl RefExecutor {
     fn live(&self) -> MutexGuard<'_, Liveness> {
-        self.live.lock().expect("executor lock")
+        self.live.lock()
     }
 
     /// `Executor.checkAlive`: false (and TOMBSTONE) once last update + TTL
@@ -148,11 +155,11 @@ impl RefRegistry {
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<RefExecutor>>> {
-        self.executors.lock().expect("global lock")
+        self.executors.lock()
     }
 
     fn notify(&self, online: bool, executor: Arc<RefExecutor>) {
-        if let Some(tx) = self.notifier.lock().expect("notifier lock").as_ref() {
+        if let Some(tx) = self.notifier.lock().as_ref() {
             let _ = tx.send(RefEvent { online, executor });
         }
     }
@@ -277,16 +284,12 @@ impl RefRegistry {
         }
         let done = Instant::now();
         if removed > 0 {
-            *self.stats.last_removal.lock().expect("stats lock") = Some(done);
+            *self.stats.last_removal.lock() = Some(done);
             self.stats
                 .removed
                 .fetch_add(removed as u64, Ordering::SeqCst);
         }
-        self.stats
-            .scans
-            .lock()
-            .expect("stats lock")
-            .push(done - started);
+        self.stats.scans.lock().push(done - started);
         removed
     }
 
@@ -323,7 +326,7 @@ impl RefRegistry {
 
     /// Median scan duration so far, and how many scans ran; clears the log.
     pub fn take_scan_stats(&self) -> (Duration, usize) {
-        let mut scans = std::mem::take(&mut *self.stats.scans.lock().expect("stats lock"));
+        let mut scans = std::mem::take(&mut *self.stats.scans.lock());
         scans.sort();
         let median = scans.get(scans.len() / 2).copied().unwrap_or_default();
         (median, scans.len())
@@ -332,8 +335,8 @@ impl RefRegistry {
 
 impl Drop for RefRegistry {
     fn drop(&mut self) {
-        self.notifier.lock().expect("notifier lock").take();
-        if let Some(thread) = self.notifier_thread.lock().expect("notifier lock").take() {
+        self.notifier.lock().take();
+        if let Some(thread) = self.notifier_thread.lock().take() {
             let _ = thread.join();
         }
     }
