@@ -1,0 +1,316 @@
+//! Bytes per executor at 1,000,000 executors with two labels.
+//!
+//! Two measures per design, each in a fresh child process (so one design's
+//! freed memory cannot hide the next one's growth):
+//! - *heap*: bytes requested from the allocator and still live, counted by a
+//!   counting `#[global_allocator]` (no malloc headers or fragmentation);
+//! - *RSS*: growth of the resident set (`/proc/self/statm`), which includes
+//!   the allocator's overhead and memory freed but not returned.
+//!
+//! Designs: this registry with the in-memory store (the store keeps its own
+//! copy of every executor), the same with a store that keeps nothing (the
+//! core alone, as with the SQLite store where the copy lives on disk), the
+//! reference port, and a breakdown of the registry's structures built one
+//! after the other by hand.
+//!
+//! The bench's own list of ids is dropped before measuring.
+//!
+//! Run: `cargo bench --bench memory`.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use executor_registry::registry::{Entry, ExecutorId, Labels, Registry};
+use executor_registry::store::{Batch, MembershipStore, MemoryStore, StoreError, StoredExecutor};
+use support::reference::RefRegistry;
+use support::{HEARTBEAT_TTL_MS, REGISTER_CHUNK, address, config, labels, register_many, report};
+
+const FLEET: usize = 1_000_000;
+const DESIGN_ENV: &str = "MEMORY_BENCH_DESIGN";
+
+struct Counting;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call forwards to the system allocator unchanged; the counter
+// only observes sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn heap() -> isize {
+    LIVE_BYTES.load(Ordering::Relaxed)
+}
+
+fn rss() -> isize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: isize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("resident pages in statm");
+    pages * 4096
+}
+
+/// Heap and RSS at one moment.
+#[derive(Clone, Copy)]
+struct Mark(isize, isize);
+
+impl Mark {
+    fn now() -> Self {
+        Self(heap(), rss())
+    }
+
+    /// Bytes per executor since `self`.
+    fn per_executor(self, n: usize) -> (f64, f64) {
+        let now = Mark::now();
+        (
+            (now.0 - self.0) as f64 / n as f64,
+            (now.1 - self.1) as f64 / n as f64,
+        )
+    }
+}
+
+fn print(design: &str, (heap, rss): (f64, f64)) {
+    // One parseable line per measure, read back by the parent.
+    println!("MEASURE\t{design}\t{heap:.0}\t{rss:.0}");
+}
+
+fn main() {
+    if let Ok(design) = std::env::var(DESIGN_ENV) {
+        match design.as_str() {
+            "registry_memory_store" => registry(Box::new(MemoryStore::new())),
+            "registry_no_store" => registry(Box::new(NoStore)),
+            "reference" => reference(),
+            "registry_parts" => parts(),
+            other => panic!("unknown design {other}"),
+        }
+        return;
+    }
+    // Honour a criterion-style filter: `cargo bench -- heartbeat` skips us.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filters.is_empty() && !filters.iter().any(|f| "memory".contains(f.as_str())) {
+        return;
+    }
+    for design in [
+        "registry_memory_store",
+        "registry_no_store",
+        "reference",
+        "registry_parts",
+    ] {
+        let started = Instant::now();
+        let output = Command::new(std::env::current_exe().expect("the bench binary"))
+            .env(DESIGN_ENV, design)
+            .output()
+            .expect("the child runs");
+        assert!(
+            output.status.success(),
+            "{design} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let fields: Vec<&str> = line.split('\t').collect();
+            if let ["MEASURE", what, heap, rss] = fields[..] {
+                report(
+                    &format!("bytes per executor at 1M, 2 labels: {what}"),
+                    format!("heap {heap} B, RSS {rss} B"),
+                );
+            }
+        }
+        eprintln!("({design} took {:.1?})", started.elapsed());
+    }
+}
+
+/// A store that keeps nothing.
+struct NoStore;
+
+impl MembershipStore for NoStore {
+    fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    fn commit(&mut self, _batch: &Batch) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+fn registry(store: Box<dyn MembershipStore>) {
+    let rt = support::runtime();
+    let (registry, task) = {
+        let _guard = rt.enter();
+        Registry::start(
+            config(),
+            store,
+            Arc::new(executor_registry::registry::NoopObserver),
+        )
+        .expect("the store loads")
+    };
+    let mark = Mark::now();
+    let mut ids: Vec<String> = Vec::with_capacity(FLEET);
+    while ids.len() < FLEET {
+        let first = ids.len();
+        let chunk = (FLEET - first).min(REGISTER_CHUNK);
+        ids.extend(rt.block_on(register_many(
+            registry.clone(),
+            first..first + chunk,
+            "exec",
+        )));
+        support::refresh(&registry, &ids);
+    }
+    // Let the loop finish its turns (re-arms) before measuring.
+    std::thread::sleep(Duration::from_millis(500));
+    let ids_bytes: usize = ids.capacity() * std::mem::size_of::<String>()
+        + ids.iter().map(|s| s.capacity()).sum::<usize>();
+    drop(ids);
+    assert_eq!(registry.count(None), FLEET as u64);
+    let design = std::env::var(DESIGN_ENV).expect("set by the parent");
+    print(&design, mark.per_executor(FLEET));
+    eprintln!("(ids list was {ids_bytes} B, dropped before measuring)");
+    rt.block_on(task.stop());
+}
+
+fn reference() {
+    let mark = Mark::now();
+    let registry = RefRegistry::new(config().init_ttl);
+    let ids: Vec<String> = (0..FLEET)
+        .map(|i| {
+            registry
+                .register("exec", &address(i), labels(i))
+                .expect("valid labels")
+                .id
+                .clone()
+        })
+        .collect();
+    for id in &ids {
+        registry.heartbeat(id, HEARTBEAT_TTL_MS).expect("alive");
+    }
+    drop(ids);
+    // Let the notifier thread drain the online events.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(registry.len(), FLEET);
+    print("reference", mark.per_executor(FLEET));
+}
+
+/// The registry's structures built one after the other, each measured.
+fn parts() {
+    let rt = support::runtime();
+    let _guard = rt.enter();
+    let clock = executor_registry::registry::Clock::start();
+    let mut mark = Mark::now();
+    let step = |what: &str, mark: &mut Mark| {
+        print(&format!("part: {what}"), mark.per_executor(FLEET));
+        *mark = Mark::now();
+    };
+    let entries: Vec<Arc<Entry>> = (0..FLEET)
+        .map(|i| {
+            let id = ExecutorId::new(&format!("exec-{:016x}", rand::random::<u64>()));
+            let labels = Labels::new(labels(i)).expect("valid labels");
+            Arc::new(Entry::new(
+                id,
+                "exec".into(),
+                address(i).into(),
+                labels,
+                0,
+                HEARTBEAT_TTL_MS,
+                HEARTBEAT_TTL_MS,
+            ))
+        })
+        .collect();
+    let vec_bytes = (FLEET * std::mem::size_of::<Arc<Entry>>()) as f64 / FLEET as f64;
+    step(
+        &format!(
+            "Arc<Entry> with id, name, address, 2 labels (+{vec_bytes:.0} B of the bench's Vec)"
+        ),
+        &mut mark,
+    );
+    let live: DashMap<ExecutorId, Arc<Entry>> = DashMap::new();
+    for e in &entries {
+        live.insert(e.id().clone(), e.clone());
+    }
+    step("live table DashMap<ExecutorId, Arc<Entry>>", &mut mark);
+    let mut members = imbl::OrdMap::new();
+    for e in &entries {
+        members.insert(e.id().clone(), e.clone());
+    }
+    step("snapshot imbl::OrdMap<ExecutorId, Arc<Entry>>", &mut mark);
+    let mut queue = tokio_util::time::DelayQueue::new();
+    for e in &entries {
+        queue.insert_at(
+            (e.clone(), HEARTBEAT_TTL_MS),
+            clock.instant_at(HEARTBEAT_TTL_MS),
+        );
+    }
+    step("timing wheel DelayQueue<(Arc<Entry>, u64)>", &mut mark);
+    let mut store = MemoryStore::new();
+    let rows = entries
+        .iter()
+        .map(|e| StoredExecutor {
+            id: e.id().as_str().to_owned(),
+            name: e.name().to_owned(),
+            address: e.address().to_owned(),
+            labels: e
+                .labels()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            registered_unix_ms: 0,
+        })
+        .collect();
+    store
+        .commit(&Batch {
+            inserts: rows,
+            deletes: Vec::new(),
+        })
+        .expect("memory store commit");
+    step(
+        "MemoryStore copy (BTreeMap<String, StoredExecutor>)",
+        &mut mark,
+    );
+    std::hint::black_box((&live, &members, &queue, &store));
+}
