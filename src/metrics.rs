@@ -173,7 +173,7 @@ fn spawn_upkeep(metrics: Weak<Metrics>) -> std::io::Result<()> {
                 };
                 metrics.flush();
                 tick = tick.wrapping_add(1);
-                if tick % PROCESS_EVERY == 0 {
+                if tick.is_multiple_of(PROCESS_EVERY) {
                     metrics.collect_process();
                 }
             }

@@ -1,11 +1,18 @@
 //! The default durable store: one SQLite database, `<data-dir>/registry.db`.
 //!
-//! Owns: the connection to that file and its schema. The file is in WAL mode
+//! Owns: the connection to that file, its schema, and the data directory's
+//! lock (`<data-dir>/registry.lock`, see [`LOCK_FILE_NAME`]). The file is in WAL mode
 //! with `synchronous=FULL`, so a commit that returned `Ok` has been fsynced
 //! and survives `kill -9` and power loss. A batch is one `BEGIN IMMEDIATE` …
 //! `COMMIT`: all of it is durable or none of it.
 //!
 //! Invariants:
+//! - One process at a time: `open` takes an exclusive advisory lock on the
+//!   lock file before it touches the database, and the store holds it until
+//!   it is dropped (the kernel releases it when the process dies, `kill -9`
+//!   included). A second registry on the same directory is refused at start
+//!   instead of sharing the file, where both would hand out membership and
+//!   delete each other's rows.
 //! - The connection is never left inside a transaction between calls: a
 //!   failed commit is rolled back before it returns, so the store works
 //!   again as soon as the cause (full disk, lock, I/O error) goes away.
@@ -20,7 +27,8 @@
 //! are stricter still, and the table stays readable with the `sqlite3` shell.
 
 use std::fmt::Display;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +38,9 @@ use super::{Batch, MembershipStore, StoreError, StoredExecutor};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE_NAME: &str = "registry.db";
+
+/// The lock file's name inside the data directory.
+pub const LOCK_FILE_NAME: &str = "registry.lock";
 
 /// How long a statement waits for a lock held by another connection (an
 /// operator's `sqlite3` shell, a backup) before it fails.
@@ -67,6 +78,9 @@ pub struct SqliteStore {
     conn: Connection,
     /// The database file, for error messages.
     path: PathBuf,
+    /// The data directory's lock, held while the store lives. Declared after
+    /// `conn` so it is released only once the connection is closed.
+    _lock: File,
 }
 
 impl SqliteStore {
@@ -74,12 +88,14 @@ impl SqliteStore {
     /// missing, and brings its schema up to date.
     ///
     /// Fails, naming the file, when it cannot be read and written, is not a
-    /// SQLite database, is corrupt, or has a schema newer than this binary.
+    /// SQLite database, is corrupt, or has a schema newer than this binary;
+    /// and, naming the directory, when another process holds its lock.
     pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError(format!("create data directory {}: {e}", data_dir.display()))
         })?;
         let path = data_dir.join(DB_FILE_NAME);
+        let lock = lock_data_dir(data_dir, &path)?;
         let fail = |what: &str, e: &dyn Display| {
             StoreError(format!("open {}: {what}: {e}", path.display()))
         };
@@ -186,7 +202,11 @@ impl SqliteStore {
         }
 
         migrate(&mut conn, MIGRATIONS).map_err(|e| fail("schema", &e))?;
-        Ok(SqliteStore { conn, path })
+        Ok(SqliteStore {
+            conn,
+            path,
+            _lock: lock,
+        })
     }
 
     /// The database file.
@@ -288,13 +308,62 @@ impl MembershipStore for SqliteStore {
         let result = self.write(batch);
         // The transaction's drop rolls back; if SQLite refused even that,
         // try again so the next batch does not start inside this one.
-        if result.is_err() && !self.conn.is_autocommit() {
-            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-                tracing::error!(path = %self.path.display(), error = %e, "rollback after a failed commit failed");
-            }
+        if result.is_err()
+            && !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(path = %self.path.display(), error = %e, "rollback after a failed commit failed");
         }
         result
     }
+}
+
+/// Takes the exclusive lock of `data_dir` (an advisory `flock` on
+/// [`LOCK_FILE_NAME`]) without waiting, and writes this process's id into
+/// the file so that a refused opener can say who holds it. `db` is named in
+/// errors other than "in use".
+fn lock_data_dir(data_dir: &Path, db: &Path) -> Result<File, StoreError> {
+    let lock_path = data_dir.join(LOCK_FILE_NAME);
+    let fail = |what: &str, e: &dyn Display| {
+        StoreError(format!(
+            "open {}: {what} {}: {e}",
+            db.display(),
+            lock_path.display()
+        ))
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| fail("cannot open the lock file", &e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" ({pid})"),
+            };
+            return Err(StoreError(format!(
+                "data dir {} is in use by another registry{holder}: {} is locked; stop that \
+                 one first, or give this one another --data-dir",
+                data_dir.display(),
+                lock_path.display()
+            )));
+        }
+        Err(TryLockError::Error(e)) => return Err(fail("cannot lock", &e)),
+    }
+    // Only a diagnostic: the lock is what counts, so a failure here is not one.
+    let pid = format!("pid {}\n", std::process::id());
+    if let Err(e) = file
+        .set_len(0)
+        .and_then(|()| file.write_all(pid.as_bytes()))
+    {
+        tracing::debug!(path = %lock_path.display(), error = %e, "cannot write the pid into the lock file");
+    }
+    Ok(file)
 }
 
 /// A SQLite error with its extended result code, which tells a full disk
@@ -834,6 +903,27 @@ mod tests {
             .unwrap();
         assert_eq!(t2, 0, "the half-applied migration was rolled back");
         store.commit(&inserts(&["a"])).unwrap();
+    }
+
+    #[test]
+    fn a_second_open_of_a_locked_data_dir_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = SqliteStore::open(dir.path()).unwrap();
+        first.commit(&inserts(&["a"])).unwrap();
+
+        let err = SqliteStore::open(dir.path()).unwrap_err().0;
+        assert!(err.contains("in use by another registry"), "{err}");
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "names the holder: {err}"
+        );
+        // The refused opener touched nothing: the first one carries on.
+        first.commit(&inserts(&["b"])).unwrap();
+        assert_eq!(ids(&mut first), ["a", "b"]);
+
+        drop(first);
+        assert_eq!(ids(&mut SqliteStore::open(dir.path()).unwrap()), ["a", "b"]);
     }
 
     #[test]
