@@ -3,7 +3,8 @@
 //! Owns (exclusively): the `DelayQueue` of deadlines, the revision counter,
 //! the ordered member map behind snapshots, the tombstone retention queue,
 //! the event sender's order, and the store batches (pending registrations and
-//! deletes). Every membership change — register, deregister, expiry,
+//! deletes, and the set of ids whose delete has not landed yet). Every
+//! membership change — register, deregister, expiry,
 //! start-up load — is applied here, in order.
 //!
 //! One turn = everything ready at one wake-up: every queue entry whose time
@@ -170,6 +171,12 @@ pub(crate) struct MembershipLoop {
     reserved: HashSet<ExecutorId>,
     pending_registrations: Vec<PendingRegistration>,
     pending_deletes: Vec<ExecutorId>,
+    /// Ids removed from membership whose store delete has not committed
+    /// (pending or in flight). They are still rows in the store, so a new
+    /// registration must not take one: its insert would collide with the
+    /// row and fail the whole batch. Usually empty within milliseconds; it
+    /// outlives the tombstone retention only while the store is failing.
+    undeleted: HashSet<ExecutorId>,
     in_flight: Option<InFlight>,
     retry_deletes_at_ms: u64,
     store: StoreWorker,
@@ -199,6 +206,7 @@ impl MembershipLoop {
             reserved: HashSet::new(),
             pending_registrations: Vec::new(),
             pending_deletes: Vec::new(),
+            undeleted: HashSet::new(),
             in_flight: None,
             retry_deletes_at_ms: 0,
             store,
@@ -371,6 +379,9 @@ impl MembershipLoop {
         self.shared.observer.store_operation("commit", elapsed, ok);
         match result {
             Ok(()) => {
+                for id in &in_flight.deletes {
+                    self.undeleted.remove(id);
+                }
                 let ttl = duration_ms(self.shared.config.init_ttl);
                 for pending in in_flight.registrations {
                     self.reserved.remove(&pending.id);
@@ -482,6 +493,7 @@ impl MembershipLoop {
         ));
         self.shared.live.remove(&id);
         self.members.remove(&id);
+        self.undeleted.insert(id.clone());
         self.pending_deletes.push(id);
     }
 
@@ -511,14 +523,17 @@ impl MembershipLoop {
         self.revision
     }
 
-    /// A fresh id, unique among live ids, tombstones and reserved ids.
+    /// A fresh id, unique among live ids (which include every stored
+    /// executor: all are loaded at start), tombstones, ids being registered,
+    /// and ids still in the store awaiting their delete.
     fn new_id(&self, name: &str) -> ExecutorId {
         let name = if name.is_empty() { "executor" } else { name };
         loop {
-            let id = ExecutorId::new(&format!("{name}-{:016x}", rand::random::<u64>()));
+            let id = ExecutorId::new(&format!("{name}-{:016x}", id_suffix()));
             if !self.shared.live.contains_key(&id)
                 && !self.shared.tombstones.contains(&id)
                 && !self.reserved.contains(&id)
+                && !self.undeleted.contains(&id)
             {
                 return id;
             }
@@ -671,6 +686,24 @@ impl MembershipLoop {
         self.store.close();
         tracing::info!(revision = self.revision, "membership loop stopped");
     }
+}
+
+/// The random 64 bits of a new id.
+fn id_suffix() -> u64 {
+    #[cfg(test)]
+    if let Some(forced) = FORCED_ID_SUFFIXES.with_borrow_mut(|queue| queue.pop_front()) {
+        return forced;
+    }
+    rand::random()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Suffixes [`id_suffix`] returns before random ones, on the thread the
+    /// loop runs on (a current-thread test runtime): tests force an id
+    /// collision with them.
+    pub(crate) static FORCED_ID_SUFFIXES: std::cell::RefCell<VecDeque<u64>> =
+        const { std::cell::RefCell::new(VecDeque::new()) };
 }
 
 /// Whole milliseconds of a duration (saturating).
