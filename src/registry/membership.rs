@@ -44,7 +44,7 @@ use super::observer::{Observer, RegistrationResult};
 use super::snapshot::Snapshot;
 use super::watch::{Event, EventKind, OfflineReason};
 use super::{RegistryConfig, ValidRegistration};
-use crate::store::{Batch, Commit, StoreWorker, StoredExecutor};
+use crate::store::{Batch, Commit, StoreError, StoreWorker, StoredExecutor};
 
 /// Most commands taken in one turn, so a flood of registrations cannot delay
 /// expiry for long.
@@ -666,22 +666,31 @@ impl MembershipLoop {
             self.committed(in_flight, result, elapsed, now, &mut changes);
             self.finish_turn(changes);
         }
+        let mut flushed = 0;
         while !self.pending_deletes.is_empty() {
             self.retry_deletes_at_ms = 0;
             self.submit_store_work();
             let Some(in_flight) = self.in_flight.take() else {
                 break;
             };
-            match in_flight.commit.await {
-                Ok((Ok(()), _)) => {}
-                _ => {
-                    tracing::warn!(
-                        left = self.pending_deletes.len() + in_flight.deletes.len(),
-                        "could not flush deletes at shutdown; they expire at the next start"
-                    );
-                    break;
-                }
+            let (result, elapsed) = in_flight.commit.await.unwrap_or((
+                Err(StoreError("store thread stopped".into())),
+                Duration::ZERO,
+            ));
+            let observer = &self.shared.observer;
+            observer.store_operation("commit", elapsed, result.is_ok());
+            if let Err(error) = result {
+                tracing::warn!(
+                    %error,
+                    left = self.pending_deletes.len() + in_flight.deletes.len(),
+                    "could not flush deletes at shutdown; they expire at the next start"
+                );
+                break;
             }
+            flushed += in_flight.deletes.len();
+        }
+        if flushed > 0 {
+            tracing::info!(deletes = flushed, "flushed pending deletes at shutdown");
         }
         self.store.close();
         tracing::info!(revision = self.revision, "membership loop stopped");
