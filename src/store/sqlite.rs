@@ -1391,8 +1391,8 @@ mod tests {
 
     /// Durable registrations per second, by batch size, on the disk under
     /// `$TMPDIR` (default `/tmp`), into a table that already holds 100,000
-    /// executors, with ids shaped like the registry's (`name-<random hex>`,
-    /// so inserts land all over the B-tree). Run it in release:
+    /// executors, with ids shaped like the registry's (`name-<random hex>`:
+    /// with an index on id, inserts would land all over it). Run it in release:
     /// `cargo test --release --lib sqlite_commit_rate -- --ignored --nocapture`
     #[test]
     #[ignore = "a measurement, not a test"]
