@@ -474,7 +474,7 @@ fn short_duration(ms: u64) -> String {
         0..1_000 => format!("{ms}ms"),
         1_000..10_000 => {
             let tenths = ms / 100;
-            if tenths % 10 == 0 {
+            if tenths.is_multiple_of(10) {
                 format!("{}s", tenths / 10)
             } else {
                 format!("{}.{}s", tenths / 10, tenths % 10)
@@ -483,7 +483,7 @@ fn short_duration(ms: u64) -> String {
         10_000..60_000 => format!("{}s", ms / 1_000),
         60_000..3_600_000 => {
             let s = ms / 1_000;
-            if s % 60 == 0 {
+            if s.is_multiple_of(60) {
                 format!("{}m", s / 60)
             } else {
                 format!("{}m{}s", s / 60, s % 60)
@@ -491,7 +491,7 @@ fn short_duration(ms: u64) -> String {
         }
         _ => {
             let m = ms / 60_000;
-            if m % 60 == 0 {
+            if m.is_multiple_of(60) {
                 format!("{}h", m / 60)
             } else {
                 format!("{}h{}m", m / 60, m % 60)

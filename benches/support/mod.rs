@@ -49,7 +49,7 @@ pub fn labels(i: usize) -> Vec<(String, String)> {
         ("zone".to_owned(), format!("zone-{}", i % 8)),
         (
             "arch".to_owned(),
-            if i % 2 == 0 { "x86" } else { "arm" }.to_owned(),
+            if i.is_multiple_of(2) { "x86" } else { "arm" }.to_owned(),
         ),
     ]
 }

@@ -627,12 +627,12 @@ impl Heartbeater {
                 self.failures = 0;
             }
             self.retry.reset();
-            if let Some(interval) = interval_of(answer.heartbeat_interval_ms) {
-                if interval != self.interval {
-                    tracing::debug!(from = ?self.interval, to = ?interval, "suggested heartbeat interval changed");
-                    self.interval = interval;
-                    self.keep_server_ttl = false;
-                }
+            if let Some(interval) = interval_of(answer.heartbeat_interval_ms)
+                && interval != self.interval
+            {
+                tracing::debug!(from = ?self.interval, to = ?interval, "suggested heartbeat interval changed");
+                self.interval = interval;
+                self.keep_server_ttl = false;
             }
             match HeartbeatStatus::try_from(answer.status) {
                 Ok(HeartbeatStatus::Ok) if self.ttl_ms() != ttl_ms => {

@@ -3,7 +3,8 @@
 //! Owns (exclusively): the `DelayQueue` of deadlines, the revision counter,
 //! the ordered member map behind snapshots, the tombstone retention queue,
 //! the event sender's order, and the store batches (pending registrations and
-//! deletes). Every membership change — register, deregister, expiry,
+//! deletes, and the set of ids whose delete has not landed yet). Every
+//! membership change — register, deregister, expiry,
 //! start-up load — is applied here, in order.
 //!
 //! One turn = everything ready at one wake-up: every queue entry whose time
@@ -53,7 +54,7 @@ use super::observer::{Observer, RegistrationResult};
 use super::snapshot::Snapshot;
 use super::watch::{Event, EventKind, OfflineReason};
 use super::{RegistryConfig, ValidRegistration};
-use crate::store::{Batch, Commit, StoreWorker, StoredExecutor};
+use crate::store::{Batch, Commit, StoreError, StoreWorker, StoredExecutor};
 
 /// Most commands taken in one turn, so a flood of registrations cannot delay
 /// expiry for long.
@@ -192,6 +193,12 @@ pub(crate) struct MembershipLoop {
     reserved: HashSet<ExecutorId>,
     pending_registrations: Vec<PendingRegistration>,
     pending_deletes: Vec<ExecutorId>,
+    /// Ids removed from membership whose store delete has not committed
+    /// (pending or in flight). They are still rows in the store, so a new
+    /// registration must not take one: its insert would collide with the
+    /// row and fail the whole batch. Usually empty within milliseconds; it
+    /// outlives the tombstone retention only while the store is failing.
+    undeleted: HashSet<ExecutorId>,
     in_flight: Option<InFlight>,
     retry_deletes_at_ms: u64,
     /// When the previous turn ran (registry ms), for stall detection.
@@ -226,6 +233,7 @@ impl MembershipLoop {
             reserved: HashSet::new(),
             pending_registrations: Vec::new(),
             pending_deletes: Vec::new(),
+            undeleted: HashSet::new(),
             in_flight: None,
             retry_deletes_at_ms: 0,
             last_turn_ms: 0,
@@ -411,6 +419,9 @@ impl MembershipLoop {
         self.shared.observer.store_operation("commit", elapsed, ok);
         match result {
             Ok(()) => {
+                for id in &in_flight.deletes {
+                    self.undeleted.remove(id);
+                }
                 let ttl = duration_ms(self.shared.config.init_ttl);
                 for pending in in_flight.registrations {
                     self.reserved.remove(&pending.id);
@@ -461,15 +472,16 @@ impl MembershipLoop {
             return;
         }
         let state = entry.state();
-        if state.status() != Status::Tombstone && state.deadline_ms() <= now {
-            if let Some(compensated) = self.compensated_deadline(state.deadline_ms()) {
-                // Its heartbeat may be among those the stall kept us from reading.
-                entry.extend_deadline_to(compensated);
-                changes.compensated += 1;
-                let deadline = entry.state().deadline_ms();
-                self.arm(entry, deadline);
-                return;
-            }
+        if state.status() != Status::Tombstone
+            && state.deadline_ms() <= now
+            && let Some(compensated) = self.compensated_deadline(state.deadline_ms())
+        {
+            // Its heartbeat may be among those the stall kept us from reading.
+            entry.extend_deadline_to(compensated);
+            changes.compensated += 1;
+            let deadline = entry.state().deadline_ms();
+            self.arm(entry, deadline);
+            return;
         }
         match entry.try_expire(now) {
             Expiry::Alive { deadline_ms } => self.arm(entry, deadline_ms),
@@ -533,6 +545,7 @@ impl MembershipLoop {
         ));
         self.shared.live.remove(&id);
         self.members.remove(&id);
+        self.undeleted.insert(id.clone());
         self.pending_deletes.push(id);
     }
 
@@ -601,14 +614,17 @@ impl MembershipLoop {
         self.revision
     }
 
-    /// A fresh id, unique among live ids, tombstones and reserved ids.
+    /// A fresh id, unique among live ids (which include every stored
+    /// executor: all are loaded at start), tombstones, ids being registered,
+    /// and ids still in the store awaiting their delete.
     fn new_id(&self, name: &str) -> ExecutorId {
         let name = if name.is_empty() { "executor" } else { name };
         loop {
-            let id = ExecutorId::new(&format!("{name}-{:016x}", rand::random::<u64>()));
+            let id = ExecutorId::new(&format!("{name}-{:016x}", id_suffix()));
             if !self.shared.live.contains_key(&id)
                 && !self.shared.tombstones.contains(&id)
                 && !self.reserved.contains(&id)
+                && !self.undeleted.contains(&id)
             {
                 return id;
             }
@@ -747,26 +763,53 @@ impl MembershipLoop {
             self.committed(in_flight, result, elapsed, now, &mut changes);
             self.finish_turn(changes);
         }
+        let mut flushed = 0;
         while !self.pending_deletes.is_empty() {
             self.retry_deletes_at_ms = 0;
             self.submit_store_work();
             let Some(in_flight) = self.in_flight.take() else {
                 break;
             };
-            match in_flight.commit.await {
-                Ok((Ok(()), _)) => {}
-                _ => {
-                    tracing::warn!(
-                        left = self.pending_deletes.len() + in_flight.deletes.len(),
-                        "could not flush deletes at shutdown; they expire at the next start"
-                    );
-                    break;
-                }
+            let (result, elapsed) = in_flight.commit.await.unwrap_or((
+                Err(StoreError("store thread stopped".into())),
+                Duration::ZERO,
+            ));
+            let observer = &self.shared.observer;
+            observer.store_operation("commit", elapsed, result.is_ok());
+            if let Err(error) = result {
+                tracing::warn!(
+                    %error,
+                    left = self.pending_deletes.len() + in_flight.deletes.len(),
+                    "could not flush deletes at shutdown; they expire at the next start"
+                );
+                break;
             }
+            flushed += in_flight.deletes.len();
+        }
+        if flushed > 0 {
+            tracing::info!(deletes = flushed, "flushed pending deletes at shutdown");
         }
         self.store.close();
         tracing::info!(revision = self.revision, "membership loop stopped");
     }
+}
+
+/// The random 64 bits of a new id.
+fn id_suffix() -> u64 {
+    #[cfg(test)]
+    if let Some(forced) = FORCED_ID_SUFFIXES.with_borrow_mut(|queue| queue.pop_front()) {
+        return forced;
+    }
+    rand::random()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Suffixes [`id_suffix`] returns before random ones, on the thread the
+    /// loop runs on (a current-thread test runtime): tests force an id
+    /// collision with them.
+    pub(crate) static FORCED_ID_SUFFIXES: std::cell::RefCell<VecDeque<u64>> =
+        const { std::cell::RefCell::new(VecDeque::new()) };
 }
 
 /// Whole milliseconds of a duration (saturating).

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 
 use super::*;
-use crate::store::MemoryStore;
+use crate::store::{Batch, MembershipStore, MemoryStore, StoredExecutor};
 
 const MS: Duration = Duration::from_millis(1);
 const SECOND: Duration = Duration::from_secs(1);
@@ -1012,4 +1012,326 @@ async fn registrations_beyond_max_executors_are_refused_and_change_nothing() {
         .await
         .expect("deregister");
     register(&registry, "c").await;
+}
+
+// ------------------------------------------------------ restart grace
+
+/// A stored executor as a previous run of the registry left it.
+fn stored(i: usize) -> StoredExecutor {
+    StoredExecutor {
+        id: format!("stored-{i:016x}"),
+        name: "stored".into(),
+        address: format!("10.0.1.{i}:9000"),
+        labels: vec![
+            ("idx".into(), i.to_string()),
+            (
+                "pool".into(),
+                if i.is_multiple_of(2) { "even" } else { "odd" }.into(),
+            ),
+        ],
+        registered_unix_ms: 1_600_000_000_000 + i as u64,
+    }
+}
+
+/// A memory store that already holds `rows`.
+fn store_holding(rows: impl IntoIterator<Item = StoredExecutor>) -> MemoryStore {
+    let mut store = MemoryStore::new();
+    store
+        .commit(&Batch {
+            inserts: rows.into_iter().collect(),
+            deletes: Vec::new(),
+        })
+        .expect("the memory store commits");
+    store
+}
+
+/// Ids of what `store` holds, sorted.
+fn stored_ids(store: &MemoryStore) -> Vec<String> {
+    let mut ids: Vec<String> = store
+        .clone()
+        .load_all()
+        .expect("the memory store loads")
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A registry started on `store` (a clone: the caller keeps a handle on the rows).
+fn start_on(config: RegistryConfig, store: &MemoryStore) -> (Registry, RegistryTask) {
+    Registry::start(config, Box::new(store.clone()), Arc::new(NoopObserver))
+        .expect("the memory store loads")
+}
+
+#[tokio::test(start_paused = true)]
+async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent_ones_expire_and_are_deleted()
+ {
+    const N: usize = 10;
+    let init_ttl = Duration::from_secs(20);
+    let store = store_holding((0..N).map(stored));
+    // The rows are old: the grace runs from the start, not from registration.
+    sleep(Duration::from_secs(3600)).await;
+    let config = RegistryConfig {
+        init_ttl,
+        ..RegistryConfig::default()
+    };
+    let started = Instant::now();
+    let (registry, task) = start_on(config.clone(), &store);
+
+    // Everything is back, INITING, as it was stored, with a fresh init TTL.
+    let snapshot = registry.snapshot();
+    assert_eq!(snapshot.len(), N);
+    assert_eq!(registry.count(Some(Status::Initing)), N as u64);
+    assert_eq!(registry.count(Some(Status::Running)), 0);
+    assert!(
+        registry.schedulable(&[]).is_empty(),
+        "INITING is never schedulable"
+    );
+    let now = registry.clock().now_ms();
+    for (entry, row) in snapshot.iter().zip((0..N).map(stored)) {
+        assert_eq!(id(entry), row.id);
+        assert_eq!(entry.status(), Status::Initing);
+        assert_eq!(entry.name(), row.name);
+        assert_eq!(entry.address(), row.address);
+        let labels: Vec<(String, String)> = entry
+            .labels()
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(labels, row.labels);
+        assert_eq!(entry.registered_unix_ms(), row.registered_unix_ms);
+        assert_eq!(entry.ttl_ms(), 20_000);
+        assert_eq!(entry.state().deadline_ms(), now + 20_000);
+    }
+    let mut watch = registry.watch();
+
+    // The even ones heartbeat (late in the grace, but within it).
+    sleep(Duration::from_secs(15)).await;
+    let survivors: Vec<String> = (0..N).step_by(2).map(|i| stored(i).id).collect();
+    let silent: Vec<String> = (1..N).step_by(2).map(|i| stored(i).id).collect();
+    for id in &survivors {
+        registry
+            .heartbeat(id, 60_000)
+            .expect("a loaded executor heartbeats");
+    }
+    assert_eq!(
+        registry.count(Some(Status::Running)),
+        survivors.len() as u64
+    );
+    assert_eq!(ids(&registry.schedulable(&[])), survivors);
+
+    // The silent ones: not a millisecond before start + init TTL...
+    sleep_until(started + init_ttl - MS).await;
+    assert_eq!(registry.count(None), N as u64);
+    assert_eq!(stored_ids(&store).len(), N);
+
+    // ...then all of them in one pass, on time.
+    let mut expired = Vec::new();
+    for _ in 0..silent.len() {
+        let event = next_event(&mut watch).await;
+        assert_eq!(event.kind, EventKind::Offline(OfflineReason::Expired));
+        expired.push(id(&event.entry).to_owned());
+    }
+    let lag = Instant::now() - (started + init_ttl);
+    assert!(
+        lag <= MS * MAX_LAG_MS as u32,
+        "expired {lag:?} after start + init TTL"
+    );
+    expired.sort();
+    assert_eq!(expired, silent);
+    assert_eq!(ids(&registry.list(None, &[]).0), survivors);
+    // Their deletes were committed.
+    assert_eq!(stored_ids(&store), survivors);
+
+    // The survivors carry on, well past the grace, with no more changes.
+    for _ in 0..9 {
+        sleep(Duration::from_secs(20)).await;
+        for id in &survivors {
+            registry.heartbeat(id, 60_000).expect("still alive");
+        }
+    }
+    assert_eq!(
+        registry.count(Some(Status::Running)),
+        survivors.len() as u64
+    );
+    assert!(
+        tokio::time::timeout(SECOND, watch.next()).await.is_err(),
+        "no membership change after the grace"
+    );
+
+    // A restart finds exactly the survivors, INITING again.
+    task.stop().await;
+    let (again, _task) = start_on(config, &store);
+    assert_eq!(ids(&again.list(Some(Status::Initing), &[]).0), survivors);
+    assert_eq!(again.count(None), survivors.len() as u64);
+}
+
+#[tokio::test(start_paused = true)]
+async fn new_ids_skip_stored_tombstoned_and_reserved_ones() {
+    use super::membership::FORCED_ID_SUFFIXES;
+    let row = |suffix: u64| StoredExecutor {
+        id: format!("worker-{suffix:016x}"),
+        name: "worker".into(),
+        address: "10.0.2.1:9000".into(),
+        labels: vec![("stored".into(), "yes".into())],
+        registered_unix_ms: 1,
+    };
+    let store = store_holding([row(0xa), row(0xb)]);
+    let config = RegistryConfig {
+        init_ttl: Duration::from_secs(20),
+        ..RegistryConfig::default()
+    };
+    let (registry, _task) = start_on(config, &store);
+    // 0xa stays (heartbeats), 0xb expires: a tombstone.
+    registry.heartbeat(&row(0xa).id, 600_000).expect("loaded");
+    sleep(Duration::from_secs(21)).await;
+    assert_eq!(
+        registry.heartbeat(&row(0xb).id, 0),
+        Err(RegistryError::Tombstone(row(0xb).id))
+    );
+
+    // The next candidates: a stored live id, a tombstone, then 0xc twice
+    // for two registrations of one batch, then 0xd.
+    FORCED_ID_SUFFIXES.with_borrow_mut(|q| q.extend([0xa, 0xb, 0xc, 0xc, 0xd]));
+    let mut new = ids(&register_many(&registry, "worker", 2).await);
+    new.sort();
+    assert!(FORCED_ID_SUFFIXES.with_borrow(|q| q.is_empty()));
+    assert_eq!(new, [row(0xc).id, row(0xd).id]);
+
+    // The stored row was not overwritten.
+    let rows = store.clone().load_all().expect("loads");
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0], row(0xa));
+    assert_eq!(
+        registry
+            .get(&row(0xa).id)
+            .expect("live")
+            .labels()
+            .get("stored"),
+        Some("yes")
+    );
+}
+
+/// Makes `path` immutable (`chattr +i`, as root) so that even descriptors
+/// already open cannot write it; undone on drop. `None` where that does not
+/// work here (not root, no `chattr`, a filesystem without attributes).
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn make(path: &std::path::Path) -> Option<Immutable> {
+        let set = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .output();
+        if !set.is_ok_and(|out| out.status.success()) {
+            return None;
+        }
+        let guard = Immutable(path.to_owned());
+        let refused = std::fs::OpenOptions::new().append(true).open(path).is_err();
+        refused.then_some(guard)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Real time and a real SQLite file: the store fails (immutable WAL) while
+/// an expired executor's delete is pending, long enough for its tombstone to
+/// be forgotten. Its row is still in the file, so a new registration that
+/// drew the same id would collide with it at insert and fail the whole batch.
+#[tokio::test]
+async fn a_new_id_skips_a_stored_id_whose_delete_has_not_landed() {
+    use super::membership::FORCED_ID_SUFFIXES;
+    use crate::store::SqliteStore;
+
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = dir.path().join("registry.db-wal");
+    let stale = "worker-000000000000000a";
+    let mut store = SqliteStore::open(dir.path()).expect("opens");
+    store
+        .commit(&Batch {
+            inserts: vec![StoredExecutor {
+                id: stale.into(),
+                name: "worker".into(),
+                address: "10.0.3.1:9000".into(),
+                labels: Vec::new(),
+                registered_unix_ms: 1,
+            }],
+            deletes: Vec::new(),
+        })
+        .expect("commits");
+    let rows_in_file = || {
+        let conn = rusqlite::Connection::open_with_flags(
+            dir.path().join("registry.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open read-only");
+        let mut select = conn
+            .prepare("SELECT id, address FROM executors ORDER BY id")
+            .expect("prepare");
+        select
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows")
+    };
+    let config = RegistryConfig {
+        init_ttl: Duration::from_millis(200),
+        tombstone_retention: Duration::from_millis(1),
+        ..RegistryConfig::default()
+    };
+    let (registry, _task) =
+        Registry::start(config, Box::new(store), Arc::new(NoopObserver)).expect("loads");
+    let Some(fault) = Immutable::make(&wal) else {
+        eprintln!("skipped: needs root and chattr to make the WAL immutable");
+        return;
+    };
+
+    // It expires; its delete fails; its tombstone is forgotten.
+    let mut watch = registry.watch();
+    let event = next_event(&mut watch).await;
+    assert_eq!(id(&event.entry), stale);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registry.heartbeat(stale, 0) != Err(RegistryError::NotFound(stale.into())) {
+        assert!(
+            Instant::now() < deadline,
+            "the tombstone was never forgotten"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rows_in_file(),
+        [(stale.to_owned(), "10.0.3.1:9000".to_owned())]
+    );
+
+    // The store works again. Nothing awaits between here and the
+    // registration, so on this single-threaded runtime the loop sees the
+    // registration and the delete retry in one turn.
+    drop(fault);
+    FORCED_ID_SUFFIXES.with_borrow_mut(|q| q.extend([0xa, 0xe]));
+    let new = registry
+        .register(registration("worker", "10.0.3.2:9000"))
+        .await
+        .expect("not refused by a collision with the stale row");
+    eprintln!("registered as {}", id(&new));
+    registry.heartbeat(id(&new), 600_000).expect("kept alive");
+
+    // The stale row is deleted, the new one stored under its own id.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows_in_file().len() != 1 {
+        assert!(Instant::now() < deadline, "the delete never landed");
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rows_in_file(),
+        [(id(&new).to_owned(), "10.0.3.2:9000".to_owned())]
+    );
 }
