@@ -75,7 +75,8 @@ struct Args {
     /// Print the summary as one JSON object instead.
     #[arg(long)]
     json: bool,
-    /// Passed by `cargo bench`; ignored.
+    /// Passed by `cargo bench`. Without it (`cargo test --all-targets`
+    /// runs this too) it is a one-second smoke run.
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -336,7 +337,14 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if !args.bench {
+        eprintln!("not under `cargo bench`: a one-second smoke run (pass --bench to measure)");
+        args.runs = 1;
+        args.duration = Duration::from_secs(1);
+        args.warmup = Duration::ZERO;
+        args.concurrency = args.concurrency.min(16);
+    }
     anyhow::ensure!(args.connections > 0 && args.concurrency > 0 && args.runs > 0);
     let (server, endpoint, metrics) = match &args.endpoint {
         Some(endpoint) => (None, endpoint.clone(), args.metrics),

@@ -432,8 +432,8 @@ async fn after_kill_9_all_200_come_back_initing_and_only_those_that_heartbeat_su
     const N: usize = 200;
     let _serial = SERIAL.lock().await;
     let (_root, data) = data_dir();
-    let init_ttl = Duration::from_secs(2);
-    let flags = ["--init-heartbeat-ttl", "2s", "--min-heartbeat-ttl", "100ms"];
+    let init_ttl = Duration::from_secs(3);
+    let flags = ["--init-heartbeat-ttl", "3s", "--min-heartbeat-ttl", "100ms"];
 
     let mut server = Server::start(&data, &flags);
     let client = server.client().await;
@@ -800,12 +800,7 @@ async fn a_failing_store_refuses_registrations_keeps_serving_from_memory_and_rec
  {
     let _serial = SERIAL.lock().await;
     let (_root, data) = data_dir();
-    let flags = [
-        "--init-heartbeat-ttl",
-        "1500ms",
-        "--min-heartbeat-ttl",
-        "100ms",
-    ];
+    let flags = ["--init-heartbeat-ttl", "2s", "--min-heartbeat-ttl", "100ms"];
     let mut server = Server::start(&data, &flags);
     let mut client = server.client().await;
 

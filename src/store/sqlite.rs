@@ -1445,15 +1445,62 @@ mod tests {
 
 #[cfg(test)]
 mod disk_full {
+    use std::process::Command;
+
     use super::*;
 
-    /// Needs a small filesystem; scripts/test.sh mounts one. By hand, as root:
-    /// `mkdir -p /tmp/full && mount -t tmpfs -o size=512k tmpfs /tmp/full`, then
-    /// `REGISTRY_FULL_FS=/tmp/full cargo test --lib disk_full -- --ignored --nocapture`.
+    /// A 512 KiB tmpfs of our own on a fresh directory, unmounted on drop.
+    struct SmallFs {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallFs {
+        /// `None` where mounting is not allowed (not root, a container).
+        fn mount() -> Option<SmallFs> {
+            let dir = tempfile::tempdir().ok()?;
+            let mounted = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+                .arg(dir.path())
+                .output()
+                .is_ok_and(|out| out.status.success());
+            mounted.then_some(SmallFs { dir })
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let unmounted = Command::new("umount")
+                .arg(self.dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unmounted {
+                // Busy (a file still open): detach it now, gone when closed.
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(self.dir.path())
+                    .status();
+            }
+        }
+    }
+
+    /// A really full filesystem: `REGISTRY_FULL_FS` names a small one
+    /// mounted by hand, or else (as root) the test mounts a tmpfs of its own
+    /// and unmounts it after; skipped where neither is possible. Ignored in a
+    /// bare `cargo test` because it mounts; `scripts/test.sh` runs it.
     #[test]
-    #[ignore = "needs a small filesystem (REGISTRY_FULL_FS): scripts/test.sh mounts a tmpfs"]
+    #[ignore = "mounts a small filesystem (as root); scripts/test.sh runs it"]
     fn a_commit_on_a_full_disk_fails_and_works_again_once_space_is_freed() {
-        let root = PathBuf::from(std::env::var("REGISTRY_FULL_FS").expect("REGISTRY_FULL_FS"));
+        let mut _mounted = None;
+        let root = match std::env::var("REGISTRY_FULL_FS") {
+            Ok(root) => PathBuf::from(root),
+            Err(_) => match SmallFs::mount() {
+                Some(fs) => _mounted.insert(fs).dir.path().to_owned(),
+                None => {
+                    eprintln!("skipped: cannot mount a small filesystem here (not root?)");
+                    return;
+                }
+            },
+        };
         let data = root.join("data");
         let filler = root.join("filler");
         let _ = std::fs::remove_dir_all(&data);
