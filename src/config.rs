@@ -82,7 +82,8 @@ pub struct ServeArgs {
 
     /// A membership-loop turn this much later than due means the registry
     /// was stalled (paused, CPU-starved): executors whose deadlines fell in
-    /// the stall get one more TTL instead of expiring. 0s disables.
+    /// the stall have it moved by the stall's length instead of expiring.
+    /// 0s disables.
     #[arg(long, env = "EXECUTOR_REGISTRY_STALL_THRESHOLD", default_value = "1s", value_parser = duration)]
     pub stall_threshold: Duration,
 

@@ -141,10 +141,25 @@ struct PendingRegistration {
     reply: RegisterReply,
 }
 
-struct InFlight {
-    commit: Commit,
+/// What one store batch carried, to settle once it commits or fails.
+struct Submitted {
     registrations: Vec<PendingRegistration>,
     deletes: Vec<ExecutorId>,
+}
+
+struct InFlight {
+    commit: Commit,
+    submitted: Submitted,
+}
+
+/// A commit's answer; a store thread that went away is a failure too.
+fn commit_outcome(
+    answer: Result<(Result<(), StoreError>, Duration), oneshot::error::RecvError>,
+) -> (Result<(), String>, Duration) {
+    match answer {
+        Ok((result, elapsed)) => (result.map_err(|e| e.0), elapsed),
+        Err(_) => (Err("store thread stopped".to_owned()), Duration::ZERO),
+    }
 }
 
 /// Everything that was ready at one wake-up.
@@ -153,7 +168,7 @@ struct Turn {
     expired: Vec<(Arc<Entry>, u64)>,
     commands: Vec<Command>,
     rearm: Vec<Arc<Entry>>,
-    committed: Option<(InFlight, Result<(), String>, Duration)>,
+    committed: Option<(Submitted, Result<(), String>, Duration)>,
     housekeeping: bool,
     stop: bool,
 }
@@ -176,7 +191,7 @@ struct Changes {
     registered: Vec<(RegisterReply, Arc<Entry>)>,
     deregistered: Vec<oneshot::Sender<Result<(), RegistryError>>>,
     lags: Vec<Duration>,
-    /// Executors given one more TTL because of a stall.
+    /// Executors whose deadline was moved because of a stall.
     compensated: u64,
 }
 
@@ -308,11 +323,8 @@ impl MembershipLoop {
             && let Poll::Ready(result) = Pin::new(&mut in_flight.commit).poll(cx)
         {
             let in_flight = self.in_flight.take().expect("in_flight was Some");
-            let (result, elapsed) = match result {
-                Ok((result, elapsed)) => (result.map_err(|e| e.0), elapsed),
-                Err(_) => (Err("store thread stopped".to_owned()), Duration::ZERO),
-            };
-            turn.committed = Some((in_flight, result, elapsed));
+            let (result, elapsed) = commit_outcome(result);
+            turn.committed = Some((in_flight.submitted, result, elapsed));
         }
         while turn.commands.len() < MAX_COMMANDS_PER_TURN {
             match self.commands.poll_recv(cx) {
@@ -409,7 +421,7 @@ impl MembershipLoop {
     /// failed deletes are retried later.
     fn committed(
         &mut self,
-        in_flight: InFlight,
+        submitted: Submitted,
         result: Result<(), String>,
         elapsed: Duration,
         now: u64,
@@ -419,11 +431,11 @@ impl MembershipLoop {
         self.shared.observer.store_operation("commit", elapsed, ok);
         match result {
             Ok(()) => {
-                for id in &in_flight.deletes {
+                for id in &submitted.deletes {
                     self.undeleted.remove(id);
                 }
                 let ttl = duration_ms(self.shared.config.init_ttl);
-                for pending in in_flight.registrations {
+                for pending in submitted.registrations {
                     self.reserved.remove(&pending.id);
                     let ValidRegistration {
                         name,
@@ -450,8 +462,8 @@ impl MembershipLoop {
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, registrations = in_flight.registrations.len(), deletes = in_flight.deletes.len(), "store commit failed");
-                for pending in in_flight.registrations {
+                tracing::warn!(%error, registrations = submitted.registrations.len(), deletes = submitted.deletes.len(), "store commit failed");
+                for pending in submitted.registrations {
                     self.reserved.remove(&pending.id);
                     self.shared
                         .observer
@@ -460,7 +472,7 @@ impl MembershipLoop {
                         .reply
                         .send(Err(RegistryError::Unavailable(error.clone())));
                 }
-                self.pending_deletes.extend(in_flight.deletes);
+                self.pending_deletes.extend(submitted.deletes);
                 self.retry_deletes_at_ms = now + duration_ms(DELETE_RETRY);
             }
         }
@@ -571,15 +583,15 @@ impl MembershipLoop {
         if threshold.is_zero() || gap <= duration_ms(TICK + threshold) {
             return;
         }
-        let start = now - gap + duration_ms(TICK);
+        let stalled_ms = gap - duration_ms(TICK);
         tracing::warn!(
-            stalled_ms = gap - duration_ms(TICK),
-            "the registry was stalled (paused, starved or blocked); executors whose deadlines fell in the stall get one more TTL"
+            stalled_ms,
+            "the registry was stalled (paused, starved or blocked); deadlines that fell in the stall move by its length"
         );
         self.shared
             .observer
-            .stalled(Duration::from_millis(gap - duration_ms(TICK)));
-        self.stalls.push_back((start, now));
+            .stalled(Duration::from_millis(stalled_ms));
+        self.stalls.push_back((now - stalled_ms, now));
     }
 
     /// If a deadline fell in a recent stall (or its resume grace), the
@@ -636,7 +648,7 @@ impl MembershipLoop {
         if changes.compensated > 0 {
             tracing::warn!(
                 executors = changes.compensated,
-                "deadlines extended by one TTL after a stall"
+                "deadlines moved by the stall's length instead of expiring"
             );
         }
         if changes.events.is_empty() {
@@ -726,8 +738,10 @@ impl MembershipLoop {
         };
         self.in_flight = Some(InFlight {
             commit: self.store.submit(batch),
-            registrations,
-            deletes,
+            submitted: Submitted {
+                registrations,
+                deletes,
+            },
         });
     }
 
@@ -750,17 +764,10 @@ impl MembershipLoop {
             let _ = pending.reply.send(Err(RegistryError::ShuttingDown));
         }
         if let Some(in_flight) = self.in_flight.take() {
-            let (result, elapsed) = match in_flight.commit.await {
-                Ok((r, e)) => (r.map_err(|e| e.0), e),
-                Err(_) => (Err("store thread stopped".to_owned()), Duration::ZERO),
-            };
+            let (result, elapsed) = commit_outcome(in_flight.commit.await);
             let now = self.shared.clock.now_ms();
             let mut changes = Changes::default();
-            let in_flight = InFlight {
-                commit: oneshot::channel().1,
-                ..in_flight
-            };
-            self.committed(in_flight, result, elapsed, now, &mut changes);
+            self.committed(in_flight.submitted, result, elapsed, now, &mut changes);
             self.finish_turn(changes);
         }
         let mut flushed = 0;
@@ -770,21 +777,18 @@ impl MembershipLoop {
             let Some(in_flight) = self.in_flight.take() else {
                 break;
             };
-            let (result, elapsed) = in_flight.commit.await.unwrap_or((
-                Err(StoreError("store thread stopped".into())),
-                Duration::ZERO,
-            ));
+            let (result, elapsed) = commit_outcome(in_flight.commit.await);
             let observer = &self.shared.observer;
             observer.store_operation("commit", elapsed, result.is_ok());
             if let Err(error) = result {
                 tracing::warn!(
                     %error,
-                    left = self.pending_deletes.len() + in_flight.deletes.len(),
+                    left = self.pending_deletes.len() + in_flight.submitted.deletes.len(),
                     "could not flush deletes at shutdown; they expire at the next start"
                 );
                 break;
             }
-            flushed += in_flight.deletes.len();
+            flushed += in_flight.submitted.deletes.len();
         }
         if flushed > 0 {
             tracing::info!(deletes = flushed, "flushed pending deletes at shutdown");

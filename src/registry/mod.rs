@@ -67,8 +67,8 @@ pub struct RegistryConfig {
     /// power of two by the broadcast channel).
     pub watch_buffer: usize,
     /// A membership-loop turn this much later than its 100 ms tick means the
-    /// registry was stalled: deadlines that fell in the stall are given one
-    /// more TTL instead of being expired. Zero disables the compensation.
+    /// registry was stalled: deadlines that fell in the stall are moved by
+    /// its length instead of expiring. Zero disables the compensation.
     pub stall_threshold: Duration,
     /// Most executors live (and being registered) at once; registrations
     /// beyond it are refused with `ResourceExhausted`.

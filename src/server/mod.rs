@@ -102,14 +102,15 @@ pub async fn serve_with(
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .expect("the embedded descriptor sets are valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
@@ -125,9 +126,8 @@ pub async fn serve_with(
     // own decoding limit to read them.
     .max_encoding_message_size(usize::MAX);
 
-    let draining = CancellationToken::new();
     let signal = {
-        let draining = draining.clone();
+        let streams_stop = streams_stop.clone();
         async move {
             shutdown.await;
             tracing::info!("shutting down: health NOT_SERVING, ending streams");
@@ -138,7 +138,6 @@ pub async fn serve_with(
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
             streams_stop.cancel();
-            draining.cancel();
         }
     };
 
@@ -153,7 +152,7 @@ pub async fn serve_with(
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result.map(|()| Stopped::Drained),
-        () = draining.cancelled() => {
+        () = streams_stop.cancelled() => {
             match tokio::time::timeout(grace, &mut server).await {
                 Ok(result) => result.map(|()| Stopped::Drained),
                 Err(_) => {
