@@ -15,10 +15,12 @@
 
 mod support;
 
+use support::process::free_addr;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -81,12 +83,6 @@ const SPEC_METRICS: &[(&str, &str)] = &[
     ("process_start_time_seconds", "gauge"),
     ("process_threads", "gauge"),
 ];
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
 
 // ---------------------------------------------------------------------------
 // HTTP, by hand: two GET endpoints do not justify an HTTP client dependency.
