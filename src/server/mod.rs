@@ -1,10 +1,12 @@
 //! The gRPC transport around the core.
 //!
-//! Owns: the tonic server — the `registry.v1.Registry` service, standard
-//! health (`grpc.health.v1.Health`) and reflection — message size limits,
+//! Owns: the tonic server — the `registry.v1.Registry` service, the
+//! operator service `registry.admin.v1.Admin`, standard health
+//! (`grpc.health.v1.Health`) and reflection — message size limits,
 //! and graceful shutdown: health NOT_SERVING, streams ended, in-flight calls
 //! finished, all within a grace period. It holds no membership state.
 
+mod admin;
 mod convert;
 mod error;
 mod limits;
@@ -18,11 +20,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+pub use admin::AdminService;
 pub use error::{to_heartbeat_status, to_status};
 pub use limits::{Admission, Limits};
 pub use service::RegistryService;
 
 use crate::proto;
+use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::registry_server::RegistryServer;
 use crate::registry::Registry;
 
@@ -30,6 +34,9 @@ use crate::registry::Registry;
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Fully qualified service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "registry.v1.Registry";
+/// Fully qualified name of the operator service; every method path under
+/// `/registry.admin.v1.Admin/` is for admins.
+pub const ADMIN_SERVICE_NAME: &str = "registry.admin.v1.Admin";
 
 /// Accepted connections, with Nagle's algorithm off: heartbeats are small
 /// messages that must not wait for a delayed ACK. (tonic's own `tcp_nodelay`
@@ -116,6 +123,8 @@ pub async fn serve_with(
 
     let streams_stop = CancellationToken::new();
     let admission = Admission::new(options.limits);
+    let admin = AdminServer::new(AdminService::new(registry.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let service = RegistryServer::new(RegistryService::new(
         registry,
         streams_stop.clone(),
@@ -148,6 +157,7 @@ pub async fn serve_with(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {
