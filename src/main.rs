@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run the registry server.
     Serve(Box<ServeArgs>),
-    /// Inspect and manage a running registry (list, get, count, watch, deregister).
+    /// Inspect and manage a running registry (list, get, count, watch, deregister, guard).
     Ctl(ctl::CtlArgs),
 }
 

@@ -165,6 +165,7 @@ async fn health_is_serving_and_reflection_lists_the_service() {
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"registry.v1.Registry"), "{names:?}");
+    assert!(names.contains(&"registry.admin.v1.Admin"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 }
 

@@ -98,6 +98,27 @@ impl RegistryProcess {
         RegistryClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
     }
 
+    /// The value of one sample on `/metrics` (e.g. `registry_revision`),
+    /// None if the scrape fails or does not have it.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&self.metrics, Duration::from_secs(5)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: registry\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.lines().find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     /// Sends `signal` (e.g. `-STOP`, `-TERM`) with kill(1).
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
