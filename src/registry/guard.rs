@@ -32,13 +32,16 @@
 //! the next one would take the window over F, and from that one on they are
 //! held. A pass of coinciding deadlines is held whole.
 //!
-//! Pure: no clock, no I/O, no entries. Time comes in as registry ms, the
-//! fleet as counts, and the caller classifies held items ([`Held`]); the
-//! membership loop applies the answers. Must not touch: state words, the
-//! timing wheel, events or revisions.
+//! Pure: no clock, no I/O. Time comes in as registry ms, the fleet as
+//! counts, and the caller classifies held items ([`Held`], which reads an
+//! entry's state word); the membership loop applies the answers. Must not
+//! touch: state words (it never writes one), the timing wheel, events or
+//! revisions.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use super::entry::{Entry, Status};
 
 /// Settings of the guard.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,6 +72,22 @@ pub(crate) enum Held {
     Revived,
     /// No longer live (deregistered).
     Gone,
+}
+
+impl Held {
+    /// What a held entry is at `now` (registry ms).
+    pub(crate) fn of(entry: &Entry, now: u64) -> Self {
+        let state = entry.state();
+        if state.status() == Status::Tombstone {
+            Self::Gone
+        } else if state.deadline_ms() > now {
+            Self::Revived
+        } else {
+            Self::Due {
+                ttl_ms: entry.ttl_ms(),
+            }
+        }
+    }
 }
 
 /// The guard's answer for one pass.
@@ -131,6 +150,7 @@ impl ExpiryGuardStatus {
 }
 
 /// Counts of a guard, in registry ms.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Counts {
     pub held: u64,
@@ -165,12 +185,21 @@ impl<T> ExpiryGuard<T> {
         }
     }
 
-    /// The settings.
-    pub(crate) fn config(&self) -> ExpiryGuardConfig {
-        self.config
+    /// The state to publish; `unix_ms` maps registry ms to wall-clock ms.
+    pub(crate) fn status(&self, unix_ms: impl Fn(u64) -> u64) -> ExpiryGuardStatus {
+        ExpiryGuardStatus {
+            enabled: true,
+            active: self.since_ms.is_some(),
+            held: self.held.len() as u64,
+            recently_expired: self.recent,
+            since_unix_ms: self.since_ms.map(unix_ms),
+            fraction: self.config.fraction,
+            max_hold: self.config.max_hold,
+        }
     }
 
     /// The current counts.
+    #[cfg(test)]
     pub(crate) fn counts(&self) -> Counts {
         Counts {
             held: self.held.len() as u64,
@@ -532,6 +561,44 @@ mod tests {
         assert_eq!(g.counts().held, 0);
         assert_eq!(g.counts().since_ms, None);
         assert!(g.release(6).is_empty());
+    }
+
+    #[test]
+    fn the_published_status_shows_the_episode_in_wall_clock_time() {
+        let mut g = guard(0.5);
+        let armed = g.status(|ms| ms + 1_000_000);
+        assert!(armed.enabled && !armed.active);
+        assert_eq!((armed.held, armed.since_unix_ms), (0, None));
+        assert_eq!(armed.max_hold, Duration::from_secs(60));
+        g.pass(due(0..6), 10, 42);
+        let active = g.status(|ms| ms + 1_000_000);
+        assert!(active.active);
+        assert_eq!(active.held, 6);
+        assert_eq!(active.since_unix_ms, Some(1_000_042));
+        assert_eq!(active.fraction, 0.5);
+    }
+
+    #[test]
+    fn a_held_entry_is_due_revived_or_gone_by_its_state_word() {
+        use crate::registry::{ExecutorId, Labels};
+        let entry = Entry::new(
+            ExecutorId::new("w-0000000000000001"),
+            "w".into(),
+            "127.0.0.1:1".into(),
+            Labels::default(),
+            0,
+            TTL,
+            500,
+        );
+        assert_eq!(Held::of(&entry, 500), Held::Due { ttl_ms: TTL });
+        entry.heartbeat(600, Some(2 * TTL));
+        assert_eq!(Held::of(&entry, 700), Held::Revived);
+        assert_eq!(
+            Held::of(&entry, 600 + 2 * TTL),
+            Held::Due { ttl_ms: 2 * TTL }
+        );
+        entry.tombstone();
+        assert_eq!(Held::of(&entry, 700), Held::Gone);
     }
 
     #[test]

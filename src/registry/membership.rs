@@ -692,18 +692,7 @@ impl MembershipLoop {
             Pass::Held => Vec::new(),
         };
         let review = if review {
-            guard.review(live, now, |entry| {
-                let state = entry.state();
-                if state.status() == Status::Tombstone {
-                    Held::Gone
-                } else if state.deadline_ms() > now {
-                    Held::Revived
-                } else {
-                    Held::Due {
-                        ttl_ms: entry.ttl_ms(),
-                    }
-                }
-            })
+            guard.review(live, now, |entry| Held::of(entry, now))
         } else {
             Default::default()
         };
@@ -725,17 +714,7 @@ impl MembershipLoop {
         let Some(guard) = &self.guard else {
             return;
         };
-        let counts = guard.counts();
-        let config = guard.config();
-        let status = ExpiryGuardStatus {
-            enabled: true,
-            active: counts.since_ms.is_some(),
-            held: counts.held,
-            recently_expired: counts.recently_expired,
-            since_unix_ms: counts.since_ms.map(|ms| self.shared.clock.unix_ms(ms)),
-            fraction: config.fraction,
-            max_hold: config.max_hold,
-        };
+        let status = guard.status(|ms| self.shared.clock.unix_ms(ms));
         let published = self.shared.guard.load();
         if **published == status {
             return;
