@@ -6,18 +6,19 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::Output;
 use std::time::Duration;
 
 use executor_registry::proto::admin::admin_client::AdminClient;
-use executor_registry::proto::admin::{GetExpiryGuardRequest, ReleaseExpiryGuardRequest};
+use executor_registry::proto::admin::{
+    ExpiryGuardState, GetExpiryGuardRequest, ReleaseExpiryGuardRequest,
+};
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{
     CountExecutorsRequest, EventType, HeartbeatBatchRequest, HeartbeatRequest, HeartbeatStatus,
     OfflineReason,
 };
 use serde_json::Value;
-use support::process::{BIN, RegistryProcess};
+use support::process::{RegistryProcess, ctl};
 use support::{TestServer, eventually, next_event, register, watch};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -34,15 +35,15 @@ const FRACTION: &str = "0.3";
 /// fleet that is left, so it holds until released.
 const MAX_THROUGH: usize = 30;
 
-async fn ctl(endpoint: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new(BIN)
-        .arg("ctl")
-        .args(["--endpoint", endpoint])
-        .args(args)
-        .env_remove("EXECUTOR_REGISTRY_ENDPOINT")
-        .output()
+/// The guard's state, from the Admin RPC.
+async fn guard_state(admin: &mut AdminClient<Channel>) -> ExpiryGuardState {
+    admin
+        .get_expiry_guard(GetExpiryGuardRequest {})
         .await
-        .expect("run ctl")
+        .expect("GetExpiryGuard")
+        .into_inner()
+        .state
+        .expect("state")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -134,26 +135,14 @@ async fn a_mass_expiry_is_held_shown_on_metrics_and_released_by_the_admin_rpc_an
         eventually(Duration::from_secs(15), "the guard holds the rest", || {
             let (mut admin, mut client) = (admin.clone(), client.clone());
             async move {
-                let state = admin
-                    .get_expiry_guard(GetExpiryGuardRequest {})
-                    .await
-                    .expect("GetExpiryGuard")
-                    .into_inner()
-                    .state
-                    .expect("state");
+                let state = guard_state(&mut admin).await;
                 // Every dying one has expired or is held (held ones are live).
                 state.active && live(&mut client).await == (STEADY as u64 + state.held)
             }
         })
         .await;
         assert_eq!(registry.metric("registry_expiry_guard_active"), Some(1.0));
-        let state = admin
-            .get_expiry_guard(GetExpiryGuardRequest {})
-            .await
-            .expect("GetExpiryGuard")
-            .into_inner()
-            .state
-            .expect("state");
+        let state = guard_state(&mut admin).await;
         assert!(state.enabled && state.active, "{state:?}");
         assert_eq!(state.fraction, 0.3);
         assert_eq!(state.max_hold_ms, 600_000);
@@ -250,13 +239,7 @@ async fn a_mass_expiry_is_held_shown_on_metrics_and_released_by_the_admin_rpc_an
 async fn without_the_flag_the_guard_is_off_and_a_release_is_refused() {
     let server = TestServer::start(support::fast_config()).await;
     let mut admin = AdminClient::new(server.channel().await);
-    let state = admin
-        .get_expiry_guard(GetExpiryGuardRequest {})
-        .await
-        .expect("GetExpiryGuard")
-        .into_inner()
-        .state
-        .expect("state");
+    let state = guard_state(&mut admin).await;
     assert!(
         !state.enabled && !state.active && state.held == 0,
         "{state:?}"

@@ -13,6 +13,18 @@ use tonic::transport::{Channel, Endpoint};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_executor-registry");
 
+/// Runs `executor-registry ctl --endpoint <endpoint> <args…>` to its end.
+pub async fn ctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(BIN)
+        .arg("ctl")
+        .args(["--endpoint", endpoint])
+        .args(args)
+        .env_remove("EXECUTOR_REGISTRY_ENDPOINT")
+        .output()
+        .await
+        .expect("run ctl")
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")

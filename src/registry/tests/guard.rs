@@ -98,6 +98,15 @@ async fn fleet(registry: &Registry, n: usize) -> Vec<Arc<Entry>> {
     entries
 }
 
+/// 1,000 RUNNING executors with one deadline: 400 to keep beating and 600
+/// silent from now on, and that deadline.
+async fn sixty_percent_silent(registry: &Registry) -> (Vec<Arc<Entry>>, Vec<Arc<Entry>>, u64) {
+    let mut alive = fleet(registry, 1_000).await;
+    let deadline = alive[0].state().deadline_ms();
+    let silent = alive.split_off(400);
+    (alive, silent, deadline)
+}
+
 /// The ids a [`Beater`] keeps alive.
 type Beating = Arc<Mutex<HashSet<String>>>;
 
@@ -163,9 +172,8 @@ async fn offline_run(watch: &mut Watch, after: u64, n: usize) -> HashSet<String>
 async fn sixty_percent_expiring_at_once_is_held_whole_and_heartbeats_revive_it_with_nobody_removed()
 {
     let (registry, _task, seen) = start_seen(guarded(0.5, Duration::from_secs(600)));
-    let entries = fleet(&registry, 1_000).await;
-    let deadline = entries[0].state().deadline_ms();
-    let (alive, silent) = entries.split_at(400);
+    let (alive, silent, deadline) = sixty_percent_silent(&registry).await;
+    let (alive, silent) = (&alive[..], &silent[..]);
     let beater = Beater::start(&registry, alive);
     let revision = registry.snapshot().revision();
     let status = registry.expiry_guard();
@@ -232,9 +240,8 @@ async fn sixty_percent_expiring_at_once_is_held_whole_and_heartbeats_revive_it_w
 #[tokio::test(start_paused = true)]
 async fn when_heartbeats_recover_partly_the_still_silent_expire_in_one_pass_a_ttl_later() {
     let (registry, _task, seen) = start_seen(guarded(0.5, Duration::from_secs(600)));
-    let entries = fleet(&registry, 1_000).await;
-    let deadline = entries[0].state().deadline_ms();
-    let (alive, silent) = entries.split_at(400);
+    let (alive, silent, deadline) = sixty_percent_silent(&registry).await;
+    let (alive, silent) = (&alive[..], &silent[..]);
     let beater = Beater::start(&registry, alive);
     let mut watch = registry.watch();
     let revision = watch.snapshot().revision();
@@ -272,9 +279,8 @@ async fn when_heartbeats_recover_partly_the_still_silent_expire_in_one_pass_a_tt
 #[tokio::test(start_paused = true)]
 async fn an_operator_release_expires_everything_held_in_one_pass_with_consecutive_revisions() {
     let (registry, _task, seen) = start_seen(guarded(0.5, Duration::from_secs(600)));
-    let entries = fleet(&registry, 1_000).await;
-    let deadline = entries[0].state().deadline_ms();
-    let (alive, silent) = entries.split_at(400);
+    let (alive, silent, deadline) = sixty_percent_silent(&registry).await;
+    let (alive, silent) = (&alive[..], &silent[..]);
     let beater = Beater::start(&registry, alive);
     sleep_until(at(&registry, deadline) + 2 * TICK).await;
     assert_eq!(registry.expiry_guard().held, 600);
@@ -325,9 +331,8 @@ async fn an_operator_release_expires_everything_held_in_one_pass_with_consecutiv
 async fn after_the_max_hold_everything_held_expires_in_one_pass_and_the_guard_works_on() {
     let max_hold = Duration::from_secs(30);
     let (registry, _task, seen) = start_seen(guarded(0.5, max_hold));
-    let entries = fleet(&registry, 1_000).await;
-    let deadline = entries[0].state().deadline_ms();
-    let (alive, silent) = entries.split_at(400);
+    let (alive, silent, deadline) = sixty_percent_silent(&registry).await;
+    let (alive, silent) = (&alive[..], &silent[..]);
     let beater = Beater::start(&registry, alive);
     let mut watch = registry.watch();
     let revision = watch.snapshot().revision();
@@ -369,24 +374,34 @@ async fn after_the_max_hold_everything_held_expires_in_one_pass_and_the_guard_wo
     assert_eq!(seen.trips(), 2);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_scale_down_by_deregistration_and_gradual_expiry_never_trips_the_guard() {
-    let (registry, _task, seen) = start_seen(guarded(0.5, Duration::from_secs(600)));
-    let entries = fleet(&registry, 1_000).await;
-    let beater = Beater::start(&registry, &entries);
+/// `n` executors heartbeating for a while, then `leaving` of them
+/// deregistered: the beater and those that stay (still beating).
+async fn shrunk_by_deregistration(
+    registry: &Registry,
+    n: usize,
+    leaving: usize,
+) -> (Beater, Vec<Arc<Entry>>) {
+    let entries = fleet(registry, n).await;
+    let beater = Beater::start(registry, &entries);
     sleep(Duration::from_secs(2)).await;
-
-    // 60% leave gracefully at once: no expiry at all.
-    let (leaving, staying) = entries.split_at(600);
+    let (leaving, staying) = entries.split_at(leaving);
     beater.stop(leaving);
     for entry in leaving {
         registry.deregister(id(entry)).await.expect("live");
     }
+    (beater, staying.to_vec())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_scale_down_by_deregistration_and_gradual_expiry_never_trips_the_guard() {
+    let (registry, _task, seen) = start_seen(guarded(0.5, Duration::from_secs(600)));
+    // 60% leave gracefully at once: no expiry at all.
+    let (beater, staying) = shrunk_by_deregistration(&registry, 1_000, 600).await;
     assert_eq!(registry.count(None), 400);
 
     // Then the rest shrinks by killing, a fifth of the fleet per TTL and a
     // half, down to 100: on time, every one, and the guard never holds.
-    let mut rest = staying;
+    let mut rest = &staying[..];
     let mut expired = 0;
     while rest.len() > 100 {
         let (dying, left) = rest.split_at(rest.len() / 5);
@@ -406,14 +421,7 @@ async fn a_scale_down_by_deregistration_and_gradual_expiry_never_trips_the_guard
 #[tokio::test(start_paused = true)]
 async fn the_threshold_is_a_fraction_of_the_fleet_as_it_is_now() {
     let (registry, _task, seen) = start_seen(guarded(0.5, Duration::from_secs(600)));
-    let entries = fleet(&registry, 1_000).await;
-    let beater = Beater::start(&registry, &entries);
-    sleep(Duration::from_secs(2)).await;
-    let (leaving, staying) = entries.split_at(800);
-    beater.stop(leaving);
-    for entry in leaving {
-        registry.deregister(id(entry)).await.expect("live");
-    }
+    let (beater, staying) = shrunk_by_deregistration(&registry, 1_000, 800).await;
     // 110 dying at once: 11% of the fleet it was, 55% of the fleet it is.
     let (dying, _) = staying.split_at(110);
     beater.stop(dying);
@@ -426,9 +434,8 @@ async fn the_threshold_is_a_fraction_of_the_fleet_as_it_is_now() {
 #[tokio::test(start_paused = true)]
 async fn the_guard_is_off_by_default_and_a_mass_expiry_goes_in_one_pass() {
     let (registry, _task, seen) = start_seen(RegistryConfig::default());
-    let entries = fleet(&registry, 1_000).await;
-    let deadline = entries[0].state().deadline_ms();
-    let (alive, silent) = entries.split_at(400);
+    let (alive, silent, deadline) = sixty_percent_silent(&registry).await;
+    let (alive, silent) = (&alive[..], &silent[..]);
     let _beater = Beater::start(&registry, alive);
     let mut watch = registry.watch();
     let revision = watch.snapshot().revision();
