@@ -4,7 +4,8 @@
 //! schedulers) call. Heartbeats are served here directly, on the live table's
 //! atomics, and never leave it; registrations and deregistrations go to the
 //! single membership writer ([`membership`]); reads come from the current
-//! [`Snapshot`].
+//! [`Snapshot`]. The opt-in mass-expiry guard's rule is in `guard.rs`; the
+//! writer applies it.
 //!
 //! Must not touch: gRPC, SQL, Prometheus. Time comes from tokio's clock, so
 //! tests can pause it.
@@ -75,7 +76,8 @@ pub struct RegistryConfig {
     /// Most executors live (and being registered) at once; registrations
     /// beyond it are refused with `ResourceExhausted`.
     pub max_executors: usize,
-    /// The mass-expiry guard (None: off, the default). See [`guard`].
+    /// The mass-expiry guard (None: off, the default); its rule is in
+    /// `registry/guard.rs` and the README.
     pub expiry_guard: Option<ExpiryGuardConfig>,
 }
 
