@@ -452,3 +452,28 @@ async fn the_guard_is_off_by_default_and_a_mass_expiry_goes_in_one_pass() {
         Err(RegistryError::ExpiryGuardOff)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_a_fleet_that_does_not_come_back_trips_the_guard_again() {
+    // The rows of 100 executors, as a registry holding 60 of them left it.
+    let store = store_holding((0..100).map(stored));
+    let config = guarded(0.5, Duration::from_secs(600));
+    let init_ttl = config.init_ttl;
+    let (registry, _task) = start_on(config, &store);
+    assert_eq!(registry.count(None), 100);
+    let stored_ids: Vec<String> = (0..100).map(|i| stored(i).id).collect();
+    // 40 come back; 60 stay silent until their init TTL runs out together.
+    for id in &stored_ids[..40] {
+        registry.heartbeat(id, 60_000).expect("loaded INITING");
+    }
+    sleep(init_ttl + 2 * TICK).await;
+    assert_eq!(registry.count(None), 100, "held, not expired");
+    let status = registry.expiry_guard();
+    assert!(status.active);
+    assert_eq!(status.held, 60);
+    assert_eq!(registry.count(Some(Status::Initing)), 60);
+    // A late one is still welcome.
+    registry
+        .heartbeat(&stored_ids[40], 60_000)
+        .expect("a held executor's heartbeat is OK");
+}
