@@ -586,6 +586,10 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
+    fn auth_denied(&self, reason: &'static str) {
+        Metrics::auth_denied(self, reason);
+    }
+
     fn heartbeat(&self, result: HeartbeatResult) {
         self.heartbeat_tallies.0[heartbeat_index(result)].fetch_add(1, Ordering::Relaxed);
     }

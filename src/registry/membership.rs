@@ -283,7 +283,8 @@ impl MembershipLoop {
                 row.registered_unix_ms,
                 ttl,
                 now + ttl,
-            ));
+            )
+            .with_owner(row.owner.map(Arc::from)));
             self.insert_live(entry);
         }
         self.publish();
@@ -441,6 +442,7 @@ impl MembershipLoop {
                         name,
                         address,
                         labels,
+                        owner,
                     } = pending.registration;
                     let entry = Arc::new(Entry::new(
                         pending.id,
@@ -450,7 +452,8 @@ impl MembershipLoop {
                         pending.registered_unix_ms,
                         ttl,
                         now + ttl,
-                    ));
+                    )
+                    .with_owner(owner));
                     self.insert_live(entry.clone());
                     let revision = self.next_revision();
                     changes.events.push(Event {
@@ -732,6 +735,7 @@ impl MembershipLoop {
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
                         .collect(),
                     registered_unix_ms: p.registered_unix_ms,
+                    owner: p.registration.owner.as_deref().map(str::to_owned),
                 })
                 .collect(),
             deletes: deletes.iter().map(|id| id.as_str().to_owned()).collect(),
