@@ -79,8 +79,8 @@ fn registration(name: &str, address: &str) -> Registration {
         name: name.into(),
         address: address.into(),
         labels: Vec::new(),
+        owner: None,
     }
-    owner: None,
 }
 
 fn labelled(name: &str, labels: &[(&str, &str)]) -> Registration {
@@ -91,8 +91,8 @@ fn labelled(name: &str, labels: &[(&str, &str)]) -> Registration {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        owner: None,
     }
-    owner: None,
 }
 
 async fn register(registry: &Registry, name: &str) -> Arc<Entry> {
@@ -1033,8 +1033,8 @@ fn stored(i: usize) -> StoredExecutor {
             ),
         ],
         registered_unix_ms: 1_600_000_000_000 + i as u64,
+        owner: None,
     }
-    owner: None,
 }
 
 /// A memory store that already holds `rows`.
