@@ -366,7 +366,8 @@ impl ServeArgs {
                     .unwrap_or_default()
             ))
         };
-        setup.grpc.tls = Some(tls::server_config(&cert, &key, ca.as_deref(), &[b"h2"]).map_err(named)?);
+        setup.grpc.tls =
+            Some(tls::server_config(&cert, &key, ca.as_deref(), &[b"h2"]).map_err(named)?);
         if ca.is_some() {
             setup.grpc.auth = Auth::Mutual {
                 admins: Arc::new(self.admin_identities().into_iter().collect()),
@@ -488,7 +489,10 @@ mod tests {
 
         std::fs::write(&token, "\n").unwrap();
         let e = a.security().unwrap_err().to_string();
-        assert!(e.contains("--admin-token-file") && e.contains("empty"), "{e}");
+        assert!(
+            e.contains("--admin-token-file") && e.contains("empty"),
+            "{e}"
+        );
 
         let missing = dir.path().join("nope.pem");
         let m = missing.to_str().unwrap();

@@ -250,8 +250,7 @@ fn credentials(args: &CtlArgs) -> Result<ChannelOptions, CtlError> {
         (None, None, None) => None,
         (None, _, _) => {
             return Err(CtlError::Usage(
-                "--cert and --key need --ca (the CA that signed the registry's certificate)"
-                    .into(),
+                "--cert and --key need --ca (the CA that signed the registry's certificate)".into(),
             ));
         }
         (Some(ca), cert, key) => Some(
@@ -296,7 +295,10 @@ async fn connect(
             )));
         }
         target = target.tls_config(tls.tonic_config()).map_err(|e| {
-            CtlError::Usage(format!("--ca/--cert/--key: {}", describe_transport_error(&e)))
+            CtlError::Usage(format!(
+                "--ca/--cert/--key: {}",
+                describe_transport_error(&e)
+            ))
         })?;
     }
     let channel = target.connect().await.map_err(|e| {
@@ -336,7 +338,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
                 status: status.map_or(proto::ExecutorStatus::Unspecified, StatusArg::wire) as i32,
                 selectors,
             };
-            let list = call(&endpoint, timeout, client.list_executors(options.request(request))).await?;
+            let list = call(
+                &endpoint,
+                timeout,
+                client.list_executors(options.request(request)),
+            )
+            .await?;
             if json {
                 let executors: Vec<Value> = list.executors.iter().map(executor_json).collect();
                 let document = json!({
@@ -351,7 +358,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
         }
         CtlCommand::Get { id } => {
             let request = proto::GetExecutorRequest { executor_id: id };
-            let executor = call(&endpoint, timeout, client.get_executor(options.request(request))).await?;
+            let executor = call(
+                &endpoint,
+                timeout,
+                client.get_executor(options.request(request)),
+            )
+            .await?;
             if json {
                 writeln!(out, "{:#}", executor_json(&executor))
             } else {
@@ -363,9 +375,13 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             let request = proto::CountExecutorsRequest {
                 status: wire as i32,
             };
-            let count = call(&endpoint, timeout, client.count_executors(options.request(request)))
-                .await?
-                .count;
+            let count = call(
+                &endpoint,
+                timeout,
+                client.count_executors(options.request(request)),
+            )
+            .await?
+            .count;
             if json {
                 let status = status.map_or("all", |s| status_name(s.wire()));
                 writeln!(out, "{}", json!({ "count": count, "status": status }))
@@ -377,7 +393,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             let request = proto::DeregisterRequest {
                 executor_id: id.clone(),
             };
-            call(&endpoint, timeout, client.deregister(options.request(request))).await?;
+            call(
+                &endpoint,
+                timeout,
+                client.deregister(options.request(request)),
+            )
+            .await?;
             if json {
                 writeln!(out, "{}", json!({ "deregistered": id }))
             } else {

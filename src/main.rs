@@ -77,12 +77,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         security.metrics_tls.clone(),
     )
     .await
-        .with_context(|| {
-            format!(
-                "cannot serve metrics on {} (--metrics-listen)",
-                args.metrics_listen
-            )
-        })?;
+    .with_context(|| {
+        format!(
+            "cannot serve metrics on {} (--metrics-listen)",
+            args.metrics_listen
+        )
+    })?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
     let tls = match (&security.grpc.tls, &security.grpc.auth) {

@@ -179,7 +179,12 @@ pub async fn install_with_tls(
     spawn_upkeep(Arc::downgrade(&metrics), handle.clone())
         .context("starting the metrics upkeep thread")?;
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-    tokio::spawn(serve_scrapes(listener, tls, handle, Arc::downgrade(&metrics)));
+    tokio::spawn(serve_scrapes(
+        listener,
+        tls,
+        handle,
+        Arc::downgrade(&metrics),
+    ));
     Ok(metrics)
 }
 

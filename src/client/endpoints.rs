@@ -95,8 +95,7 @@ impl ClientTls {
 
     /// The tonic configuration these settings make.
     pub fn tonic_config(&self) -> ClientTlsConfig {
-        let mut config =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
         if let Some((cert, key)) = &self.identity {
             config = config.identity(Identity::from_pem(cert, key));
         }
@@ -196,23 +195,22 @@ pub(crate) fn endpoint(uri: &str, options: &ChannelOptions) -> Result<Endpoint, 
             reason: "no host".into(),
         });
     }
-    let endpoint = match (&options.tls, endpoint.uri().scheme_str()) {
-        (None, _) => endpoint,
-        (Some(tls), Some("https")) => {
-            endpoint
-                .tls_config(tls.tonic_config())
-                .map_err(|e| ClientError::InvalidEndpoint {
+    let endpoint =
+        match (&options.tls, endpoint.uri().scheme_str()) {
+            (None, _) => endpoint,
+            (Some(tls), Some("https")) => endpoint.tls_config(tls.tonic_config()).map_err(|e| {
+                ClientError::InvalidEndpoint {
                     endpoint: uri.to_owned(),
                     reason: describe_transport_error(&e),
-                })?
-        }
-        (Some(_), _) => {
-            return Err(ClientError::InvalidEndpoint {
-                endpoint: uri.to_owned(),
-                reason: "TLS settings are given: use https:// (or a bare host:port)".into(),
-            });
-        }
-    };
+                }
+            })?,
+            (Some(_), _) => {
+                return Err(ClientError::InvalidEndpoint {
+                    endpoint: uri.to_owned(),
+                    reason: "TLS settings are given: use https:// (or a bare host:port)".into(),
+                });
+            }
+        };
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)

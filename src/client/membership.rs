@@ -547,10 +547,7 @@ impl Heartbeater {
         };
         let (requests, rx) = mpsc::channel(1);
         let limit = self.endpoints.options().request_timeout;
-        let request = self
-            .endpoints
-            .options()
-            .request(ReceiverStream::new(rx));
+        let request = self.endpoints.options().request(ReceiverStream::new(rx));
         match timeout(limit, client.heartbeat_stream(request)).await {
             Ok(Ok(response)) => {
                 self.client = Some(client);

@@ -76,8 +76,7 @@ pub fn allowed(caller: &Caller, owner: Option<&str>, action: Action) -> bool {
     match caller {
         Caller::Trusted => true,
         Caller::Identity { name, admin } => {
-            (*admin && action == Action::Deregister)
-                || owner.is_none_or(|owner| owner == &**name)
+            (*admin && action == Action::Deregister) || owner.is_none_or(|owner| owner == &**name)
         }
     }
 }

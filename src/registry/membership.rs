@@ -275,16 +275,18 @@ impl MembershipLoop {
                 }
             };
             let id = ExecutorId::new(&row.id);
-            let entry = Arc::new(Entry::new(
-                id.clone(),
-                row.name.into(),
-                row.address.into(),
-                labels,
-                row.registered_unix_ms,
-                ttl,
-                now + ttl,
-            )
-            .with_owner(row.owner.map(Arc::from)));
+            let entry = Arc::new(
+                Entry::new(
+                    id.clone(),
+                    row.name.into(),
+                    row.address.into(),
+                    labels,
+                    row.registered_unix_ms,
+                    ttl,
+                    now + ttl,
+                )
+                .with_owner(row.owner.map(Arc::from)),
+            );
             self.insert_live(entry);
         }
         self.publish();
@@ -444,16 +446,18 @@ impl MembershipLoop {
                         labels,
                         owner,
                     } = pending.registration;
-                    let entry = Arc::new(Entry::new(
-                        pending.id,
-                        name.into(),
-                        address.into(),
-                        labels,
-                        pending.registered_unix_ms,
-                        ttl,
-                        now + ttl,
-                    )
-                    .with_owner(owner));
+                    let entry = Arc::new(
+                        Entry::new(
+                            pending.id,
+                            name.into(),
+                            address.into(),
+                            labels,
+                            pending.registered_unix_ms,
+                            ttl,
+                            now + ttl,
+                        )
+                        .with_owner(owner),
+                    );
                     self.insert_live(entry.clone());
                     let revision = self.next_revision();
                     changes.events.push(Event {

@@ -1358,11 +1358,22 @@ async fn only_the_owner_heartbeats_or_deregisters_and_an_admin_may_deregister() 
 
     assert!(registry.heartbeat_as(a_id, 0, &caller_a).is_ok());
     let denied = RegistryError::PermissionDenied(b_id.to_owned());
-    assert_eq!(registry.heartbeat_as(b_id, 0, &caller_a), Err(denied.clone()));
+    assert_eq!(
+        registry.heartbeat_as(b_id, 0, &caller_a),
+        Err(denied.clone())
+    );
     assert_eq!(registry.deregister_as(b_id, &caller_a).await, Err(denied));
-    assert_eq!(b.status(), Status::Initing, "the refused heartbeat changed nothing");
+    assert_eq!(
+        b.status(),
+        Status::Initing,
+        "the refused heartbeat changed nothing"
+    );
     // The message never names the owner.
-    assert!(!RegistryError::not_owner(b_id).to_string().contains("exec-b"));
+    assert!(
+        !RegistryError::not_owner(b_id)
+            .to_string()
+            .contains("exec-b")
+    );
 
     // Unknown ids stay NOT_FOUND whoever asks (no ownership oracle).
     assert_eq!(
@@ -1383,7 +1394,11 @@ async fn only_the_owner_heartbeats_or_deregisters_and_an_admin_may_deregister() 
     let (again, _task) = start_on(RegistryConfig::default(), &store);
     assert_eq!(again.get(&c_id).expect("reloaded").owner(), Some("exec-c"));
     assert!(again.heartbeat_as(&c_id, 0, &caller_a).is_err());
-    assert!(again.heartbeat_as(&c_id, 0, &Caller::identity("exec-c")).is_ok());
+    assert!(
+        again
+            .heartbeat_as(&c_id, 0, &Caller::identity("exec-c"))
+            .is_ok()
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -326,9 +326,15 @@ mod tests {
         assert_eq!(plain.heartbeat_caller(), Caller::Trusted);
 
         let (status, reason) = check(&auth, &request(RELEASE, None, None)).unwrap_err();
-        assert_eq!((status.code(), reason), (tonic::Code::Unauthenticated, "unauthenticated"));
+        assert_eq!(
+            (status.code(), reason),
+            (tonic::Code::Unauthenticated, "unauthenticated")
+        );
         let (status, reason) = check(&auth, &request(HEARTBEAT, Some("nope"), None)).unwrap_err();
-        assert_eq!((status.code(), reason), (tonic::Code::Unauthenticated, "unauthenticated"));
+        assert_eq!(
+            (status.code(), reason),
+            (tonic::Code::Unauthenticated, "unauthenticated")
+        );
         assert!(!status.message().contains("s3cret"));
 
         let admin = check(&auth, &request(RELEASE, Some("s3cret"), None)).unwrap();
@@ -343,7 +349,10 @@ mod tests {
         assert_eq!(a.heartbeat_caller(), Caller::identity("exec-a"));
 
         let (status, reason) = check(&auth, &request(RELEASE, None, Some("exec-a"))).unwrap_err();
-        assert_eq!((status.code(), reason), (tonic::Code::PermissionDenied, "not_admin"));
+        assert_eq!(
+            (status.code(), reason),
+            (tonic::Code::PermissionDenied, "not_admin")
+        );
         // A token is no substitute for an admin certificate.
         assert!(check(&auth, &request(RELEASE, Some("s3cret"), Some("exec-a"))).is_err());
 
@@ -351,6 +360,9 @@ mod tests {
         assert_eq!(ops.caller, Caller::admin("ops"));
 
         let (status, reason) = check(&auth, &request(HEARTBEAT, None, None)).unwrap_err();
-        assert_eq!((status.code(), reason), (tonic::Code::Unauthenticated, "unauthenticated"));
+        assert_eq!(
+            (status.code(), reason),
+            (tonic::Code::Unauthenticated, "unauthenticated")
+        );
     }
 }

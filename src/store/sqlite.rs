@@ -1111,7 +1111,10 @@ mod tests {
         let mut store = SqliteStore::open(dir.path()).unwrap();
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 1);
-        assert_eq!((loaded[0].id.as_str(), loaded[0].owner.as_deref()), ("old", None));
+        assert_eq!(
+            (loaded[0].id.as_str(), loaded[0].owner.as_deref()),
+            ("old", None)
+        );
         let mut unowned = executor("new-unowned");
         unowned.owner = None;
         store
