@@ -341,8 +341,8 @@ impl ServeArgs {
         let mut setup = SecuritySetup::default();
         if let Some(path) = &self.admin_token_file {
             let token = AdminToken::from_file_contents(&read("--admin-token-file", path)?)
-                .ok_or_else(|| {
-                    ConfigError(format!("--admin-token-file {}: is empty", path.display()))
+                .map_err(|why| {
+                    ConfigError(format!("--admin-token-file {}: {why}", path.display()))
                 })?;
             setup.grpc.auth = Auth::Token(token);
         }

@@ -30,7 +30,7 @@ Exit codes:
   1  any other error (e.g. `watch` fell behind the registry and was ended)
   2  usage: bad flags, selector or argument (also when the registry answers INVALID_ARGUMENT)
   3  not found: `get` or `deregister` of an id that is not a live executor
-  4  the registry is unreachable (connection refused, timeout) or unavailable (UNAVAILABLE)";
+  4  the registry is unreachable (connection refused, timeout, TLS handshake refused) or unavailable (UNAVAILABLE)";
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -197,6 +197,16 @@ impl CtlError {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Self::Unavailable(
                 format!("the registry at {endpoint} is unavailable: {message}"),
             ),
+            // The connection broke before any answer: most often a refused
+            // TLS handshake, or plaintext against a TLS port.
+            Code::Unknown
+                if message.contains("transport error") || message.contains("h2 protocol error") =>
+            {
+                Self::Unavailable(format!(
+                    "the connection to {endpoint} failed: {message} (if the registry serves TLS, \
+                     use https:// with --ca, and --cert/--key for mutual TLS)"
+                ))
+            }
             code => Self::Other(format!(
                 "the registry at {endpoint} answered {code}: {message}"
             )),

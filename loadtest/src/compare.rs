@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 
 use crate::Mode;
 use crate::stats::{Latency, Tally, median};
-use crate::throughput::{self, Load, ThroughputReport};
+use crate::throughput::{self, Load, Pool, ThroughputReport};
 
 /// Goal: unary and stream heartbeats at this fraction of the echo's rate.
 pub const RATIO_GOAL: f64 = 0.9;
@@ -109,48 +109,64 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
     )
     .await
     .context("preparing the registry")?;
-    let mut modes = Vec::new();
-    for &mode in &config.modes {
-        let load = Load {
-            mode,
-            ..config.load.clone()
-        };
-        let mut echo_runs: Vec<ThroughputReport> = Vec::new();
-        let mut registry_runs: Vec<ThroughputReport> = Vec::new();
-        for round in 0..config.rounds.max(1) {
-            let order = if round % 2 == 0 {
-                [(&echo, true), (&registry, false)]
-            } else {
-                [(&registry, false), (&echo, true)]
-            };
-            for (pool, is_echo) in order {
-                let report = throughput::measure(pool, &load).await;
-                if config.progress {
-                    eprintln!(
-                        "compare {mode:>6} round {} {:>8}: {:>12.0} heartbeats/s  p50 {} µs  p99 {} µs  errors {}",
-                        round + 1,
-                        if is_echo { "echo" } else { "registry" },
-                        report.heartbeats_per_s,
-                        report.latency.p50_us,
-                        report.latency.p99_us,
-                        report.errors.total()
-                    );
-                }
-                if is_echo {
-                    echo_runs.push(report);
-                } else {
-                    registry_runs.push(report);
-                }
-            }
-        }
-        modes.push(summarise(mode, &echo_runs, &registry_runs));
-    }
+    let runs = alternate(
+        [("echo", &echo), ("registry", &registry)],
+        &config.modes,
+        &config.load,
+        config.rounds,
+        config.progress,
+    )
+    .await;
+    let modes = runs
+        .into_iter()
+        .map(|(mode, [echo_runs, registry_runs])| summarise(mode, &echo_runs, &registry_runs))
+        .collect();
     Ok(CompareReport {
         connections: config.connections,
         load: config.load.clone(),
         rounds: config.rounds.max(1),
         modes,
     })
+}
+
+/// Measures both pools `rounds` times per mode, alternating which goes
+/// first each round (drift from other work falls on both); per mode, the
+/// runs of each pool in round order.
+pub async fn alternate(
+    pools: [(&str, &Pool); 2],
+    modes: &[Mode],
+    load: &Load,
+    rounds: usize,
+    progress: bool,
+) -> Vec<(Mode, [Vec<ThroughputReport>; 2])> {
+    let mut out = Vec::new();
+    for &mode in modes {
+        let load = Load {
+            mode,
+            ..load.clone()
+        };
+        let mut runs: [Vec<ThroughputReport>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds.max(1) {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let (name, pool) = pools[i];
+                let report = throughput::measure(pool, &load).await;
+                if progress {
+                    eprintln!(
+                        "compare {mode:>6} round {} {name:>9}: {:>12.0} heartbeats/s  p50 {} µs  p99 {} µs  errors {}",
+                        round + 1,
+                        report.heartbeats_per_s,
+                        report.latency.p50_us,
+                        report.latency.p99_us,
+                        report.errors.total()
+                    );
+                }
+                runs[i].push(report);
+            }
+        }
+        out.push((mode, runs));
+    }
+    out
 }
 
 fn summarise(
@@ -207,7 +223,7 @@ fn summarise(
 }
 
 /// The latency of the run whose throughput is the median.
-fn median_latency(runs: &[ThroughputReport]) -> Latency {
+pub fn median_latency(runs: &[ThroughputReport]) -> Latency {
     let mut sorted: Vec<&ThroughputReport> = runs.iter().collect();
     sorted.sort_by(|a, b| a.heartbeats_per_s.total_cmp(&b.heartbeats_per_s));
     sorted

@@ -118,10 +118,13 @@ impl BearerToken {
         if token.is_empty() {
             return Err("the admin token is empty".into());
         }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the admin token must be printable ASCII without spaces".into());
+        }
         let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
             format!("Bearer {token}")
                 .parse()
-                .map_err(|_| "the admin token must be printable ASCII".to_owned())?;
+                .map_err(|_| "the admin token is not a valid header value".to_owned())?;
         value.set_sensitive(true);
         Ok(Self(value))
     }
@@ -369,7 +372,8 @@ mod tests {
                 .is_none()
         );
         assert!(BearerToken::new("  ").is_err());
-        assert!(BearerToken::new("tab\tinside").is_err());
+        assert!(BearerToken::new("new\nline").is_err());
+        assert!(BearerToken::new("tökén").is_err());
     }
 
     #[test]

@@ -39,10 +39,17 @@ pub struct AdminToken(Arc<[u8]>);
 
 impl AdminToken {
     /// A token from the contents of `--admin-token-file`: surrounding
-    /// whitespace (a trailing newline) is dropped. None when nothing is left.
-    pub fn from_file_contents(contents: &[u8]) -> Option<Self> {
+    /// whitespace (a trailing newline) is dropped; what is left must be
+    /// printable ASCII without spaces (it travels in an HTTP/2 header).
+    pub fn from_file_contents(contents: &[u8]) -> Result<Self, &'static str> {
         let text = contents.trim_ascii();
-        (!text.is_empty()).then(|| Self(Arc::from(text)))
+        if text.is_empty() {
+            return Err("is empty");
+        }
+        if !text.iter().all(u8::is_ascii_graphic) {
+            return Err("must hold printable ASCII without spaces");
+        }
+        Ok(Self(Arc::from(text)))
     }
 
     /// Whether `presented` is the token, in time independent of where they
@@ -308,7 +315,9 @@ mod tests {
             assert!(!token.matches(wrong));
         }
         assert!(!format!("{token:?}").contains("s3cret"));
-        assert!(AdminToken::from_file_contents(b" \n").is_none());
+        assert!(AdminToken::from_file_contents(b" \n").is_err());
+        assert!(AdminToken::from_file_contents("tök".as_bytes()).is_err());
+        assert!(AdminToken::from_file_contents(b"two words").is_err());
     }
 
     #[test]
