@@ -169,36 +169,60 @@ pub async fn alternate(
     out
 }
 
+/// The runs of one target, summarised.
+#[derive(Debug, Clone)]
+pub struct Side {
+    /// Heartbeats/s, per round.
+    pub per_s: Vec<f64>,
+    /// Median of `per_s`.
+    pub median: f64,
+    /// Latency of the median round.
+    pub latency: Latency,
+    /// Errors over all rounds.
+    pub errors: Tally,
+}
+
+impl Side {
+    /// Summarises `runs`.
+    pub fn of(runs: &[ThroughputReport]) -> Self {
+        let per_s: Vec<f64> = runs.iter().map(|r| r.heartbeats_per_s).collect();
+        let mut errors = Tally::default();
+        for r in runs {
+            errors.merge(&r.errors);
+        }
+        Self {
+            median: median(&per_s),
+            latency: median_latency(runs),
+            per_s,
+            errors,
+        }
+    }
+
+    /// `self ÷ baseline`: the ratio of the medians, and the median of the
+    /// per-round ratios (0 where the baseline did nothing).
+    pub fn ratios(&self, baseline: &Side) -> (f64, f64) {
+        let ratio = |t: f64, b: f64| if b > 0.0 { t / b } else { 0.0 };
+        let paired: Vec<f64> = self
+            .per_s
+            .iter()
+            .zip(&baseline.per_s)
+            .map(|(t, b)| ratio(*t, *b))
+            .collect();
+        (ratio(self.median, baseline.median), median(&paired))
+    }
+}
+
 fn summarise(
     mode: Mode,
     echo: &[ThroughputReport],
     registry: &[ThroughputReport],
 ) -> ModeComparison {
-    let rate =
-        |runs: &[ThroughputReport]| runs.iter().map(|r| r.heartbeats_per_s).collect::<Vec<_>>();
-    let (echo_per_s, registry_per_s) = (rate(echo), rate(registry));
-    let (echo_median, registry_median) = (median(&echo_per_s), median(&registry_per_s));
-    let paired: Vec<f64> = echo_per_s
-        .iter()
-        .zip(&registry_per_s)
-        .map(|(e, r)| if *e > 0.0 { r / e } else { 0.0 })
-        .collect();
-    let ratio = if echo_median > 0.0 {
-        registry_median / echo_median
-    } else {
-        0.0
-    };
-    let errors = |runs: &[ThroughputReport]| {
-        let mut t = Tally::default();
-        for r in runs {
-            t.merge(&r.errors);
-        }
-        t
-    };
+    let (echo, registry) = (Side::of(echo), Side::of(registry));
+    let (ratio, paired_ratio_median) = registry.ratios(&echo);
     let (goal, goal_met) = match mode {
         Mode::Batch => (
             format!("≥ {BATCH_GOAL:.0} executors/s"),
-            registry_median >= BATCH_GOAL,
+            registry.median >= BATCH_GOAL,
         ),
         _ => (
             format!("registry ÷ echo ≥ {RATIO_GOAL}"),
@@ -207,15 +231,15 @@ fn summarise(
     };
     ModeComparison {
         mode,
-        echo_latency: median_latency(echo),
-        registry_latency: median_latency(registry),
-        echo_errors: errors(echo),
-        registry_errors: errors(registry),
-        paired_ratio_median: median(&paired),
-        echo_per_s,
-        registry_per_s,
-        echo_median,
-        registry_median,
+        echo_latency: echo.latency,
+        registry_latency: registry.latency,
+        echo_errors: echo.errors,
+        registry_errors: registry.errors,
+        paired_ratio_median,
+        echo_per_s: echo.per_s,
+        registry_per_s: registry.per_s,
+        echo_median: echo.median,
+        registry_median: registry.median,
         ratio,
         goal,
         goal_met,

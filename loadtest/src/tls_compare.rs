@@ -24,8 +24,8 @@ use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::Mode;
-use crate::compare::{alternate, median_latency};
-use crate::stats::{Latency, Tally, median};
+use crate::compare::{Side, alternate};
+use crate::stats::{Latency, Tally};
 use crate::throughput::{self, Load, ThroughputReport};
 
 /// What to compare.
@@ -259,37 +259,19 @@ fn summarise(
     plain: &[ThroughputReport],
     tls: &[ThroughputReport],
 ) -> TlsModeComparison {
-    let rate =
-        |runs: &[ThroughputReport]| runs.iter().map(|r| r.heartbeats_per_s).collect::<Vec<_>>();
-    let (plaintext_per_s, tls_per_s) = (rate(plain), rate(tls));
-    let (plaintext_median, tls_median) = (median(&plaintext_per_s), median(&tls_per_s));
-    let paired: Vec<f64> = plaintext_per_s
-        .iter()
-        .zip(&tls_per_s)
-        .map(|(p, t)| if *p > 0.0 { t / p } else { 0.0 })
-        .collect();
-    let errors = |runs: &[ThroughputReport]| {
-        let mut t = Tally::default();
-        for r in runs {
-            t.merge(&r.errors);
-        }
-        t
-    };
+    let (plain, tls) = (Side::of(plain), Side::of(tls));
+    let (ratio, paired_ratio_median) = tls.ratios(&plain);
     TlsModeComparison {
         mode,
-        ratio: if plaintext_median > 0.0 {
-            tls_median / plaintext_median
-        } else {
-            0.0
-        },
-        paired_ratio_median: median(&paired),
-        plaintext_latency: median_latency(plain),
-        tls_latency: median_latency(tls),
-        plaintext_errors: errors(plain),
-        tls_errors: errors(tls),
-        plaintext_per_s,
-        tls_per_s,
-        plaintext_median,
-        tls_median,
+        ratio,
+        paired_ratio_median,
+        plaintext_latency: plain.latency,
+        tls_latency: tls.latency,
+        plaintext_errors: plain.errors,
+        tls_errors: tls.errors,
+        plaintext_per_s: plain.per_s,
+        tls_per_s: tls.per_s,
+        plaintext_median: plain.median,
+        tls_median: tls.median,
     }
 }

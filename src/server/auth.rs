@@ -106,8 +106,8 @@ impl Authenticated {
     }
 }
 
-/// The request's [`Authenticated`]; a request that did not pass the layer
-/// (only possible in-process) is trusted.
+/// The request's [`Authenticated`]; a request without one (an open server,
+/// where the layer records nothing) is trusted.
 pub fn authenticated<T>(request: &tonic::Request<T>) -> Authenticated {
     request
         .extensions()
@@ -264,6 +264,11 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        if let Auth::Open = self.auth {
+            // Nothing to record: a request without `Authenticated` is
+            // trusted, and plaintext heartbeats pay no allocation for it.
+            return Either::Right(self.inner.call(request));
+        }
         match check(&self.auth, &request) {
             Ok(authenticated) => {
                 request.extensions_mut().insert(authenticated);
@@ -348,6 +353,20 @@ mod tests {
 
         let admin = check(&auth, &request(RELEASE, Some("s3cret"), None)).unwrap();
         assert_eq!(admin.caller, Caller::admin("peer:10.1.2.3"));
+    }
+
+    #[test]
+    fn plaintext_token_mode_knows_callers_by_their_tcp_address() {
+        let mut request = http::Request::builder().uri(HEARTBEAT).body(()).unwrap();
+        request.extensions_mut().insert(TcpConnectInfo {
+            local_addr: None,
+            remote_addr: Some("[::1]:7".parse().unwrap()),
+        });
+        let plain = check(&token_auth(), &request).unwrap();
+        assert_eq!(plain.caller, Caller::identity("peer:::1"));
+        request.extensions_mut().clear();
+        let unknown = check(&token_auth(), &request).unwrap();
+        assert_eq!(unknown.caller, Caller::identity("peer:unknown"));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Owns: request validation at the wire level (sizes, enums), conversion,
 //! and the per-call stream plumbing. Each handler validates, converts, calls
-//! the core, and maps errors through [`super::error`] — nothing else. The
-//! service holds no membership state of its own.
+//! the core on behalf of the caller the auth layer recorded
+//! ([`super::auth`]), and maps errors through [`super::error`] — nothing
+//! else. The service holds no membership state of its own.
 
 use std::pin::Pin;
 
