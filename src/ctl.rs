@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use executor_registry::client::{
-    DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE, describe_transport_error,
+    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
+    describe_transport_error,
 };
 use executor_registry::proto::admin::admin_client::AdminClient;
 use executor_registry::proto::admin::{self, ExpiryGuardState};
@@ -31,7 +33,7 @@ Exit codes:
      `guard release` on a registry without --expiry-guard-fraction)
   2  usage: bad flags, selector or argument (also when the registry answers INVALID_ARGUMENT)
   3  not found: `get` or `deregister` of an id that is not a live executor
-  4  the registry is unreachable (connection refused, timeout) or unavailable (UNAVAILABLE)";
+  4  the registry is unreachable (connection refused, timeout, TLS handshake refused) or unavailable (UNAVAILABLE)";
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -58,6 +60,24 @@ pub struct CtlArgs {
     /// Longest wait to connect, and for each answer.
     #[arg(long, global = true, default_value = "10s", value_parser = duration)]
     timeout: Duration,
+
+    /// CA certificate (PEM) the registry's certificate must chain to; turns
+    /// on TLS (a bare host:port endpoint becomes https://).
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_CA")]
+    ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS; needs --key and --ca.
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_CERT")]
+    cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_KEY")]
+    key: Option<PathBuf>,
+
+    /// File holding the admin token, sent as `authorization: Bearer …`
+    /// (deregistering executors registered by others without mutual TLS).
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: CtlCommand,
@@ -194,6 +214,16 @@ impl CtlError {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Self::Unavailable(
                 format!("the registry at {endpoint} is unavailable: {message}"),
             ),
+            // The connection broke before any answer: most often a refused
+            // TLS handshake, or plaintext against a TLS port.
+            Code::Unknown
+                if message.contains("transport error") || message.contains("h2 protocol error") =>
+            {
+                Self::Unavailable(format!(
+                    "the connection to {endpoint} failed: {message} (if the registry serves TLS, \
+                     use https:// with --ca, and --cert/--key for mutual TLS)"
+                ))
+            }
             code => Self::Other(format!(
                 "the registry at {endpoint} answered {code}: {message}"
             )),
@@ -228,21 +258,76 @@ pub fn run(args: CtlArgs) -> ExitCode {
     }
 }
 
-/// The endpoint with a scheme (`host:port` → `http://host:port`).
-fn normalize(endpoint: &str) -> String {
+/// The endpoint with a scheme (`host:port` → `http://host:port`, or
+/// `https://` with TLS).
+fn normalize(endpoint: &str, tls: bool) -> String {
     let endpoint = endpoint.trim();
     if endpoint.contains("://") {
         endpoint.to_owned()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
 }
 
-async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, CtlError> {
-    let target = Endpoint::from_shared(endpoint.to_owned())
+/// The TLS settings and admin token the flags name (files read).
+fn credentials(args: &CtlArgs) -> Result<ChannelOptions, CtlError> {
+    let tls = match (&args.ca, &args.cert, &args.key) {
+        (None, None, None) => None,
+        (None, _, _) => {
+            return Err(CtlError::Usage(
+                "--cert and --key need --ca (the CA that signed the registry's certificate)".into(),
+            ));
+        }
+        (Some(ca), cert, key) => Some(
+            ClientTls::from_files(ca, cert.as_deref(), key.as_deref())
+                .map_err(|e| CtlError::Usage(format!("--ca/--cert/--key: {e}")))?,
+        ),
+    };
+    let admin_token = match &args.admin_token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                CtlError::Usage(format!(
+                    "--admin-token-file {}: cannot read: {e}",
+                    path.display()
+                ))
+            })?;
+            Some(BearerToken::new(&text).map_err(|e| {
+                CtlError::Usage(format!("--admin-token-file {}: {e}", path.display()))
+            })?)
+        }
+    };
+    Ok(ChannelOptions {
+        tls,
+        admin_token,
+        ..ChannelOptions::default()
+    })
+}
+
+async fn connect(
+    endpoint: &str,
+    timeout: Duration,
+    options: &ChannelOptions,
+) -> Result<Channel, CtlError> {
+    let mut target = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| CtlError::Usage(format!("invalid --endpoint {endpoint:?}: {e}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
+    if let Some(tls) = &options.tls {
+        if !endpoint.starts_with("https://") {
+            return Err(CtlError::Usage(format!(
+                "--ca is given: the endpoint must be https:// or a bare host:port, not {endpoint:?}"
+            )));
+        }
+        target = target.tls_config(tls.tonic_config()).map_err(|e| {
+            CtlError::Usage(format!(
+                "--ca/--cert/--key: {}",
+                describe_transport_error(&e)
+            ))
+        })?;
+    }
     let channel = target.connect().await.map_err(|e| {
         CtlError::Unavailable(format!(
             "cannot reach the registry at {endpoint}: {}",
@@ -269,8 +354,9 @@ async fn call<T>(
 }
 
 async fn execute(args: CtlArgs) -> Result<(), CtlError> {
-    let endpoint = normalize(&args.endpoint);
-    let channel = connect(&endpoint, args.timeout).await?;
+    let options = credentials(&args)?;
+    let endpoint = normalize(&args.endpoint, options.tls.is_some());
+    let channel = connect(&endpoint, args.timeout, &options).await?;
     let mut client = RegistryClient::new(channel.clone())
         .max_decoding_message_size(DEFAULT_MAX_DECODING_MESSAGE_SIZE);
     let (json, timeout) = (args.json, args.timeout);
@@ -281,7 +367,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
                 status: status.map_or(proto::ExecutorStatus::Unspecified, StatusArg::wire) as i32,
                 selectors,
             };
-            let list = call(&endpoint, timeout, client.list_executors(request)).await?;
+            let list = call(
+                &endpoint,
+                timeout,
+                client.list_executors(options.request(request)),
+            )
+            .await?;
             if json {
                 let executors: Vec<Value> = list.executors.iter().map(executor_json).collect();
                 let document = json!({
@@ -296,7 +387,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
         }
         CtlCommand::Get { id } => {
             let request = proto::GetExecutorRequest { executor_id: id };
-            let executor = call(&endpoint, timeout, client.get_executor(request)).await?;
+            let executor = call(
+                &endpoint,
+                timeout,
+                client.get_executor(options.request(request)),
+            )
+            .await?;
             if json {
                 writeln!(out, "{:#}", executor_json(&executor))
             } else {
@@ -308,9 +404,13 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             let request = proto::CountExecutorsRequest {
                 status: wire as i32,
             };
-            let count = call(&endpoint, timeout, client.count_executors(request))
-                .await?
-                .count;
+            let count = call(
+                &endpoint,
+                timeout,
+                client.count_executors(options.request(request)),
+            )
+            .await?
+            .count;
             if json {
                 let status = status.map_or("all", |s| status_name(s.wire()));
                 writeln!(out, "{}", json!({ "count": count, "status": status }))
@@ -322,7 +422,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             let request = proto::DeregisterRequest {
                 executor_id: id.clone(),
             };
-            call(&endpoint, timeout, client.deregister(request)).await?;
+            call(
+                &endpoint,
+                timeout,
+                client.deregister(options.request(request)),
+            )
+            .await?;
             if json {
                 writeln!(out, "{}", json!({ "deregistered": id }))
             } else {
@@ -334,7 +439,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             match action {
                 None => {
                     let request = admin::GetExpiryGuardRequest {};
-                    let answer = call(&endpoint, timeout, admin.get_expiry_guard(request)).await?;
+                    let answer = call(
+                        &endpoint,
+                        timeout,
+                        admin.get_expiry_guard(options.request(request)),
+                    )
+                    .await?;
                     let state = answer.state.unwrap_or_default();
                     if json {
                         writeln!(out, "{:#}", guard_json(&state))
@@ -344,8 +454,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
                 }
                 Some(GuardAction::Release) => {
                     let request = admin::ReleaseExpiryGuardRequest {};
-                    let answer =
-                        call(&endpoint, timeout, admin.release_expiry_guard(request)).await?;
+                    let answer = call(
+                        &endpoint,
+                        timeout,
+                        admin.release_expiry_guard(options.request(request)),
+                    )
+                    .await?;
                     if json {
                         let state = answer.state.unwrap_or_default();
                         let document = json!({
@@ -365,7 +479,7 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
         }
         CtlCommand::Watch => {
             drop(out);
-            return watch(&endpoint, timeout, &mut client, json).await;
+            return watch(&endpoint, timeout, &mut client, &options, json).await;
         }
     };
     written.or_else(|e| CtlError::from_io(e).map_or(Ok(()), Err))
@@ -377,12 +491,13 @@ async fn watch(
     endpoint: &str,
     timeout: Duration,
     client: &mut RegistryClient<Channel>,
+    options: &ChannelOptions,
     json: bool,
 ) -> Result<(), CtlError> {
     let mut stream = call(
         endpoint,
         timeout,
-        client.watch_executors(proto::WatchExecutorsRequest {}),
+        client.watch_executors(options.request(proto::WatchExecutorsRequest {})),
     )
     .await?;
     let interrupted = tokio::signal::ctrl_c();

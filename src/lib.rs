@@ -38,6 +38,7 @@
 //!         name: "worker".into(),
 //!         address: "10.0.0.7:9000".into(),
 //!         labels: vec![("zone".into(), "a".into())],
+//!         owner: None,
 //!     })
 //!     .await
 //!     .unwrap();

@@ -163,6 +163,14 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
 ///
 /// Fails if `listen` cannot be bound or a global recorder is already set.
 pub async fn install(listen: SocketAddr) -> anyhow::Result<Arc<Metrics>> {
+    install_with_tls(listen, None).await
+}
+
+/// [`install`], serving HTTPS with `tls` when given (`--metrics-tls`).
+pub async fn install_with_tls(
+    listen: SocketAddr,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> anyhow::Result<Arc<Metrics>> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the metrics endpoint on {listen}"))?;
@@ -173,7 +181,13 @@ pub async fn install(listen: SocketAddr) -> anyhow::Result<Arc<Metrics>> {
     let metrics = Arc::new(::metrics::with_recorder(Metrics::new));
     spawn_upkeep(Arc::downgrade(&metrics), handle.clone())
         .context("starting the metrics upkeep thread")?;
-    tokio::spawn(serve_scrapes(listener, handle, Arc::downgrade(&metrics)));
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::spawn(serve_scrapes(
+        listener,
+        tls,
+        handle,
+        Arc::downgrade(&metrics),
+    ));
     Ok(metrics)
 }
 
@@ -189,9 +203,11 @@ fn spawn_upkeep(metrics: Weak<Metrics>, handle: PrometheusHandle) -> std::io::Re
         .map(drop)
 }
 
-/// Answers `GET /metrics` (HTTP/1.1) with a fresh rendering; 404 elsewhere.
+/// Answers `GET /metrics` (HTTP/1.1, over TLS when `tls` is given) with a
+/// fresh rendering; 404 elsewhere.
 async fn serve_scrapes(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     handle: PrometheusHandle,
     metrics: Weak<Metrics>,
 ) {
@@ -209,16 +225,41 @@ async fn serve_scrapes(
             let response = scrape(&request, &handle, &metrics);
             async move { Ok::<_, std::convert::Infallible>(response) }
         });
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            let result = match tls {
+                None => serve_connection(stream, service).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => serve_connection(stream, service).await,
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no TLS handshake within 10s".into()),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "metrics connection ended");
             }
         });
     }
+}
+
+async fn serve_connection<IO, S>(io: IO, service: S) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn scrape<B>(
@@ -597,6 +638,10 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
+    fn auth_denied(&self, reason: &'static str) {
+        Metrics::auth_denied(self, reason);
+    }
+
     fn heartbeat(&self, result: HeartbeatResult) {
         self.heartbeat_tallies.0[heartbeat_index(result)].fetch_add(1, Ordering::Relaxed);
     }

@@ -295,15 +295,18 @@ impl MembershipLoop {
                 }
             };
             let id = ExecutorId::new(&row.id);
-            let entry = Arc::new(Entry::new(
-                id.clone(),
-                row.name.into(),
-                row.address.into(),
-                labels,
-                row.registered_unix_ms,
-                ttl,
-                now + ttl,
-            ));
+            let entry = Arc::new(
+                Entry::new(
+                    id.clone(),
+                    row.name.into(),
+                    row.address.into(),
+                    labels,
+                    row.registered_unix_ms,
+                    ttl,
+                    now + ttl,
+                )
+                .with_owner(row.owner.map(Arc::from)),
+            );
             self.insert_live(entry);
         }
         self.publish();
@@ -477,16 +480,20 @@ impl MembershipLoop {
                         name,
                         address,
                         labels,
+                        owner,
                     } = pending.registration;
-                    let entry = Arc::new(Entry::new(
-                        pending.id,
-                        name.into(),
-                        address.into(),
-                        labels,
-                        pending.registered_unix_ms,
-                        ttl,
-                        now + ttl,
-                    ));
+                    let entry = Arc::new(
+                        Entry::new(
+                            pending.id,
+                            name.into(),
+                            address.into(),
+                            labels,
+                            pending.registered_unix_ms,
+                            ttl,
+                            now + ttl,
+                        )
+                        .with_owner(owner),
+                    );
                     self.insert_live(entry.clone());
                     let revision = self.next_revision();
                     changes.events.push(Event {
@@ -842,6 +849,7 @@ impl MembershipLoop {
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
                         .collect(),
                     registered_unix_ms: p.registered_unix_ms,
+                    owner: p.registration.owner.as_deref().map(str::to_owned),
                 })
                 .collect(),
             deletes: deletes.iter().map(|id| id.as_str().to_owned()).collect(),

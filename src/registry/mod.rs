@@ -10,6 +10,7 @@
 //! Must not touch: gRPC, SQL, Prometheus. Time comes from tokio's clock, so
 //! tests can pause it.
 
+mod access;
 mod clock;
 mod entry;
 mod error;
@@ -30,6 +31,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use access::{Action, Caller, allowed};
 pub use clock::Clock;
 pub use entry::{Beat, Entry, ExecutorId, Expiry, State, Status};
 pub use error::RegistryError;
@@ -48,6 +50,8 @@ pub const MAX_BATCH: usize = 10_000;
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest address, in bytes.
 pub const MAX_ADDRESS_LEN: usize = 255;
+/// Longest owner identity, in bytes.
+pub const MAX_OWNER_LEN: usize = 1024;
 /// Capacity of the command channel to the membership loop.
 const COMMAND_QUEUE: usize = 65_536;
 
@@ -107,6 +111,10 @@ pub struct Registration {
     pub address: String,
     /// Labels for selectors.
     pub labels: Vec<(String, String)>,
+    /// The identity registering it (see [`Caller::owner`]); None: unowned.
+    /// Only this identity may heartbeat or deregister it (admins may
+    /// deregister it too).
+    pub owner: Option<String>,
 }
 
 /// A registration that passed validation.
@@ -115,6 +123,7 @@ pub(crate) struct ValidRegistration {
     pub name: String,
     pub address: String,
     pub labels: Labels,
+    pub owner: Option<Arc<str>>,
 }
 
 impl Registration {
@@ -123,10 +132,22 @@ impl Registration {
         check_name(&self.name)?;
         check_address(&self.address)?;
         let labels = Labels::new(self.labels)?;
+        if let Some(owner) = &self.owner
+            && (owner.is_empty() || owner.len() > MAX_OWNER_LEN)
+        {
+            return Err(RegistryError::invalid(
+                "owner",
+                format!(
+                    "identity is {} bytes; it must be 1 to {MAX_OWNER_LEN}",
+                    owner.len()
+                ),
+            ));
+        }
         Ok(ValidRegistration {
             name: self.name,
             address: self.address,
             labels,
+            owner: self.owner.map(Arc::from),
         })
     }
 }
@@ -321,7 +342,18 @@ impl Registry {
     /// Renews an executor's lease. `ttl_ms` = 0 keeps its current TTL.
     /// Returns the suggested heartbeat interval. Never leaves the live table.
     pub fn heartbeat(&self, id: &str, ttl_ms: u64) -> Result<Duration, RegistryError> {
-        let result = self.heartbeat_inner(id, ttl_ms);
+        self.heartbeat_as(id, ttl_ms, &Caller::Trusted)
+    }
+
+    /// [`heartbeat`](Self::heartbeat) on behalf of `caller`: refused with
+    /// [`RegistryError::PermissionDenied`] unless [`allowed`].
+    pub fn heartbeat_as(
+        &self,
+        id: &str,
+        ttl_ms: u64,
+        caller: &Caller,
+    ) -> Result<Duration, RegistryError> {
+        let result = self.heartbeat_inner(id, ttl_ms, caller);
         let observed = match &result {
             Ok(_) => HeartbeatResult::Ok,
             Err(RegistryError::NotFound(_)) => HeartbeatResult::Unknown,
@@ -332,7 +364,7 @@ impl Registry {
         result.map(|()| self.suggested_interval())
     }
 
-    fn heartbeat_inner(&self, id: &str, ttl_ms: u64) -> Result<(), RegistryError> {
+    fn heartbeat_inner(&self, id: &str, ttl_ms: u64, caller: &Caller) -> Result<(), RegistryError> {
         let ttl = self.check_ttl(ttl_ms)?;
         if id.is_empty() {
             return Err(RegistryError::invalid("executor_id", "is required"));
@@ -345,6 +377,9 @@ impl Registry {
                 RegistryError::NotFound(id.to_owned())
             });
         };
+        if !allowed(caller, entry.owner(), Action::Heartbeat) {
+            return Err(RegistryError::not_owner(id));
+        }
         match entry.heartbeat(shared.clock.now_ms(), ttl) {
             Beat::Renewed {
                 deadline_ms,
@@ -383,11 +418,21 @@ impl Registry {
 
     /// Graceful leave: removed at once, OFFLINE with reason DEREGISTERED.
     pub async fn deregister(&self, id: &str) -> Result<(), RegistryError> {
+        self.deregister_as(id, &Caller::Trusted).await
+    }
+
+    /// [`deregister`](Self::deregister) on behalf of `caller`: refused with
+    /// [`RegistryError::PermissionDenied`] unless [`allowed`].
+    pub async fn deregister_as(&self, id: &str, caller: &Caller) -> Result<(), RegistryError> {
         if id.is_empty() {
             return Err(RegistryError::invalid("executor_id", "is required"));
         }
-        if !self.shared.live.contains_key(id) {
-            return Err(RegistryError::NotFound(id.to_owned()));
+        match self.shared.live.get(id) {
+            None => return Err(RegistryError::NotFound(id.to_owned())),
+            Some(entry) if !allowed(caller, entry.owner(), Action::Deregister) => {
+                return Err(RegistryError::not_owner(id));
+            }
+            Some(_) => {}
         }
         let (reply, answer) = oneshot::channel();
         let command = Command::Deregister {
@@ -435,6 +480,12 @@ impl Registry {
             Some(entry) if entry.status() != Status::Tombstone => Ok(entry.value().clone()),
             _ => Err(RegistryError::NotFound(id.to_owned())),
         }
+    }
+
+    /// The observer this registry reports to (adapters report their own
+    /// events, e.g. refused calls, through it too).
+    pub fn observer(&self) -> &Arc<dyn Observer> {
+        &self.shared.observer
     }
 
     /// The current snapshot (lock-free).

@@ -61,6 +61,9 @@ pub trait Observer: Send + Sync + 'static {
     fn released(&self, _count: u64) {}
     /// A store operation finished after `elapsed`; `ok` = false on error.
     fn store_operation(&self, _op: &'static str, _elapsed: Duration, _ok: bool) {}
+    /// A connection or call was refused by authentication or authorization;
+    /// `reason` is `handshake`, `unauthenticated`, `not_owner` or `not_admin`.
+    fn auth_denied(&self, _reason: &'static str) {}
 }
 
 /// The observer that observes nothing.
