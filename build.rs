@@ -1,5 +1,7 @@
-//! Generates the gRPC types from `proto/registry/v1/registry.proto` with a
-//! vendored `protoc`, so `cargo build` needs nothing installed.
+//! Generates the gRPC types from `proto/registry/v1/registry.proto`, and the
+//! etcd client (`proto/etcd/etcd.proto`, the subset of etcd's API the
+//! replicas use), with a vendored `protoc`, so `cargo build` needs nothing
+//! installed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/registry/v1/registry.proto";
@@ -12,5 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::RegistryCodec")
         .file_descriptor_set_path(out_dir.join("registry_descriptor.bin"))
         .compile_with_config(config, &[proto], &["proto"])?;
+
+    let etcd = "proto/etcd/etcd.proto";
+    println!("cargo:rerun-if-changed={etcd}");
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_with_config(config, &[etcd], &["proto"])?;
     Ok(())
 }

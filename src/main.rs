@@ -8,8 +8,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use std::time::Duration;
 
 use executor_registry::config::{ServeArgs, StoreKind};
+use executor_registry::replica::ReplicaOptions;
 use executor_registry::registry::Registry;
 use executor_registry::server;
 use executor_registry::store::{MembershipStore, MemoryStore, SqliteStore};
@@ -59,8 +63,12 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
+    if let StoreKind::Etcd(endpoints) = args.store_kind()? {
+        return serve_replica(args, config, endpoints).await;
+    }
     let store: Box<dyn MembershipStore> = match args.store_kind()? {
         StoreKind::Memory => Box::new(MemoryStore::new()),
+        StoreKind::Etcd(_) => unreachable!("handled above"),
         StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
             format!(
                 "cannot open the store in {} (--data-dir)",
@@ -89,6 +97,66 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stopped = server::serve_with(listener, registry, shutdown_signal(), options).await?;
     tracing::info!(?stopped, "gRPC server stopped; flushing the store");
     task.stop().await;
+    metrics.flush();
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// One replica on etcd: campaigns, leads or forwards to the leader.
+async fn serve_replica(
+    args: ServeArgs,
+    config: executor_registry::registry::RegistryConfig,
+    endpoints: Vec<String>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let metrics = executor_registry::metrics::install(args.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (--metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
+    let advertise = args
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string()));
+    let options = ReplicaOptions {
+        endpoints,
+        prefix: args.etcd_prefix.clone(),
+        // etcd leases count whole seconds.
+        lease: Duration::from_secs(args.leader_lease.as_secs_f64().ceil() as u64),
+        watermark_interval: args.watermark_interval,
+        advertise: advertise.clone(),
+        config,
+        limits: args.limits(),
+    };
+    let (front, replica) = executor_registry::replica::start(options, metrics.clone())
+        .context("cannot start the replica (--store)")?;
+    tracing::info!(listen = %listener.local_addr()?, %advertise, metrics = %args.metrics_listen, "executor-registry replica serving");
+    // At shutdown the server cancels this: the replica steps down, which
+    // ends the streams it serves, so the server can drain.
+    let streams_stop = CancellationToken::new();
+    tokio::spawn({
+        let streams_stop = streams_stop.clone();
+        let replica_stop = replica.stop_token();
+        async move {
+            streams_stop.cancelled().await;
+            replica_stop.cancel();
+        }
+    });
+    let stopped = server::serve_service(
+        listener,
+        front,
+        streams_stop,
+        shutdown_signal(),
+        args.shutdown_grace,
+    )
+    .await?;
+    tracing::info!(?stopped, "gRPC server stopped; stepping down");
+    replica.stop().await;
     metrics.flush();
     tracing::info!("bye");
     Ok(())

@@ -97,7 +97,42 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: ServeOptions,
 ) -> Result<Stopped, tonic::transport::Error> {
-    let grace = options.grace;
+    let streams_stop = CancellationToken::new();
+    let admission = Admission::new(options.limits);
+    let service = RegistryServer::new(RegistryService::new(
+        registry,
+        streams_stop.clone(),
+        admission,
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    // Lists and snapshots of a large fleet are big; clients raise their
+    // own decoding limit to read them.
+    .max_encoding_message_size(usize::MAX);
+    serve_service(listener, service, streams_stop, shutdown, options.grace).await
+}
+
+/// Serves `service` as `registry.v1.Registry` (with health and reflection)
+/// on `listener` until `shutdown` resolves; then cancels `streams_stop` and
+/// drains for at most `grace`. Replicas serve their routing front this way.
+pub async fn serve_service<S>(
+    listener: TcpListener,
+    service: S,
+    streams_stop: CancellationToken,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<Stopped, tonic::transport::Error>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -113,18 +148,6 @@ pub async fn serve_with(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
-
-    let streams_stop = CancellationToken::new();
-    let admission = Admission::new(options.limits);
-    let service = RegistryServer::new(RegistryService::new(
-        registry,
-        streams_stop.clone(),
-        admission,
-    ))
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    // Lists and snapshots of a large fleet are big; clients raise their
-    // own decoding limit to read them.
-    .max_encoding_message_size(usize::MAX);
 
     let signal = {
         let streams_stop = streams_stop.clone();
