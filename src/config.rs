@@ -276,10 +276,10 @@ impl ServeArgs {
                     .split(',')
                     .map(|e| e.trim().to_owned())
                     .collect();
-                if let Some(bad) = endpoints
-                    .iter()
-                    .find(|e| e.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
-                {
+                if let Some(bad) = endpoints.iter().find(|e| {
+                    e.rsplit_once(':')
+                        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                }) {
                     return Err(ConfigError(format!(
                         "--store {s:?}: etcd endpoint {bad:?} is not host:port"
                     )));
@@ -409,7 +409,12 @@ mod tests {
             &["--store", "postgres"],
             &["--store", "etcd://"],
             &["--store", "etcd://127.0.0.1:2379,nohost"],
-            &["--store", "etcd://127.0.0.1:2379", "--leader-lease", "500ms"],
+            &[
+                "--store",
+                "etcd://127.0.0.1:2379",
+                "--leader-lease",
+                "500ms",
+            ],
             &["--store", "etcd://127.0.0.1:2379", "--etcd-prefix", "x"],
             &["--tls-cert", "/tmp/cert.pem"],
         ] {

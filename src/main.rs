@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use std::time::Duration;
 
 use executor_registry::config::{ServeArgs, StoreKind};
-use executor_registry::replica::ReplicaOptions;
 use executor_registry::registry::Registry;
+use executor_registry::replica::ReplicaOptions;
 use executor_registry::server;
 use executor_registry::store::{MembershipStore, MemoryStore, SqliteStore};
 
@@ -119,10 +119,11 @@ async fn serve_replica(
                 args.metrics_listen
             )
         })?;
-    let advertise = args
-        .advertise_address
-        .clone()
-        .unwrap_or_else(|| listener.local_addr().map_or_else(|_| args.listen.to_string(), |a| a.to_string()));
+    let advertise = args.advertise_address.clone().unwrap_or_else(|| {
+        listener
+            .local_addr()
+            .map_or_else(|_| args.listen.to_string(), |a| a.to_string())
+    });
     let options = ReplicaOptions {
         endpoints,
         prefix: args.etcd_prefix.clone(),

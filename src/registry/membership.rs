@@ -281,9 +281,9 @@ impl MembershipLoop {
                 }
             };
             let id = ExecutorId::new(&row.id);
-            let (ttl, left) = resume.get(&row.id).map_or((ttl, ttl), |r| {
-                (duration_ms(r.ttl), duration_ms(r.left))
-            });
+            let (ttl, left) = resume
+                .get(&row.id)
+                .map_or((ttl, ttl), |r| (duration_ms(r.ttl), duration_ms(r.left)));
             let entry = Arc::new(Entry::new(
                 id.clone(),
                 row.name.into(),

@@ -282,12 +282,15 @@ impl Etcd {
     ) {
         loop {
             let (tx, rx) = mpsc::channel(1);
+            // The first request goes before the stream opens: etcd answers
+            // the stream's headers only with the first keep-alive answer.
+            let mut sent = Instant::now();
+            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                return;
+            }
             let mut lease = self.lease.clone();
-            let opened = tokio::time::timeout(
-                CALL_TIMEOUT,
-                lease.lease_keep_alive(ReceiverStream::new(rx)),
-            )
-            .await;
+            let opened =
+                tokio::time::timeout(period, lease.lease_keep_alive(ReceiverStream::new(rx))).await;
             let mut answers = match opened {
                 Ok(Ok(response)) => response.into_inner(),
                 Ok(Err(e)) => {
@@ -301,13 +304,7 @@ impl Etcd {
                 if valid_until.is_closed() {
                     return;
                 }
-                let sent = Instant::now();
-                if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                    break;
-                }
-                match tokio::time::timeout(period.max(Duration::from_millis(500)), answers.message())
-                    .await
-                {
+                match tokio::time::timeout(period, answers.message()).await {
                     Ok(Ok(Some(answer))) if answer.ttl <= 0 => {
                         tracing::warn!(lease = id, "the etcd lease expired");
                         return;
@@ -319,6 +316,10 @@ impl Etcd {
                     Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
                 }
                 tokio::time::sleep(period.saturating_sub(sent.elapsed())).await;
+                sent = Instant::now();
+                if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::body::Body;
-use tonic::codegen::http::{HeaderValue, Request, Response};
 use tonic::codegen::Service;
+use tonic::codegen::http::{HeaderValue, Request, Response};
 use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -50,6 +51,10 @@ pub enum Route {
         leader: String,
         /// A channel to it.
         channel: Channel,
+        /// Cancelled when the route changes: calls still waiting on this
+        /// leader (a paused or partitioned one answers nothing) end with
+        /// UNAVAILABLE at once, so their clients retry at the new leader.
+        gone: CancellationToken,
     },
 }
 
@@ -68,15 +73,21 @@ impl Default for Front {
 }
 
 impl Front {
-    /// Sets the route for calls from now on (calls in progress keep theirs).
+    /// Sets the route for calls from now on; calls forwarded on the
+    /// previous route end (see [`Route::Remote::gone`]).
     pub fn set(&self, route: Route) {
-        self.route.store(Arc::new(route));
+        let old = self.route.swap(Arc::new(route));
+        if let Route::Remote { gone, .. } = &*old {
+            gone.cancel();
+        }
     }
 
     /// Routes to `leader`, reusing the current channel if it already goes
     /// there.
     pub fn follow(&self, leader: &str) {
-        if let Route::Remote { leader: current, .. } = &**self.route.load()
+        if let Route::Remote {
+            leader: current, ..
+        } = &**self.route.load()
             && current == leader
         {
             return;
@@ -99,6 +110,7 @@ impl Front {
                 self.set(Route::Remote {
                     leader: leader.to_owned(),
                     channel,
+                    gone: CancellationToken::new(),
                 });
             }
             Err(e) => {
@@ -147,7 +159,11 @@ impl Service<Request<Body>> for Front {
                     let response = service.call(request).await?;
                     Ok(with_leader(response, advertise))
                 }
-                Route::Remote { leader, channel } => {
+                Route::Remote {
+                    leader,
+                    channel,
+                    gone,
+                } => {
                     if request.headers().contains_key(FORWARDED_HEADER) {
                         return Ok(with_leader(
                             unavailable(format!(
@@ -164,8 +180,24 @@ impl Service<Request<Body>> for Front {
                         std::future::poll_fn(|cx| channel.poll_ready(cx)).await?;
                         channel.call(request).await
                     };
-                    match forwarded.await {
-                        Ok(response) => Ok(with_leader(response, leader)),
+                    let forwarded = tokio::select! {
+                        result = forwarded => result,
+                        () = gone.cancelled() => {
+                            return Ok(unavailable(format!(
+                                "the leader changed from {leader} while this call waited; retry"
+                            )));
+                        }
+                    };
+                    match forwarded {
+                        Ok(response) => {
+                            let response = response.map(|body| {
+                                Body::new(Cut {
+                                    inner: body,
+                                    gone: Box::pin(gone.clone().cancelled_owned()),
+                                })
+                            });
+                            Ok(with_leader(response, leader))
+                        }
                         Err(e) => Ok(with_leader(
                             unavailable(format!(
                                 "cannot reach the leader {leader}: {}",
@@ -177,5 +209,37 @@ impl Service<Request<Body>> for Front {
                 }
             }
         })
+    }
+}
+
+/// A forwarded response body that ends with UNAVAILABLE when the route it
+/// came by is gone (a stream to a leader that stopped answering).
+struct Cut {
+    inner: Body,
+    gone: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl http_body::Body for Cut {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        if self.gone.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(tonic::Status::unavailable(
+                "the registry leader changed; reconnect",
+            ))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -65,15 +65,17 @@ pub struct ReplicaOptions {
 }
 
 impl ReplicaOptions {
-    /// The grace a resumed executor gets on top of its remaining TTL: the
-    /// lease (clients spend up to that long finding the new leader) plus two
-    /// suggested heartbeat intervals for `executors` (their reconnect
-    /// backoff is capped by one).
+    /// The grace a resumed executor gets on top of its remaining TTL, for
+    /// its client to find the new leader: two leases (a client stuck on a
+    /// paused leader, or on a replica forwarding to it, waits up to a lease
+    /// for the replicas to notice, then times its call out) plus two
+    /// suggested heartbeat intervals for `executors` (reconnect backoff is
+    /// capped by one).
     pub fn resume_grace(&self, executors: usize) -> Duration {
         let spread = Duration::from_millis(
             (executors as u64).saturating_mul(1000) / self.config.max_heartbeats_per_second.max(1),
         );
-        self.lease + 2 * self.config.heartbeat_interval.max(spread)
+        2 * self.lease + 2 * self.config.heartbeat_interval.max(spread)
     }
 
     /// The failover allowance: how much later than its TTL after its last
@@ -154,7 +156,7 @@ impl Controller {
     }
 
     async fn run(self) {
-        self.metrics.set_leader(false);
+        self.metrics.start_as_follower();
         while !self.stop.is_cancelled() {
             let asked = Instant::now();
             let (lease, ttl) = match self.etcd.grant(self.options.lease).await {
@@ -216,12 +218,15 @@ impl Controller {
                     });
                 }
                 Ok(response) => {
-                    let leader = response.responses.into_iter().find_map(|r| match r.response {
-                        Some(etcd::pb::response_op::Response::ResponseRange(range)) => {
-                            range.kvs.into_iter().next()
-                        }
-                        _ => None,
-                    });
+                    let leader = response
+                        .responses
+                        .into_iter()
+                        .find_map(|r| match r.response {
+                            Some(etcd::pb::response_op::Response::ResponseRange(range)) => {
+                                range.kvs.into_iter().next()
+                            }
+                            _ => None,
+                        });
                     match leader {
                         Some(kv) => self.front.follow(&String::from_utf8_lossy(&kv.value)),
                         None => self.front.set(Route::Unknown),
@@ -273,15 +278,18 @@ impl Controller {
             tokio::runtime::Handle::current(),
         );
         let observer: Arc<dyn crate::registry::Observer> = self.metrics.clone();
-        let (registry, task) =
-            match Registry::start_resumed(options.config.clone(), Box::new(store), observer, resume)
-            {
-                Ok(started) => started,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the membership loop");
-                    return TermEnd::LoadFailed;
-                }
-            };
+        let (registry, task) = match Registry::start_resumed(
+            options.config.clone(),
+            Box::new(store),
+            observer,
+            resume,
+        ) {
+            Ok(started) => started,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the membership loop");
+                return TermEnd::LoadFailed;
+            }
+        };
         let streams_stop = CancellationToken::new();
         let service = RegistryServer::new(RegistryService::new(
             registry.clone(),
