@@ -376,7 +376,14 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
     let fleet_before: BTreeSet<String> = fleet.members().iter().map(|m| m.id.clone()).collect();
     assert_eq!(fleet_before.len(), before.len());
 
-    // Kill the leader; the doomed executors die with it.
+    // Kill the leader (whichever leads now); the doomed executors die with it.
+    let changes: f64 = replicas
+        .iter()
+        .filter_map(|r| metric(r.metrics, "registry_leader_changes_total "))
+        .sum();
+    let leader = wait_for_leader(&all).await;
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    eprintln!("leader changes before the kill: {changes}");
     let killed_at = Instant::now();
     replicas[leader].signal("-KILL");
     let last_doomed_beat = Instant::now();

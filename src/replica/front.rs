@@ -29,7 +29,7 @@ use crate::proto::registry_server::RegistryServer;
 use crate::server::RegistryService;
 
 /// Response metadata naming the leader's advertise address (SPEC §3).
-pub const LEADER_HEADER: &str = "registry-leader";
+pub const LEADER_HEADER: &str = crate::client::LEADER_METADATA;
 /// Request header marking a call a replica forwarded.
 pub const FORWARDED_HEADER: &str = "registry-forwarded";
 

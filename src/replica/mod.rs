@@ -152,7 +152,9 @@ enum TermEnd {
 
 impl Controller {
     fn poll_period(&self) -> Duration {
-        (self.options.lease / 10).clamp(Duration::from_millis(50), Duration::from_millis(250))
+        // A few dozen small transactions a second: cheap for etcd, and a
+        // dead leader's key is noticed within ~1/40 of a lease.
+        (self.options.lease / 40).clamp(Duration::from_millis(25), Duration::from_millis(250))
     }
 
     async fn run(self) {
@@ -174,7 +176,7 @@ impl Controller {
             let (valid_tx, valid) = watch::channel(asked + ttl);
             let keeper = {
                 let etcd = self.etcd.clone();
-                tokio::spawn(async move { etcd.keep_alive(lease, ttl / 3, valid_tx).await })
+                tokio::spawn(async move { etcd.keep_alive(lease, ttl / 4, valid_tx).await })
             };
             if let Some(fence) = self.campaign(lease, &valid).await {
                 let end = self.lead(fence, &valid).await;
