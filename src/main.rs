@@ -119,6 +119,9 @@ async fn serve_replica(
                 args.metrics_listen
             )
         })?;
+    // Not the leader until elected (the exporter starts at 1 for a single
+    // process).
+    metrics.start_as_follower();
     let advertise = args.advertise_address.clone().unwrap_or_else(|| {
         listener
             .local_addr()

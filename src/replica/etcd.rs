@@ -270,27 +270,34 @@ impl Etcd {
     }
 
     /// Keeps lease `id` alive every `period`, reporting after each answer
-    /// the instant until which the lease is certainly valid (request sent +
-    /// the TTL granted). Returns when the lease is gone (etcd answered TTL 0)
-    /// or `valid_until` has no receiver left. Transient errors reopen the
-    /// stream; they do not extend validity.
+    /// the instant until which the lease is certainly valid (that request's
+    /// send time + the TTL granted). Requests go out on schedule whether or
+    /// not earlier ones were answered, so a slow answer does not delay the
+    /// next renewal. Returns when the lease is gone (etcd answered TTL 0) or
+    /// `valid_until` has no receiver left. A broken stream is reopened; it
+    /// does not extend validity.
     pub async fn keep_alive(
         &self,
         id: i64,
         period: Duration,
         valid_until: tokio::sync::watch::Sender<Instant>,
     ) {
-        loop {
-            let (tx, rx) = mpsc::channel(1);
+        let request = LeaseKeepAliveRequest { id };
+        while !valid_until.is_closed() {
+            let (tx, rx) = mpsc::channel(16);
+            let mut sent = std::collections::VecDeque::new();
             // The first request goes before the stream opens: etcd answers
             // the stream's headers only with the first keep-alive answer.
-            let mut sent = Instant::now();
-            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+            sent.push_back(Instant::now());
+            if tx.send(request).await.is_err() {
                 return;
             }
             let mut lease = self.lease.clone();
-            let opened =
-                tokio::time::timeout(period, lease.lease_keep_alive(ReceiverStream::new(rx))).await;
+            let opened = tokio::time::timeout(
+                CALL_TIMEOUT,
+                lease.lease_keep_alive(ReceiverStream::new(rx)),
+            )
+            .await;
             let mut answers = match opened {
                 Ok(Ok(response)) => response.into_inner(),
                 Ok(Err(e)) => {
@@ -300,28 +307,40 @@ impl Etcd {
                 }
                 Err(_) => continue,
             };
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
             loop {
                 if valid_until.is_closed() {
                     return;
                 }
-                match tokio::time::timeout(period, answers.message()).await {
-                    Ok(Ok(Some(answer))) if answer.ttl <= 0 => {
-                        tracing::warn!(lease = id, "the etcd lease expired");
-                        return;
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if sent.len() >= 8 {
+                            tracing::debug!("lease keep-alives unanswered; reopening the stream");
+                            break;
+                        }
+                        sent.push_back(Instant::now());
+                        if tx.try_send(request).is_err() {
+                            break;
+                        }
                     }
-                    Ok(Ok(Some(answer))) => {
-                        let ttl = Duration::from_secs(u64::try_from(answer.ttl).unwrap_or(0));
-                        valid_until.send_replace(sent + ttl);
-                    }
-                    Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
-                }
-                tokio::time::sleep(period.saturating_sub(sent.elapsed())).await;
-                sent = Instant::now();
-                if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                    break;
+                    answer = answers.message() => match answer {
+                        Ok(Some(answer)) if answer.ttl <= 0 => {
+                            tracing::warn!(lease = id, "the etcd lease expired");
+                            return;
+                        }
+                        Ok(Some(answer)) => {
+                            let ttl = Duration::from_secs(u64::try_from(answer.ttl).unwrap_or(0));
+                            if let Some(at) = sent.pop_front() {
+                                valid_until.send_replace(at + ttl);
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

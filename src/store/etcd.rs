@@ -15,7 +15,6 @@
 //!
 //! Must not touch: registry state, leadership (it only reports a fence).
 
-use serde_json::{Value, json};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -88,53 +87,43 @@ impl Seen {
     }
 }
 
+/// The JSON form of a stored executor. Unknown fields are ignored, so a
+/// newer replica's extra fields do not stop an older one from loading.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Json<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    address: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    labels: Vec<(String, String)>,
+    #[serde(default)]
+    registered_unix_ms: u64,
+}
+
 /// One executor as the JSON value of its key.
 pub fn encode(executor: &StoredExecutor) -> String {
-    json!({
-        "id": executor.id,
-        "name": executor.name,
-        "address": executor.address,
-        "labels": executor.labels,
-        "registered_unix_ms": executor.registered_unix_ms,
-    })
-    .to_string()
+    let json = Json {
+        id: executor.id.as_str().into(),
+        name: executor.name.as_str().into(),
+        address: executor.address.as_str().into(),
+        labels: executor.labels.clone(),
+        registered_unix_ms: executor.registered_unix_ms,
+    };
+    serde_json::to_string(&json).expect("a struct of strings and numbers serializes")
 }
 
 /// Parses [`encode`]'s output (unknown fields are ignored).
 pub fn decode(bytes: &[u8]) -> Result<StoredExecutor, String> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    let text = |field: &str| -> Result<String, String> {
-        value
-            .get(field)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| format!("field {field:?} missing or not a string"))
-    };
-    let labels = value
-        .get("labels")
-        .and_then(Value::as_array)
-        .map(|pairs| {
-            pairs
-                .iter()
-                .filter_map(|pair| {
-                    let pair = pair.as_array()?;
-                    Some((
-                        pair.first()?.as_str()?.to_owned(),
-                        pair.get(1)?.as_str()?.to_owned(),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let json: Json<'_> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     Ok(StoredExecutor {
-        id: text("id")?,
-        name: text("name")?,
-        address: text("address")?,
-        labels,
-        registered_unix_ms: value
-            .get("registered_unix_ms")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
+        id: json.id.into_owned(),
+        name: json.name.into_owned(),
+        address: json.address.into_owned(),
+        labels: json.labels,
+        registered_unix_ms: json.registered_unix_ms,
     })
 }
 
@@ -152,7 +141,13 @@ pub struct Loaded {
 pub async fn load(etcd: &Etcd, keys: &Keys, fence: &Fence) -> Result<Loaded, EtcdError> {
     let mut loaded = Loaded::default();
     let executors = keys.executors();
-    for kv in etcd.range_prefix(executors.as_bytes()).await? {
+    let seen_prefix = keys.seen_prefix();
+    // Both reads at once: a new leader serves only after them.
+    let (executor_kvs, seen_kvs) = tokio::try_join!(
+        etcd.range_prefix(executors.as_bytes()),
+        etcd.range_prefix(seen_prefix.as_bytes())
+    )?;
+    for kv in executor_kvs {
         match decode(&kv.value) {
             Ok(executor) => loaded.executors.push(executor),
             Err(e) => tracing::warn!(
@@ -164,10 +159,9 @@ pub async fn load(etcd: &Etcd, keys: &Keys, fence: &Fence) -> Result<Loaded, Etc
     }
     let known: std::collections::HashSet<&str> =
         loaded.executors.iter().map(|e| e.id.as_str()).collect();
-    let seen_prefix = keys.seen_prefix();
     let mut orphans = Vec::new();
     let mut seen = std::collections::HashMap::new();
-    for kv in etcd.range_prefix(seen_prefix.as_bytes()).await? {
+    for kv in seen_kvs {
         let id = String::from_utf8_lossy(&kv.key[seen_prefix.len()..]).into_owned();
         match Seen::decode(&kv.value) {
             Some(s) if known.contains(id.as_str()) => {
