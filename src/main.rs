@@ -76,17 +76,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
         })?),
     };
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let metrics = executor_registry::metrics::install(args.metrics_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot serve metrics on {} (--metrics-listen)",
-                args.metrics_listen
-            )
-        })?;
+    let (listener, metrics) = listen(&args).await?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
     tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, "executor-registry serving");
@@ -102,12 +92,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One replica on etcd: campaigns, leads or forwards to the leader.
-async fn serve_replica(
-    args: ServeArgs,
-    config: executor_registry::registry::RegistryConfig,
-    endpoints: Vec<String>,
-) -> anyhow::Result<()> {
+/// Binds the gRPC listener and serves `/metrics`.
+async fn listen(
+    args: &ServeArgs,
+) -> anyhow::Result<(
+    TcpListener,
+    std::sync::Arc<executor_registry::metrics::Metrics>,
+)> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
@@ -119,6 +110,22 @@ async fn serve_replica(
                 args.metrics_listen
             )
         })?;
+    Ok((listener, metrics))
+}
+
+/// One replica on etcd: campaigns, leads or forwards to the leader.
+async fn serve_replica(
+    args: ServeArgs,
+    config: executor_registry::registry::RegistryConfig,
+    endpoints: Vec<String>,
+) -> anyhow::Result<()> {
+    if args.advertise_address.is_none() && args.listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "--listen {} is a wildcard address other replicas cannot reach: set --advertise-address host:port",
+            args.listen
+        );
+    }
+    let (listener, metrics) = listen(&args).await?;
     // Not the leader until elected (the exporter starts at 1 for a single
     // process).
     metrics.start_as_follower();
