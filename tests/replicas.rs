@@ -1,7 +1,8 @@
 //! Three registry replicas (the real binary) on one real etcd: forwarding
 //! from any replica, failover after `kill -9` of the leader without a false
 //! expiry or a lost registration, prompt expiry of executors that died
-//! during the failover, and a paused leader that wakes up and writes nothing.
+//! during the failover, a paused leader that wakes up and writes nothing, and
+//! a graceful (SIGTERM) handover that does not wait for the lease.
 //!
 //! Needs `etcd` (Debian `etcd-server`) on PATH; scripts/test.sh installs it
 //! and runs these with `--include-ignored`. Each test starts its own etcd on
@@ -317,37 +318,63 @@ fn url(replica: &RegistryProcess) -> String {
     format!("http://{}", replica.grpc)
 }
 
+/// Three replicas on an etcd of their own, once one leads and every one
+/// routes calls.
+struct Cluster {
+    replicas: Vec<RegistryProcess>,
+    _etcd: EtcdProcess,
+    kv: Etcd,
+    leader: usize,
+    followers: Vec<usize>,
+    /// The followers' endpoints, then the leader's.
+    endpoints: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(extra: &[&str]) -> Self {
+        let etcd = EtcdProcess::start();
+        let kv = etcd.client().await;
+        let dir = tempfile::tempdir().unwrap();
+        let replicas: Vec<RegistryProcess> = (0..3)
+            .map(|i| {
+                let log = dir.path().join(format!("r{i}.log"));
+                start_replica(&etcd, dir.path(), &log, extra)
+            })
+            .collect();
+        let all: Vec<&RegistryProcess> = replicas.iter().collect();
+        let leader = wait_for_leader(&all).await;
+        let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        let endpoints: Vec<String> = followers
+            .iter()
+            .chain(std::iter::once(&leader))
+            .map(|&i| url(&replicas[i]))
+            .collect();
+        wait_routed(&endpoints).await;
+        Self {
+            replicas,
+            _etcd: etcd,
+            kv,
+            leader,
+            followers,
+            endpoints,
+            _dir: dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs etcd: Debian package etcd-server (scripts/test.sh installs it)"]
 async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
     let _serial = SERIAL.lock().await;
-    let etcd = EtcdProcess::start();
-    let kv = etcd.client().await;
-    let dir = tempfile::tempdir().unwrap();
-    let replicas: Vec<RegistryProcess> = (0..3)
-        .map(|i| {
-            start_replica(
-                &etcd,
-                dir.path(),
-                &dir.path().join(format!("r{i}.log")),
-                &[],
-            )
-        })
-        .collect();
+    let cluster = Cluster::start(&[]).await;
+    let (kv, replicas, endpoints) = (&cluster.kv, &cluster.replicas, &cluster.endpoints);
     let all: Vec<&RegistryProcess> = replicas.iter().collect();
-    let leader = wait_for_leader(&all).await;
-    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     // Clients start at a follower: every call below is forwarded.
-    let endpoints: Vec<String> = followers
-        .iter()
-        .chain(std::iter::once(&leader))
-        .map(|&i| url(&replicas[i]))
-        .collect();
-    wait_routed(&endpoints).await;
 
     let started = Instant::now();
-    let live = register_many(&endpoints, "live", 10_000).await;
-    let doomed = register_many(&endpoints, "doomed", 200).await;
+    let live = register_many(endpoints, "live", 10_000).await;
+    let doomed = register_many(endpoints, "doomed", 200).await;
     eprintln!(
         "registered {} executors through followers in {:?}",
         live.len() + doomed.len(),
@@ -375,7 +402,7 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
     // Let every executor heartbeat and its watermark be written.
     tokio::time::sleep(WATERMARK * 3).await;
     assert!(live_beats.answered.load(Ordering::Relaxed) > 0);
-    let before = stored(&kv).await;
+    let before = stored(kv).await;
     assert_eq!(
         before.len(),
         10_000 + 200 + 5,
@@ -486,7 +513,7 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
         );
         assert!(listed.contains(&member.id().unwrap()));
     }
-    let after = stored(&kv).await;
+    let after = stored(kv).await;
     assert_eq!(after.len(), 10_000 + 5);
     // The scheduler's view ends with the members it started with, minus the
     // ones that died.
@@ -518,32 +545,13 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
 #[ignore = "needs etcd: Debian package etcd-server (scripts/test.sh installs it)"]
 async fn a_paused_leader_that_wakes_up_steps_down_and_writes_nothing() {
     let _serial = SERIAL.lock().await;
-    let etcd = EtcdProcess::start();
-    let kv = etcd.client().await;
-    let dir = tempfile::tempdir().unwrap();
     // Stall compensation off: woken up, the old leader's loop expires every
     // executor it holds (their TTL ran out while it was stopped). Only the
     // fence keeps those deletes out of etcd.
-    let replicas: Vec<RegistryProcess> = (0..3)
-        .map(|i| {
-            start_replica(
-                &etcd,
-                dir.path(),
-                &dir.path().join(format!("r{i}.log")),
-                &["--stall-threshold", "0s"],
-            )
-        })
-        .collect();
-    let all: Vec<&RegistryProcess> = replicas.iter().collect();
-    let leader = wait_for_leader(&all).await;
-    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    let endpoints: Vec<String> = followers
-        .iter()
-        .chain(std::iter::once(&leader))
-        .map(|&i| url(&replicas[i]))
-        .collect();
-    wait_routed(&endpoints).await;
-    let ids = register_many(&endpoints, "paused", 300).await;
+    let cluster = Cluster::start(&["--stall-threshold", "0s"]).await;
+    let (kv, replicas, endpoints) = (&cluster.kv, &cluster.replicas, &cluster.endpoints);
+    let (leader, followers) = (cluster.leader, &cluster.followers);
+    let ids = register_many(endpoints, "paused", 300).await;
     let beats = Heartbeater::start(endpoints.clone(), ids.clone());
     tokio::time::sleep(WATERMARK * 2).await;
 
@@ -552,7 +560,7 @@ async fn a_paused_leader_that_wakes_up_steps_down_and_writes_nothing() {
     wait_for_leader(&survivors).await;
     // Past the lease, and past every TTL the old leader knows of.
     tokio::time::sleep(LEASE + TTL).await;
-    let before = stored(&kv).await;
+    let before = stored(kv).await;
     assert_eq!(before.len(), 300);
 
     replicas[leader].signal("-CONT");
@@ -571,7 +579,7 @@ async fn a_paused_leader_that_wakes_up_steps_down_and_writes_nothing() {
         "it led once and stepped down once"
     );
     // No executor key was deleted or rewritten.
-    let after = stored(&kv).await;
+    let after = stored(kv).await;
     assert_eq!(after, before, "the woken leader changed etcd");
     let lost = beats.stop().await;
     assert!(
@@ -583,4 +591,24 @@ async fn a_paused_leader_that_wakes_up_steps_down_and_writes_nothing() {
     // It still serves: forwards to the new leader.
     let listed = list_ids(&url(&replicas[leader])).await;
     assert_eq!(listed.len(), 300);
+
+    // A leader stopped with SIGTERM hands over at once: it revokes its
+    // lease instead of letting it run out.
+    let all: Vec<&RegistryProcess> = replicas.iter().collect();
+    let current = wait_for_leader(&all).await;
+    let stopped_at = Instant::now();
+    replicas[current].signal("-TERM");
+    let rest: Vec<&RegistryProcess> = (0..3)
+        .filter(|&i| i != current)
+        .map(|i| &replicas[i])
+        .collect();
+    let next = wait_for_leader(&rest).await;
+    let handover = stopped_at.elapsed();
+    eprintln!("handover after SIGTERM of the leader: {handover:?}");
+    assert!(
+        handover < LEASE,
+        "a graceful handover must not wait for the lease ({handover:?})"
+    );
+    let listed = list_ids(&url(rest[1 - next])).await;
+    assert_eq!(listed.len(), 300, "the handover lost executors");
 }
