@@ -164,6 +164,7 @@ async fn serve_replica(
         streams_stop,
         shutdown_signal(),
         args.shutdown_grace,
+        Some(executor_registry::replica::MAX_FORWARDED_STREAMS),
     )
     .await?;
     tracing::info!(?stopped, "gRPC server stopped; stepping down");

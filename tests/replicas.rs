@@ -318,6 +318,46 @@ fn url(replica: &RegistryProcess) -> String {
     format!("http://{}", replica.grpc)
 }
 
+/// One heartbeat on each of `ids.len()` (> 200, HTTP/2's usual per-connection
+/// limit) concurrent `HeartbeatStream`s over one connection to `follower`,
+/// which forwards them all over its one connection to the leader.
+async fn streams_beyond_http2s_default_limit_are_forwarded(follower: &str, ids: &[String]) {
+    assert!(ids.len() > 200);
+    let client = connect(follower).await.expect("connect");
+    let mut streams = tokio::task::JoinSet::new();
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(ids.len());
+    let release = tokio_util::sync::CancellationToken::new();
+    for id in ids {
+        let (mut client, id) = (client.clone(), id.clone());
+        let (open_tx, release) = (open_tx.clone(), release.clone());
+        streams.spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let request = HeartbeatRequest {
+                executor_id: id,
+                ttl_ms: TTL.as_millis() as u64,
+            };
+            tx.send(request).await.unwrap();
+            let call = client.heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let mut results = call.await.expect("stream opened").into_inner();
+            let first = results.message().await.expect("a result").expect("one");
+            // Held open until every stream has its answer.
+            open_tx.send(()).await.unwrap();
+            release.cancelled().await;
+            drop(tx);
+            first.status
+        });
+    }
+    for _ in 0..ids.len() {
+        tokio::time::timeout(Duration::from_secs(20), open_rx.recv())
+            .await
+            .expect("every stream is answered while all are open");
+    }
+    release.cancel();
+    while let Some(status) = streams.join_next().await {
+        assert_eq!(status.unwrap(), HeartbeatStatus::Ok as i32);
+    }
+}
+
 /// Three replicas on an etcd of their own, once one leads and every one
 /// routes calls.
 struct Cluster {
@@ -552,6 +592,7 @@ async fn a_paused_leader_that_wakes_up_steps_down_and_writes_nothing() {
     let (kv, replicas, endpoints) = (&cluster.kv, &cluster.replicas, &cluster.endpoints);
     let (leader, followers) = (cluster.leader, &cluster.followers);
     let ids = register_many(endpoints, "paused", 300).await;
+    streams_beyond_http2s_default_limit_are_forwarded(&endpoints[0], &ids).await;
     let beats = Heartbeater::start(endpoints.clone(), ids.clone());
     tokio::time::sleep(WATERMARK * 2).await;
 
@@ -609,6 +650,8 @@ async fn a_paused_leader_that_wakes_up_steps_down_and_writes_nothing() {
         handover < LEASE,
         "a graceful handover must not wait for the lease ({handover:?})"
     );
-    let listed = list_ids(&url(rest[1 - next])).await;
+    let follower = url(rest[1 - next]);
+    wait_routed(std::slice::from_ref(&follower)).await;
+    let listed = list_ids(&follower).await;
     assert_eq!(listed.len(), 300, "the handover lost executors");
 }

@@ -45,6 +45,11 @@ use crate::store::etcd::{Keys, load};
 use etcd::{Etcd, EtcdError, Fence};
 use front::{Front, Route};
 
+/// Most concurrent HTTP/2 streams per connection a replica accepts: a
+/// follower forwards every client's streams over one connection to the
+/// leader.
+pub const MAX_FORWARDED_STREAMS: u32 = 1 << 20;
+
 /// How a replica runs.
 #[derive(Debug, Clone)]
 pub struct ReplicaOptions {

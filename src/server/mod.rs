@@ -108,18 +108,31 @@ pub async fn serve_with(
     // Lists and snapshots of a large fleet are big; clients raise their
     // own decoding limit to read them.
     .max_encoding_message_size(usize::MAX);
-    serve_service(listener, service, streams_stop, shutdown, options.grace).await
+    serve_service(
+        listener,
+        service,
+        streams_stop,
+        shutdown,
+        options.grace,
+        None,
+    )
+    .await
 }
 
 /// Serves `service` as `registry.v1.Registry` (with health and reflection)
 /// on `listener` until `shutdown` resolves; then cancels `streams_stop` and
-/// drains for at most `grace`. Replicas serve their routing front this way.
+/// drains for at most `grace`. Replicas serve their routing front this way,
+/// with `max_concurrent_streams` raised: a follower multiplexes the calls it
+/// forwards (long-lived heartbeat and watch streams among them) over one
+/// connection to the leader, beyond HTTP/2's default of 200 streams (None
+/// keeps the default).
 pub async fn serve_service<S>(
     listener: TcpListener,
     service: S,
     streams_stop: CancellationToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    max_concurrent_streams: Option<u32>,
 ) -> Result<Stopped, tonic::transport::Error>
 where
     S: tonic::codegen::Service<
@@ -164,7 +177,11 @@ where
         }
     };
 
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if max_concurrent_streams.is_some() {
+        builder = builder.max_concurrent_streams(max_concurrent_streams);
+    }
+    let server = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
