@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::registry::RegistryConfig;
+use crate::registry::{ExpiryGuardConfig, RegistryConfig};
 
 /// Largest TTL accepted anywhere: the timing wheel cannot hold deadlines
 /// beyond ~2 years, and no lease should be anywhere near that.
@@ -94,6 +94,21 @@ pub struct ServeArgs {
         default_value_t = 2_000_000
     )]
     pub max_executors: usize,
+
+    /// Mass-expiry guard (off unless given): when more than this fraction
+    /// of the fleet (0 < F ≤ 1) would expire within one TTL, hold those
+    /// expirations until heartbeats recover, an operator releases them
+    /// (`ctl guard release`) or --expiry-guard-max-hold passes.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_EXPIRY_GUARD_FRACTION",
+        value_name = "F"
+    )]
+    pub expiry_guard_fraction: Option<f64>,
+
+    /// Longest the mass-expiry guard holds: then what it still holds expires.
+    #[arg(long, env = "EXECUTOR_REGISTRY_EXPIRY_GUARD_MAX_HOLD", default_value = "10m", value_parser = duration)]
+    pub expiry_guard_max_hold: Duration,
 
     /// Most open watch streams; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "EXECUTOR_REGISTRY_MAX_WATCHERS", default_value_t = 1_024)]
@@ -243,6 +258,7 @@ impl ServeArgs {
                 return err(format!("{flag} must be above 0"));
             }
         }
+        let expiry_guard = self.expiry_guard()?;
         self.store_kind()?;
         self.refuse_unimplemented()?;
         Ok(RegistryConfig {
@@ -255,7 +271,34 @@ impl ServeArgs {
             watch_buffer: self.watch_buffer,
             stall_threshold: self.stall_threshold,
             max_executors: self.max_executors,
+            expiry_guard,
         })
+    }
+
+    /// The mass-expiry guard's settings (None: off).
+    fn expiry_guard(&self) -> Result<Option<ExpiryGuardConfig>, ConfigError> {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if self.expiry_guard_max_hold.is_zero() || self.expiry_guard_max_hold > MAX_TTL_CEILING {
+            return Err(ConfigError(format!(
+                "--expiry-guard-max-hold ({}) must be above 0 and at most {}",
+                show(self.expiry_guard_max_hold),
+                show(MAX_TTL_CEILING)
+            )));
+        }
+        let Some(fraction) = self.expiry_guard_fraction else {
+            return Ok(None);
+        };
+        // Also refuses NaN: no comparison holds for it.
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ConfigError(format!(
+                "--expiry-guard-fraction ({fraction}) must be above 0 and at most 1 \
+                 (e.g. 0.5: hold expirations when more than half the fleet would expire within one TTL)"
+            )));
+        }
+        Ok(Some(ExpiryGuardConfig {
+            fraction,
+            max_hold: self.expiry_guard_max_hold,
+        }))
     }
 
     /// The server's overload limits.
@@ -359,6 +402,7 @@ mod tests {
         assert_eq!(c.max_heartbeats_per_second, 200_000);
         assert_eq!(c.tombstone_retention, Duration::from_secs(600));
         assert_eq!(c.watch_buffer, 4096);
+        assert_eq!(c.expiry_guard, None, "the expiry guard is opt-in");
         assert_eq!(a.store_kind().unwrap(), StoreKind::Sqlite);
     }
 
@@ -369,6 +413,51 @@ mod tests {
             a.store_kind().unwrap(),
             StoreKind::Etcd(vec!["127.0.0.1:2379".into(), "127.0.0.2:2379".into()])
         );
+    }
+
+    #[test]
+    fn the_expiry_guard_takes_a_fraction_and_a_max_hold() {
+        let c = parse(&["--expiry-guard-fraction", "0.3"])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.expiry_guard,
+            Some(ExpiryGuardConfig {
+                fraction: 0.3,
+                max_hold: ExpiryGuardConfig::DEFAULT_MAX_HOLD,
+            })
+        );
+        let c = parse(&[
+            "--expiry-guard-fraction",
+            "1",
+            "--expiry-guard-max-hold",
+            "90s",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(
+            c.expiry_guard,
+            Some(ExpiryGuardConfig {
+                fraction: 1.0,
+                max_hold: Duration::from_secs(90),
+            })
+        );
+        for bad in ["0", "-0.1", "1.01", "NaN", "inf"] {
+            let flag = format!("--expiry-guard-fraction={bad}");
+            let e = parse(&[&flag]).validate().unwrap_err().to_string();
+            assert!(e.contains("--expiry-guard-fraction"), "{bad}: {e}");
+        }
+        assert!(Cli::try_parse_from(["serve", "--expiry-guard-fraction", "half"]).is_err());
+        let e = parse(&[
+            "--expiry-guard-fraction",
+            "0.5",
+            "--expiry-guard-max-hold",
+            "0s",
+        ])
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--expiry-guard-max-hold"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,8 @@ use tonic::transport::{Channel, Endpoint};
 use executor_registry::client::{
     DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE, describe_transport_error,
 };
+use executor_registry::proto::admin::admin_client::AdminClient;
+use executor_registry::proto::admin::{self, ExpiryGuardState};
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{self, watch_executors_response::Kind};
 use executor_registry::registry::check_label_part;
@@ -25,7 +27,8 @@ use executor_registry::registry::check_label_part;
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  any other error (e.g. `watch` fell behind the registry and was ended)
+  1  any other error (e.g. `watch` fell behind the registry and was ended, or
+     `guard release` on a registry without --expiry-guard-fraction)
   2  usage: bad flags, selector or argument (also when the registry answers INVALID_ARGUMENT)
   3  not found: `get` or `deregister` of an id that is not a live executor
   4  the registry is unreachable (connection refused, timeout) or unavailable (UNAVAILABLE)";
@@ -47,7 +50,7 @@ pub struct CtlArgs {
     #[arg(long, global = true, env = "EXECUTOR_REGISTRY_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     endpoint: String,
 
-    /// Print JSON: one document (list, get, count, deregister), or one object
+    /// Print JSON: one document (list, get, count, deregister, guard), or one object
     /// per line (watch).
     #[arg(long, global = true)]
     json: bool,
@@ -96,6 +99,20 @@ enum CtlCommand {
         /// Its id.
         id: String,
     },
+    /// The mass-expiry guard: its state, or `release` to expire what it holds.
+    #[command(after_help = EXIT_CODES)]
+    Guard {
+        #[command(subcommand)]
+        action: Option<GuardAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GuardAction {
+    /// Expires now, in one pass, every executor the guard holds that has not
+    /// heartbeated since (operator release).
+    #[command(after_help = EXIT_CODES)]
+    Release,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -221,7 +238,7 @@ fn normalize(endpoint: &str) -> String {
     }
 }
 
-async fn connect(endpoint: &str, timeout: Duration) -> Result<RegistryClient<Channel>, CtlError> {
+async fn connect(endpoint: &str, timeout: Duration) -> Result<Channel, CtlError> {
     let target = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| CtlError::Usage(format!("invalid --endpoint {endpoint:?}: {e}")))?
         .connect_timeout(timeout)
@@ -232,7 +249,7 @@ async fn connect(endpoint: &str, timeout: Duration) -> Result<RegistryClient<Cha
             describe_transport_error(&e)
         ))
     })?;
-    Ok(RegistryClient::new(channel).max_decoding_message_size(DEFAULT_MAX_DECODING_MESSAGE_SIZE))
+    Ok(channel)
 }
 
 /// One unary call, bounded by `--timeout`.
@@ -253,7 +270,9 @@ async fn call<T>(
 
 async fn execute(args: CtlArgs) -> Result<(), CtlError> {
     let endpoint = normalize(&args.endpoint);
-    let mut client = connect(&endpoint, args.timeout).await?;
+    let channel = connect(&endpoint, args.timeout).await?;
+    let mut client = RegistryClient::new(channel.clone())
+        .max_decoding_message_size(DEFAULT_MAX_DECODING_MESSAGE_SIZE);
     let (json, timeout) = (args.json, args.timeout);
     let mut out = io::stdout().lock();
     let written = match args.command {
@@ -308,6 +327,40 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
                 writeln!(out, "{}", json!({ "deregistered": id }))
             } else {
                 writeln!(out, "deregistered {id}")
+            }
+        }
+        CtlCommand::Guard { action } => {
+            let mut admin = AdminClient::new(channel);
+            match action {
+                None => {
+                    let request = admin::GetExpiryGuardRequest {};
+                    let answer = call(&endpoint, timeout, admin.get_expiry_guard(request)).await?;
+                    let state = answer.state.unwrap_or_default();
+                    if json {
+                        writeln!(out, "{:#}", guard_json(&state))
+                    } else {
+                        out.write_all(guard_text(&state, now_unix_ms()).as_bytes())
+                    }
+                }
+                Some(GuardAction::Release) => {
+                    let request = admin::ReleaseExpiryGuardRequest {};
+                    let answer =
+                        call(&endpoint, timeout, admin.release_expiry_guard(request)).await?;
+                    if json {
+                        let state = answer.state.unwrap_or_default();
+                        let document = json!({
+                            "released": answer.released,
+                            "state": guard_json(&state),
+                        });
+                        writeln!(out, "{document:#}")
+                    } else {
+                        writeln!(
+                            out,
+                            "released {} executor(s): OFFLINE, reason expired",
+                            answer.released
+                        )
+                    }
+                }
             }
         }
         CtlCommand::Watch => {
@@ -452,6 +505,57 @@ fn executor_json(e: &proto::Executor) -> Value {
         "last_heartbeat_unix_ms": e.last_heartbeat_unix_ms,
         "ttl_ms": e.ttl_ms,
     })
+}
+
+fn guard_json(state: &ExpiryGuardState) -> Value {
+    json!({
+        "enabled": state.enabled,
+        "active": state.active,
+        "held": state.held,
+        "fraction": state.fraction,
+        "since_unix_ms": state.since_unix_ms,
+        "max_hold_ms": state.max_hold_ms,
+        "recently_expired": state.recently_expired,
+        "live": state.live,
+    })
+}
+
+/// The guard's state for people: one `key  value` line each.
+fn guard_text(state: &ExpiryGuardState, now_ms: u64) -> String {
+    if !state.enabled {
+        return "state  off (start the registry with --expiry-guard-fraction to use it)\n".into();
+    }
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    if state.active {
+        let held_for = now_ms.saturating_sub(state.since_unix_ms);
+        rows.push(("state", "ACTIVE: holding expirations".into()));
+        rows.push(("held", state.held.to_string()));
+        rows.push(("since", format!("{} ago", short_duration(held_for))));
+        rows.push((
+            "released",
+            format!(
+                "when heartbeats recover, on `ctl guard release`, or in {} (max hold {})",
+                short_duration(state.max_hold_ms.saturating_sub(held_for)),
+                short_duration(state.max_hold_ms)
+            ),
+        ));
+    } else {
+        rows.push(("state", "armed (not holding)".into()));
+        rows.push(("max hold", short_duration(state.max_hold_ms)));
+    }
+    rows.push((
+        "fraction",
+        format!(
+            "{} (holds when more of the fleet would expire within one TTL)",
+            state.fraction
+        ),
+    ));
+    rows.push(("live", state.live.to_string()));
+    rows.push(("recently expired", state.recently_expired.to_string()));
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect()
 }
 
 fn labels_text<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> String {
@@ -603,6 +707,31 @@ mod tests {
                 .unwrap_err()
                 .contains("does not compile")
         );
+    }
+
+    #[test]
+    fn the_guard_state_reads_as_lines() {
+        let off = guard_text(&ExpiryGuardState::default(), 0);
+        assert!(off.starts_with("state  off") && off.contains("--expiry-guard-fraction"));
+        let mut state = ExpiryGuardState {
+            enabled: true,
+            fraction: 0.5,
+            max_hold_ms: 600_000,
+            live: 1_000,
+            ..Default::default()
+        };
+        let armed = guard_text(&state, 0);
+        assert!(armed.contains("state             armed"), "{armed}");
+        assert!(armed.contains("max hold          10m"), "{armed}");
+        state.active = true;
+        state.held = 600;
+        state.since_unix_ms = 1_000_000;
+        let active = guard_text(&state, 1_012_000);
+        assert!(active.contains("state             ACTIVE"), "{active}");
+        assert!(active.contains("held              600\n"), "{active}");
+        assert!(active.contains("since             12s ago"), "{active}");
+        assert!(active.contains("in 9m48s (max hold 10m)"), "{active}");
+        assert!(active.contains("live              1000\n"), "{active}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Run the registry server.
     Serve(Box<ServeArgs>),
-    /// Inspect and manage a running registry (list, get, count, watch, deregister).
+    /// Inspect and manage a running registry (list, get, count, watch, deregister, guard).
     Ctl(ctl::CtlArgs),
 }
 
@@ -158,9 +158,11 @@ async fn serve_replica(
             replica_stop.cancel();
         }
     });
+    let admin = executor_registry::replica::front::AdminFront(front.clone());
     let stopped = server::serve_service(
         listener,
         front,
+        admin,
         streams_stop,
         shutdown_signal(),
         args.shutdown_grace,

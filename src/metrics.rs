@@ -65,6 +65,9 @@ pub const IS_LEADER: &str = "registry_is_leader";
 pub const LEADER_CHANGES: &str = "registry_leader_changes_total";
 /// `registry_auth_denied_total{reason}` counter.
 pub const AUTH_DENIED: &str = "registry_auth_denied_total";
+/// `registry_expiry_guard_active` gauge: 1 while the mass-expiry guard holds
+/// expirations, else 0 (also when the guard is off).
+pub const EXPIRY_GUARD_ACTIVE: &str = "registry_expiry_guard_active";
 
 /// `process_cpu_seconds_total` counter, rendered by [`Metrics::render`] as a float.
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
@@ -319,6 +322,7 @@ pub struct Metrics {
     watchers_lagged: Counter,
     store: ByLabel<StoreHandles>,
     revision: Gauge,
+    expiry_guard_active: Gauge,
     leader: AtomicBool,
     is_leader: Gauge,
     leader_changes: Counter,
@@ -413,6 +417,11 @@ fn describe(recorder: &dyn Recorder) {
         (WATCHERS, None, "Open watch streams."),
         (REVISION, None, "Current membership revision."),
         (
+            EXPIRY_GUARD_ACTIVE,
+            None,
+            "1 while the mass-expiry guard holds expirations, else 0.",
+        ),
+        (
             IS_LEADER,
             None,
             "1 if this replica runs the membership loop, else 0.",
@@ -494,6 +503,7 @@ impl Metrics {
                 errors: counter(r, STORE_ERRORS, Some(("op", op))),
             }),
             revision: gauge(recorder, REVISION, None),
+            expiry_guard_active: gauge(recorder, EXPIRY_GUARD_ACTIVE, None),
             leader: AtomicBool::new(true),
             is_leader: gauge(recorder, IS_LEADER, None),
             leader_changes: counter(recorder, LEADER_CHANGES, None),
@@ -517,6 +527,7 @@ impl Metrics {
             &metrics.executors_running,
             &metrics.watchers,
             &metrics.revision,
+            &metrics.expiry_guard_active,
         ] {
             g.set(0.0);
         }
@@ -610,6 +621,14 @@ impl Observer for Metrics {
 
     fn deregistered(&self) {
         self.deregistrations.increment(1);
+    }
+
+    fn expiry_guard(&self, active: bool, _held: u64) {
+        self.expiry_guard_active.set(if active { 1.0 } else { 0.0 });
+    }
+
+    fn released(&self, count: u64) {
+        self.expirations.increment(count);
     }
 
     fn events(&self, online: u64, offline: u64) {
@@ -709,6 +728,7 @@ mod tests {
             WATCHERS_LAGGED,
             REVISION,
             LEADER_CHANGES,
+            EXPIRY_GUARD_ACTIVE,
         ] {
             assert_sample(&text, name, 0.0);
         }
@@ -754,6 +774,9 @@ mod tests {
         observer.watcher_lagged();
         observer.store_operation("commit", Duration::from_millis(2), true);
         observer.store_operation("commit", Duration::from_millis(700), false);
+        observer.expiry_guard(true, 600);
+        // Released by the guard: expirations, without lag samples.
+        observer.released(4);
 
         let before_flush = recorder.handle().render();
         assert_sample(
@@ -779,7 +802,8 @@ mod tests {
             "registry_registrations_total{result=\"unavailable\"}",
             0.0,
         );
-        assert_sample(&text, "registry_expirations_total", 2.0);
+        assert_sample(&text, "registry_expirations_total", 6.0);
+        assert_sample(&text, "registry_expiry_guard_active", 1.0);
         assert_sample(&text, "registry_deregistrations_total", 1.0);
         assert_sample(&text, "registry_events_total{type=\"online\"}", 2.0);
         assert_sample(&text, "registry_events_total{type=\"offline\"}", 3.0);

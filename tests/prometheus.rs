@@ -75,6 +75,8 @@ const SPEC_METRICS: &[(&str, &str)] = &[
     ("registry_is_leader", "gauge"),
     ("registry_leader_changes_total", "counter"),
     ("registry_auth_denied_total", "counter"),
+    // Issue 7 (mass-expiry guard), beside SPEC §4.
+    ("registry_expiry_guard_active", "gauge"),
     ("process_cpu_seconds_total", "counter"),
     ("process_resident_memory_bytes", "gauge"),
     ("process_virtual_memory_bytes", "gauge"),
@@ -666,6 +668,7 @@ fn dashboards_select_only_spec_metrics_and_have_the_shape_operators_rely_on() {
             "RegistryDown",
             "RegistryExpiryLagHigh",
             "RegistryExpirationSurge",
+            "RegistryExpiryGuardActive",
             "RegistryStoreErrors",
             "RegistryWatchersLagging",
             "RegistryHeartbeatRejectionsRising",

@@ -26,6 +26,9 @@ pub enum RegistryError {
     /// A limit was reached.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// The mass-expiry guard is not configured.
+    #[error("the expiry guard is off: start the registry with --expiry-guard-fraction to use it")]
+    ExpiryGuardOff,
     /// The registry is stopping and takes no more membership changes.
     #[error("registry is shutting down")]
     ShuttingDown,

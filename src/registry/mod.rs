@@ -4,7 +4,8 @@
 //! schedulers) call. Heartbeats are served here directly, on the live table's
 //! atomics, and never leave it; registrations and deregistrations go to the
 //! single membership writer ([`membership`]); reads come from the current
-//! [`Snapshot`].
+//! [`Snapshot`]. The opt-in mass-expiry guard's rule is in `guard.rs`; the
+//! writer applies it.
 //!
 //! Must not touch: gRPC, SQL, Prometheus. Time comes from tokio's clock, so
 //! tests can pause it.
@@ -12,6 +13,7 @@
 mod clock;
 mod entry;
 mod error;
+mod guard;
 mod labels;
 mod membership;
 mod observer;
@@ -31,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use clock::Clock;
 pub use entry::{Beat, Entry, ExecutorId, Expiry, State, Status};
 pub use error::RegistryError;
+pub use guard::{ExpiryGuardConfig, ExpiryGuardStatus};
 pub use labels::{Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part};
 pub use observer::{HeartbeatResult, NoopObserver, Observer, RegistrationResult};
 pub use snapshot::Snapshot;
@@ -73,6 +76,9 @@ pub struct RegistryConfig {
     /// Most executors live (and being registered) at once; registrations
     /// beyond it are refused with `ResourceExhausted`.
     pub max_executors: usize,
+    /// The mass-expiry guard (None: off, the default); its rule is in
+    /// `registry/guard.rs` and the README.
+    pub expiry_guard: Option<ExpiryGuardConfig>,
 }
 
 impl Default for RegistryConfig {
@@ -87,6 +93,7 @@ impl Default for RegistryConfig {
             watch_buffer: 4096,
             stall_threshold: Duration::from_secs(1),
             max_executors: 2_000_000,
+            expiry_guard: None,
         }
     }
 }
@@ -259,6 +266,15 @@ impl Registry {
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (rearm_tx, rearm_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(config.watch_buffer.max(1));
+        let guard = match config.expiry_guard {
+            Some(guard) => ExpiryGuardStatus {
+                enabled: true,
+                fraction: guard.fraction,
+                max_hold: guard.max_hold,
+                ..ExpiryGuardStatus::OFF
+            },
+            None => ExpiryGuardStatus::OFF,
+        };
         let shared = Arc::new(Shared {
             config,
             clock: Clock::start(),
@@ -271,6 +287,7 @@ impl Registry {
             live_count: Default::default(),
             observer,
             rearm: rearm_tx,
+            guard: ArcSwap::from_pointee(guard),
         });
         let stop = CancellationToken::new();
         let membership = MembershipLoop::new(
@@ -404,6 +421,32 @@ impl Registry {
             return Err(RegistryError::ShuttingDown);
         }
         answer.await.unwrap_or(Err(RegistryError::ShuttingDown))
+    }
+
+    /// The mass-expiry guard's state (lock-free; held counts are at most
+    /// one 100 ms review old).
+    pub fn expiry_guard(&self) -> ExpiryGuardStatus {
+        **self.shared.guard.load()
+    }
+
+    /// Operator release of the mass-expiry guard: every executor it holds
+    /// that has not heartbeated since expires now, in one pass (consecutive
+    /// revisions), and the guard judges from the fleet as it is after that.
+    /// Returns how many expired (0 when it held nothing).
+    pub async fn release_expiry_guard(&self) -> Result<u64, RegistryError> {
+        if self.shared.config.expiry_guard.is_none() {
+            return Err(RegistryError::ExpiryGuardOff);
+        }
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::ReleaseGuard { reply })
+            .await
+            .is_err()
+        {
+            return Err(RegistryError::ShuttingDown);
+        }
+        answer.await.map_err(|_| RegistryError::ShuttingDown)
     }
 
     /// One live executor.

@@ -18,6 +18,9 @@ use tokio::time::{Instant, sleep, sleep_until};
 use super::*;
 use crate::store::{Batch, MembershipStore, MemoryStore, StoredExecutor};
 
+/// The mass-expiry guard (`tests/guard.rs`).
+mod guard;
+
 const MS: Duration = Duration::from_millis(1);
 const SECOND: Duration = Duration::from_secs(1);
 

@@ -25,8 +25,9 @@ use tonic::codegen::http::{HeaderValue, Request, Response};
 use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::registry_server::RegistryServer;
-use crate::server::RegistryService;
+use crate::server::{AdminService, RegistryService};
 
 /// Response metadata naming the leader's advertise address (SPEC §3).
 pub const LEADER_HEADER: &str = crate::client::LEADER_METADATA;
@@ -38,10 +39,12 @@ pub const FORWARDED_HEADER: &str = "registry-forwarded";
 pub enum Route {
     /// No leader known (election in progress): UNAVAILABLE.
     Unknown,
-    /// This replica leads: its own service.
+    /// This replica leads: its own services.
     Local {
         /// The leader's service.
         service: RegistryServer<RegistryService>,
+        /// The leader's operator service.
+        admin: AdminServer<AdminService>,
         /// This replica's advertise address.
         advertise: String,
     },
@@ -125,6 +128,29 @@ impl NamedService for Front {
     const NAME: &'static str = crate::server::SERVICE_NAME;
 }
 
+/// The operator service (`registry.admin.v1.Admin`) on the same route:
+/// local when this replica leads, forwarded otherwise.
+#[derive(Clone)]
+pub struct AdminFront(pub Front);
+
+impl NamedService for AdminFront {
+    const NAME: &'static str = crate::server::ADMIN_SERVICE_NAME;
+}
+
+impl Service<Request<Body>> for AdminFront {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        self.0.route(request, true)
+    }
+}
+
 fn with_leader(mut response: Response<Body>, leader: &str) -> Response<Body> {
     if let Ok(value) = HeaderValue::from_str(leader) {
         response.headers_mut().insert(LEADER_HEADER, value);
@@ -147,16 +173,31 @@ impl Service<Request<Body>> for Front {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        self.route(request, false)
+    }
+}
+
+impl Front {
+    /// Routes one call: to the local registry (or, with `admin`, operator)
+    /// service when leading, else to the leader.
+    fn route(&self, mut request: Request<Body>, admin: bool) -> BoxFuture {
         let route = self.route.load_full();
         Box::pin(async move {
             match &*route {
                 Route::Unknown => Ok(unavailable(
                     "no registry leader is elected yet; retry shortly".into(),
                 )),
-                Route::Local { service, advertise } => {
-                    let mut service = service.clone();
-                    let response = service.call(request).await?;
+                Route::Local {
+                    service,
+                    admin: admin_service,
+                    advertise,
+                } => {
+                    let response = if admin {
+                        admin_service.clone().call(request).await?
+                    } else {
+                        service.clone().call(request).await?
+                    };
                     Ok(with_leader(response, advertise))
                 }
                 Route::Remote {

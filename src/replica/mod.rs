@@ -37,9 +37,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::proto::registry_server::RegistryServer;
 use crate::registry::{Registry, RegistryConfig};
-use crate::server::{Admission, Limits, MAX_REQUEST_BYTES, RegistryService};
+use crate::server::{Admission, Limits};
 use crate::store::EtcdStore;
 use crate::store::etcd::{Keys, load};
 use etcd::{Etcd, EtcdError, Fence};
@@ -298,15 +297,14 @@ impl Controller {
             }
         };
         let streams_stop = CancellationToken::new();
-        let service = RegistryServer::new(RegistryService::new(
+        let (service, admin) = crate::server::services(
             registry.clone(),
             streams_stop.clone(),
             self.admission.clone(),
-        ))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(usize::MAX);
+        );
         self.front.set(Route::Local {
             service,
+            admin,
             advertise: options.advertise.clone(),
         });
         self.metrics.set_leader(true);

@@ -18,7 +18,7 @@ pub fn to_status(error: RegistryError) -> Status {
     let code = match &error {
         RegistryError::InvalidArgument { .. } => Code::InvalidArgument,
         RegistryError::NotFound(_) => Code::NotFound,
-        RegistryError::Tombstone(_) => Code::FailedPrecondition,
+        RegistryError::Tombstone(_) | RegistryError::ExpiryGuardOff => Code::FailedPrecondition,
         RegistryError::Unavailable(_) | RegistryError::ShuttingDown => Code::Unavailable,
         RegistryError::ResourceExhausted(_) => Code::ResourceExhausted,
     };
@@ -71,6 +71,7 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (RegistryError::ShuttingDown, Code::Unavailable),
+            (RegistryError::ExpiryGuardOff, Code::FailedPrecondition),
         ];
         for (error, code) in cases {
             let message = error.to_string();

@@ -1,10 +1,12 @@
 //! The gRPC transport around the core.
 //!
-//! Owns: the tonic server — the `registry.v1.Registry` service, standard
-//! health (`grpc.health.v1.Health`) and reflection — message size limits,
+//! Owns: the tonic server — the `registry.v1.Registry` service, the
+//! operator service `registry.admin.v1.Admin`, standard health
+//! (`grpc.health.v1.Health`) and reflection — message size limits,
 //! and graceful shutdown: health NOT_SERVING, streams ended, in-flight calls
 //! finished, all within a grace period. It holds no membership state.
 
+mod admin;
 mod convert;
 mod error;
 mod limits;
@@ -18,11 +20,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+pub use admin::AdminService;
 pub use error::{to_heartbeat_status, to_status};
 pub use limits::{Admission, Limits};
 pub use service::RegistryService;
 
 use crate::proto;
+use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::registry_server::RegistryServer;
 use crate::registry::Registry;
 
@@ -30,6 +34,9 @@ use crate::registry::Registry;
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Fully qualified service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "registry.v1.Registry";
+/// Fully qualified name of the operator service; every method path under
+/// `/registry.admin.v1.Admin/` is for admins.
+pub const ADMIN_SERVICE_NAME: &str = "registry.admin.v1.Admin";
 
 /// Accepted connections, with Nagle's algorithm off: heartbeats are small
 /// messages that must not wait for a delayed ACK. (tonic's own `tcp_nodelay`
@@ -99,18 +106,11 @@ pub async fn serve_with(
 ) -> Result<Stopped, tonic::transport::Error> {
     let streams_stop = CancellationToken::new();
     let admission = Admission::new(options.limits);
-    let service = RegistryServer::new(RegistryService::new(
-        registry,
-        streams_stop.clone(),
-        admission,
-    ))
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    // Lists and snapshots of a large fleet are big; clients raise their
-    // own decoding limit to read them.
-    .max_encoding_message_size(usize::MAX);
+    let (service, admin) = services(registry, streams_stop.clone(), admission);
     serve_service(
         listener,
         service,
+        admin,
         streams_stop,
         shutdown,
         options.grace,
@@ -119,16 +119,35 @@ pub async fn serve_with(
     .await
 }
 
-/// Serves `service` as `registry.v1.Registry` (with health and reflection)
-/// on `listener` until `shutdown` resolves; then cancels `streams_stop` and
+/// The registry's gRPC services over `registry`: `registry.v1.Registry`
+/// (streams end when `streams_stop` is cancelled) and the operator service.
+pub fn services(
+    registry: Registry,
+    streams_stop: CancellationToken,
+    admission: Admission,
+) -> (RegistryServer<RegistryService>, AdminServer<AdminService>) {
+    let admin = AdminServer::new(AdminService::new(registry.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let service = RegistryServer::new(RegistryService::new(registry, streams_stop, admission))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        // Lists and snapshots of a large fleet are big; clients raise their
+        // own decoding limit to read them.
+        .max_encoding_message_size(usize::MAX);
+    (service, admin)
+}
+
+/// Serves `service` as `registry.v1.Registry` and `admin` as
+/// `registry.admin.v1.Admin` (with health and reflection) on `listener` until `shutdown` resolves; then cancels `streams_stop` and
 /// drains for at most `grace`. Replicas serve their routing front this way,
 /// with `max_concurrent_streams` raised: a follower multiplexes the calls it
 /// forwards (long-lived heartbeat and watch streams among them) over one
 /// connection to the leader, beyond HTTP/2's default of 200 streams (None
 /// keeps the default).
-pub async fn serve_service<S>(
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_service<S, A>(
     listener: TcpListener,
     service: S,
+    admin: A,
     streams_stop: CancellationToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
@@ -145,6 +164,16 @@ where
         + Sync
         + 'static,
     S::Future: Send + 'static,
+    A: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    A::Future: Send + 'static,
 {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -188,6 +217,7 @@ where
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {
