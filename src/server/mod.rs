@@ -143,7 +143,6 @@ pub fn services(
 /// forwards (long-lived heartbeat and watch streams among them) over one
 /// connection to the leader, beyond HTTP/2's default of 200 streams (None
 /// keeps the default).
-#[allow(clippy::too_many_arguments)]
 pub async fn serve_service<S, A>(
     listener: TcpListener,
     service: S,
