@@ -1,7 +1,8 @@
 //! Generates the gRPC types from `proto/registry/v1/registry.proto` and
 //! `proto/registry/admin/v1/admin.proto` with a vendored `protoc`, so
 //! `cargo build` needs nothing installed. One descriptor set holds both, for
-//! server reflection.
+//! server reflection. The etcd client (`proto/etcd/etcd.proto`, the subset
+//! of etcd's API the replicas use) is generated the same way.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -19,5 +20,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::RegistryCodec")
         .file_descriptor_set_path(out_dir.join("registry_descriptor.bin"))
         .compile_with_config(config, &protos, &["proto"])?;
+
+    let etcd = "proto/etcd/etcd.proto";
+    println!("cargo:rerun-if-changed={etcd}");
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_with_config(config, &[etcd], &["proto"])?;
     Ok(())
 }

@@ -19,24 +19,37 @@ if ! python3 -c 'import grpc_tools, grpc_health, grpc_reflection' 2>/dev/null; t
     'grpcio==1.85.*' 'grpcio-tools==1.85.*' 'grpcio-health-checking==1.85.*' 'grpcio-reflection==1.85.*'
 fi
 
-# Prometheus and promtool: tests/prometheus.rs checks the exposition, the
-# rules and the scrape config with promtool, and evaluates every dashboard and
-# alert expression in a Prometheus of its own (on a free loopback port, with a
-# temporary data directory). The package's own service is not wanted: where no
-# policy-rc.d already forbids it, one is put in place while this script runs.
+# Debian packages of outside engines, installed together when missing:
+# - prometheus (and promtool): tests/prometheus.rs checks the exposition, the
+#   rules and the scrape config with promtool, and evaluates every dashboard
+#   and alert expression in a Prometheus of its own;
+# - etcd-server: tests/replicas.rs runs three replicas on an etcd of its own.
+# Each test starts its engine on free loopback ports with a temporary data
+# directory. The packages' own services are not wanted: where no policy-rc.d
+# already forbids them, one is put in place while this script runs.
+cleanups=()
+cleanup() { for c in "${cleanups[@]}"; do eval "$c"; done; }
+trap cleanup EXIT
+packages=()
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  log "installing Prometheus and promtool (Debian package prometheus)"
+  packages+=(prometheus)
+fi
+if ! command -v etcd >/dev/null; then
+  packages+=(etcd-server)
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
+  log "installing ${packages[*]} (Debian packages)"
   as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
   policy=/usr/sbin/policy-rc.d
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\n# scripts/test.sh: no service starts during this install\nexit 101\n' \
       | as_root tee "$policy" >/dev/null
     as_root chmod 755 "$policy"
-    trap 'as_root rm -f "$policy"' EXIT  # removed when this script ends
+    cleanups+=("as_root rm -f '$policy'")  # removed when this script ends
   fi
   as_root apt-get update
   as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y --no-install-recommends prometheus
+    apt-get install -y --no-install-recommends "${packages[@]}"
 fi
 
 # A real full filesystem for the store's disk-full test: a 512 KiB tmpfs
@@ -44,8 +57,7 @@ fi
 # skipped and said so.
 skip=(--skip sqlite_commit_rate) # a measurement, run by hand (see its doc)
 full_fs=$(mktemp -d)
-cleanup() { umount "$full_fs" 2>/dev/null || true; rmdir "$full_fs" 2>/dev/null || true; }
-trap cleanup EXIT
+cleanups+=("umount '$full_fs' 2>/dev/null || true; rmdir '$full_fs' 2>/dev/null || true")
 if mount -t tmpfs -o size=512k tmpfs "$full_fs" 2>/dev/null; then
   export REGISTRY_FULL_FS="$full_fs"
 else

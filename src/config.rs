@@ -200,6 +200,8 @@ pub enum StoreKind {
     Sqlite,
     /// In memory only.
     Memory,
+    /// Replicas on etcd: its endpoints (`host:port`).
+    Etcd(Vec<String>),
 }
 
 /// A refused flag combination; the message names the flag.
@@ -328,10 +330,36 @@ impl ServeArgs {
         match self.store.as_str() {
             "sqlite" => Ok(StoreKind::Sqlite),
             "memory" => Ok(StoreKind::Memory),
-            s if s.starts_with("etcd://") => Err(ConfigError(
-                "--store etcd://… (replicas on etcd) is not available in this version; use sqlite"
-                    .into(),
-            )),
+            s if s.starts_with("etcd://") => {
+                let endpoints: Vec<String> = s["etcd://".len()..]
+                    .split(',')
+                    .map(|e| e.trim().to_owned())
+                    .collect();
+                if let Some(bad) = endpoints.iter().find(|e| {
+                    e.rsplit_once(':')
+                        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                }) {
+                    return Err(ConfigError(format!(
+                        "--store {s:?}: etcd endpoint {bad:?} is not host:port"
+                    )));
+                }
+                if self.leader_lease < Duration::from_secs(1) {
+                    return Err(ConfigError(format!(
+                        "--leader-lease ({}) must be at least 1s (etcd leases count whole seconds)",
+                        humantime::format_duration(self.leader_lease)
+                    )));
+                }
+                if self.watermark_interval.is_zero() {
+                    return Err(ConfigError("--watermark-interval must be above 0".into()));
+                }
+                if !self.etcd_prefix.starts_with('/') {
+                    return Err(ConfigError(format!(
+                        "--etcd-prefix {:?} must start with /",
+                        self.etcd_prefix
+                    )));
+                }
+                Ok(StoreKind::Etcd(endpoints))
+            }
             other => Err(ConfigError(format!(
                 "--store {other:?} is not a store: use sqlite, memory or etcd://host:port"
             ))),
@@ -461,6 +489,15 @@ mod tests {
     }
 
     #[test]
+    fn etcd_endpoints_are_parsed() {
+        let a = parse(&["--store", "etcd://127.0.0.1:2379, 127.0.0.2:2379"]);
+        assert_eq!(
+            a.store_kind().unwrap(),
+            StoreKind::Etcd(vec!["127.0.0.1:2379".into(), "127.0.0.2:2379".into()])
+        );
+    }
+
+    #[test]
     fn the_expiry_guard_takes_a_fraction_and_a_max_hold() {
         let c = parse(&["--expiry-guard-fraction", "0.3"])
             .validate()
@@ -541,7 +578,15 @@ mod tests {
             &["--heartbeat-interval", "20m"],
             &["--max-heartbeat-ttl", "1000days"],
             &["--store", "postgres"],
-            &["--store", "etcd://127.0.0.1:2379"],
+            &["--store", "etcd://"],
+            &["--store", "etcd://127.0.0.1:2379,nohost"],
+            &[
+                "--store",
+                "etcd://127.0.0.1:2379",
+                "--leader-lease",
+                "500ms",
+            ],
+            &["--store", "etcd://127.0.0.1:2379", "--etcd-prefix", "x"],
             &["--tls-cert", "/tmp/cert.pem"],
             &["--tls-key", "/tmp/key.pem"],
             &["--tls-client-ca", "/tmp/ca.pem"],

@@ -11,6 +11,8 @@
 //!   writer (timing wheel, revisions, snapshots, events). No I/O.
 //! - [`store`] — the `MembershipStore` trait the membership loop commits to,
 //!   and its worker thread.
+//! - [`replica`] — several replicas on etcd: election, fencing, forwarding
+//!   to the leader, last-seen watermarks and failover.
 //! - [`server`] — the gRPC adapter: validation of wire types, error mapping,
 //!   health, reflection, graceful shutdown.
 //! - [`metrics`] — the Prometheus adapter: metric names (SPEC §4), an
@@ -56,6 +58,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod registry;
+pub mod replica;
 pub mod server;
 pub mod store;
 

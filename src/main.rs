@@ -8,9 +8,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use std::time::Duration;
 
 use executor_registry::config::{ServeArgs, StoreKind};
 use executor_registry::registry::Registry;
+use executor_registry::replica::ReplicaOptions;
 use executor_registry::server;
 use executor_registry::store::{MembershipStore, MemoryStore, SqliteStore};
 
@@ -60,8 +64,20 @@ fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     let security = args.security()?;
+    if let StoreKind::Etcd(endpoints) = args.store_kind()? {
+        if security.grpc.tls.is_some()
+            || !matches!(security.grpc.auth, server::Auth::Open)
+            || security.metrics_tls.is_some()
+        {
+            anyhow::bail!(
+                "--store etcd:// does not support --tls-cert, --tls-client-ca, --admin-token-file or --metrics-tls yet: a follower forwards calls to the leader without the caller's identity"
+            );
+        }
+        return serve_replica(args, config, endpoints).await;
+    }
     let store: Box<dyn MembershipStore> = match args.store_kind()? {
         StoreKind::Memory => Box::new(MemoryStore::new()),
+        StoreKind::Etcd(_) => unreachable!("handled above"),
         StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
             format!(
                 "cannot open the store in {} (--data-dir)",
@@ -69,20 +85,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
         })?),
     };
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let metrics = executor_registry::metrics::install_with_tls(
-        args.metrics_listen,
-        security.metrics_tls.clone(),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "cannot serve metrics on {} (--metrics-listen)",
-            args.metrics_listen
-        )
-    })?;
+    let (listener, metrics) = listen(&args, security.metrics_tls.clone()).await?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
     let tls = match (&security.grpc.tls, &security.grpc.auth) {
@@ -106,6 +109,89 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await?;
     tracing::info!(?stopped, "gRPC server stopped; flushing the store");
     task.stop().await;
+    metrics.flush();
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Binds the gRPC listener and serves `/metrics` (over TLS with `metrics_tls`).
+async fn listen(
+    args: &ServeArgs,
+    metrics_tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> anyhow::Result<(
+    TcpListener,
+    std::sync::Arc<executor_registry::metrics::Metrics>,
+)> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let metrics = executor_registry::metrics::install_with_tls(args.metrics_listen, metrics_tls)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot serve metrics on {} (--metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
+    Ok((listener, metrics))
+}
+
+/// One replica on etcd: campaigns, leads or forwards to the leader.
+async fn serve_replica(
+    args: ServeArgs,
+    config: executor_registry::registry::RegistryConfig,
+    endpoints: Vec<String>,
+) -> anyhow::Result<()> {
+    if args.advertise_address.is_none() && args.listen.ip().is_unspecified() {
+        anyhow::bail!(
+            "--listen {} is a wildcard address other replicas cannot reach: set --advertise-address host:port",
+            args.listen
+        );
+    }
+    let (listener, metrics) = listen(&args, None).await?;
+    // Not the leader until elected (the exporter starts at 1 for a single
+    // process).
+    metrics.start_as_follower();
+    let advertise = args.advertise_address.clone().unwrap_or_else(|| {
+        listener
+            .local_addr()
+            .map_or_else(|_| args.listen.to_string(), |a| a.to_string())
+    });
+    let options = ReplicaOptions {
+        endpoints,
+        prefix: args.etcd_prefix.clone(),
+        // etcd leases count whole seconds.
+        lease: Duration::from_secs(args.leader_lease.as_secs_f64().ceil() as u64),
+        watermark_interval: args.watermark_interval,
+        advertise: advertise.clone(),
+        config,
+        limits: args.limits(),
+    };
+    let (front, replica) = executor_registry::replica::start(options, metrics.clone())
+        .context("cannot start the replica (--store)")?;
+    tracing::info!(listen = %listener.local_addr()?, %advertise, metrics = %args.metrics_listen, "executor-registry replica serving");
+    // At shutdown the server cancels this: the replica steps down, which
+    // ends the streams it serves, so the server can drain.
+    let streams_stop = CancellationToken::new();
+    tokio::spawn({
+        let streams_stop = streams_stop.clone();
+        let replica_stop = replica.stop_token();
+        async move {
+            streams_stop.cancelled().await;
+            replica_stop.cancel();
+        }
+    });
+    let admin = executor_registry::replica::front::AdminFront(front.clone());
+    let serving = server::Serving {
+        streams_stop,
+        grace: args.shutdown_grace,
+        max_concurrent_streams: Some(executor_registry::replica::MAX_FORWARDED_STREAMS),
+        security: server::Security::default(),
+        observer: metrics.clone(),
+    };
+    let stopped = server::serve_service(listener, front, admin, shutdown_signal(), serving).await?;
+    tracing::info!(?stopped, "gRPC server stopped; stepping down");
+    replica.stop().await;
     metrics.flush();
     tracing::info!("bye");
     Ok(())

@@ -623,6 +623,13 @@ impl Metrics {
         text
     }
 
+    /// A replica starts as a follower: `registry_is_leader` 0, no change
+    /// counted.
+    pub fn start_as_follower(&self) {
+        self.leader.store(false, Ordering::Relaxed);
+        self.is_leader.set(0.0);
+    }
+
     /// Records whether this replica leads; counts a change when it flips.
     pub fn set_leader(&self, leader: bool) {
         if self.leader.swap(leader, Ordering::Relaxed) != leader {

@@ -8,10 +8,18 @@
 //! the raised decoding limit (snapshots of a large fleet exceed 4 MiB) — and
 //! TLS: the CA the registry's certificate must chain to, the client's own
 //! certificate for mutual TLS, and the admin bearer token.
+//!
+//! Replicas: every response names the leader in its `registry-leader`
+//! metadata. A stream opened through a follower works (the follower
+//! forwards it), but [`Endpoints::follow_leader`] moves the client to the
+//! leader itself, adding it to the list if it was not given. A leader that
+//! then cannot be reached is not followed again for a while, so a leader
+//! address clients cannot reach costs one failed attempt, not a loop.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::ClientError;
@@ -224,6 +232,11 @@ pub(crate) fn endpoint(uri: &str, options: &ChannelOptions) -> Result<Endpoint, 
         .initial_connection_window_size(options.initial_connection_window_size))
 }
 
+/// Response metadata naming the leader replica (SPEC §3).
+pub const LEADER_METADATA: &str = "registry-leader";
+/// How long a leader that could not be reached is not followed again.
+const DISTRUST: Duration = Duration::from_secs(30);
+
 /// Endpoints in the order given; the client starts at the first and moves to
 /// the next when one fails.
 #[derive(Debug, Clone)]
@@ -231,6 +244,10 @@ pub(crate) struct Endpoints {
     list: Vec<(String, Endpoint)>,
     current: usize,
     options: ChannelOptions,
+    /// The current endpoint was reached by following a leader hint.
+    followed: bool,
+    /// A followed leader that failed, and when.
+    distrusted: Option<(String, Instant)>,
 }
 
 impl Endpoints {
@@ -253,7 +270,45 @@ impl Endpoints {
             list,
             current: 0,
             options: options.clone(),
+            followed: false,
+            distrusted: None,
         })
+    }
+
+    /// If `metadata` names a leader other than the current endpoint (and not
+    /// one that recently failed), makes it the current endpoint and returns
+    /// true: the caller reconnects there.
+    pub(crate) fn follow_leader(&mut self, metadata: &MetadataMap) -> bool {
+        let Some(leader) = metadata
+            .get(LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+        else {
+            return false;
+        };
+        let uri = normalize_for(leader, self.options.tls.is_some());
+        if uri == self.current() {
+            return false;
+        }
+        if let Some((bad, since)) = &self.distrusted
+            && *bad == uri
+            && since.elapsed() < DISTRUST
+        {
+            return false;
+        }
+        let index = match self.list.iter().position(|(u, _)| *u == uri) {
+            Some(index) => index,
+            None => match endpoint(leader, &self.options) {
+                Ok(e) => {
+                    self.list.push((uri, e));
+                    self.list.len() - 1
+                }
+                Err(_) => return false,
+            },
+        };
+        self.current = index;
+        self.followed = true;
+        true
     }
 
     /// The settings every connection gets.
@@ -268,6 +323,9 @@ impl Endpoints {
 
     /// Moves on to the next endpoint (after a failure).
     pub(crate) fn advance(&mut self) {
+        if std::mem::take(&mut self.followed) {
+            self.distrusted = Some((self.list[self.current].0.clone(), Instant::now()));
+        }
         self.current = (self.current + 1) % self.list.len();
     }
 
@@ -386,5 +444,30 @@ mod tests {
         endpoints.advance();
         assert_eq!(endpoints.current(), "http://a:1");
         assert_eq!(endpoints.describe(), "http://a:1,http://b:2");
+    }
+
+    fn naming(leader: &str) -> MetadataMap {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(LEADER_METADATA, leader.parse().unwrap());
+        metadata
+    }
+
+    #[test]
+    fn a_named_leader_is_followed_and_added_and_a_failed_one_is_not_followed_again() {
+        let mut endpoints = Endpoints::new(["a:1", "b:2"], &ChannelOptions::default()).unwrap();
+        // The current endpoint leads: nothing to do.
+        assert!(!endpoints.follow_leader(&naming("a:1")));
+        assert!(!endpoints.follow_leader(&MetadataMap::new()));
+        assert!(endpoints.follow_leader(&naming("b:2")));
+        assert_eq!(endpoints.current(), "http://b:2");
+        // A leader not in the list is added.
+        assert!(endpoints.follow_leader(&naming("c:3")));
+        assert_eq!(endpoints.current(), "http://c:3");
+        assert_eq!(endpoints.describe(), "http://a:1,http://b:2,http://c:3");
+        // It fails: the client moves on and does not follow it back at once.
+        endpoints.advance();
+        assert_eq!(endpoints.current(), "http://a:1");
+        assert!(!endpoints.follow_leader(&naming("c:3")));
+        assert!(endpoints.follow_leader(&naming("b:2")));
     }
 }

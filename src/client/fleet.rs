@@ -280,7 +280,7 @@ impl FleetView {
         let mut retry = Retry::new(options.backoff);
         let started = Instant::now();
         let (snapshot, stream) = loop {
-            match open_watch(&endpoints).await {
+            match open_watch(&mut endpoints).await {
                 Ok(opened) => break opened,
                 Err(Attempt::Fatal(status)) => return Err(ClientError::Rejected(status)),
                 Err(Attempt::Retry(why)) => {
@@ -378,27 +378,53 @@ fn fleet_of(snapshot: &proto::Snapshot) -> Fleet {
 }
 
 /// Opens a watch on the current endpoint and reads its snapshot.
-async fn open_watch(endpoints: &Endpoints) -> Result<(proto::Snapshot, WatchStream), Attempt> {
+async fn open_watch(endpoints: &mut Endpoints) -> Result<(proto::Snapshot, WatchStream), Attempt> {
+    let response = open_watch_stream(endpoints).await?;
+    // Through a follower replica: watch at the leader it named instead.
+    if endpoints.follow_leader(response.metadata()) {
+        tracing::debug!(
+            leader = endpoints.current(),
+            "watching at the leader replica directly"
+        );
+        let direct = open_watch_stream(endpoints).await?;
+        return read_snapshot(endpoints, direct.into_inner()).await;
+    }
+    read_snapshot(endpoints, response.into_inner()).await
+}
+
+fn classify(endpoints: &Endpoints, status: tonic::Status) -> Attempt {
+    if retryable(status.code()) || status.code() == Code::ResourceExhausted {
+        Attempt::Retry(status_text(endpoints.current(), &status))
+    } else {
+        Attempt::Fatal(status)
+    }
+}
+
+/// Opens a watch on the current endpoint (its response headers).
+async fn open_watch_stream(endpoints: &Endpoints) -> Result<tonic::Response<WatchStream>, Attempt> {
     let mut client = endpoints.connect().await.map_err(Attempt::Retry)?;
     let limit = endpoints.options().request_timeout;
-    let classify = |status: tonic::Status| {
-        if retryable(status.code()) || status.code() == Code::ResourceExhausted {
-            Attempt::Retry(status_text(endpoints.current(), &status))
-        } else {
-            Attempt::Fatal(status)
-        }
-    };
-    let request = endpoints.options().request(WatchExecutorsRequest {});
-    let mut stream = match timeout(limit, client.watch_executors(request)).await {
-        Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return Err(classify(status)),
-        Err(_) => {
-            return Err(Attempt::Retry(format!(
-                "{}: WatchExecutors not answered within {limit:?}",
-                endpoints.current()
-            )));
-        }
-    };
+    match timeout(
+        limit,
+        client.watch_executors(endpoints.options().request(WatchExecutorsRequest {})),
+    )
+    .await
+    {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(status)) => Err(classify(endpoints, status)),
+        Err(_) => Err(Attempt::Retry(format!(
+            "{}: WatchExecutors not answered within {limit:?}",
+            endpoints.current()
+        ))),
+    }
+}
+
+/// Reads a new watch's first message, its snapshot.
+async fn read_snapshot(
+    endpoints: &Endpoints,
+    mut stream: WatchStream,
+) -> Result<(proto::Snapshot, WatchStream), Attempt> {
+    let limit = endpoints.options().request_timeout;
     let first = match timeout(limit, stream.message()).await {
         Ok(Ok(Some(message))) => message,
         Ok(Ok(None)) => {
@@ -407,7 +433,7 @@ async fn open_watch(endpoints: &Endpoints) -> Result<(proto::Snapshot, WatchStre
                 endpoints.current()
             )));
         }
-        Ok(Err(status)) => return Err(classify(status)),
+        Ok(Err(status)) => return Err(classify(endpoints, status)),
         Err(_) => {
             return Err(Attempt::Retry(format!(
                 "{}: no snapshot within {limit:?}",
@@ -471,7 +497,7 @@ impl Follower {
                 }
             }
             stream = loop {
-                match open_watch(&self.endpoints).await {
+                match open_watch(&mut self.endpoints).await {
                     Ok((snapshot, stream)) => {
                         self.retry.reset();
                         self.resync(&snapshot);

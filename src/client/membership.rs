@@ -541,23 +541,42 @@ impl Heartbeater {
     async fn open_stream(
         &mut self,
     ) -> Result<(mpsc::Sender<HeartbeatRequest>, Streaming<HeartbeatResult>), String> {
-        let mut client = match self.client.take() {
-            Some(c) => c,
-            None => self.endpoints.connect().await?,
-        };
-        let (requests, rx) = mpsc::channel(1);
-        let limit = self.endpoints.options().request_timeout;
-        let request = self.endpoints.options().request(ReceiverStream::new(rx));
-        match timeout(limit, client.heartbeat_stream(request)).await {
-            Ok(Ok(response)) => {
-                self.client = Some(client);
-                Ok((requests, response.into_inner()))
+        // Twice at most: through the endpoint at hand, then (when that was a
+        // follower replica) at the leader it named.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut client = match self.client.take() {
+                Some(c) => c,
+                None => self.endpoints.connect().await?,
+            };
+            let (requests, rx) = mpsc::channel(1);
+            let limit = self.endpoints.options().request_timeout;
+            match timeout(
+                limit,
+                client.heartbeat_stream(self.endpoints.options().request(ReceiverStream::new(rx))),
+            )
+            .await
+            {
+                Ok(Ok(response)) => {
+                    if attempts == 1 && self.endpoints.follow_leader(response.metadata()) {
+                        tracing::debug!(
+                            leader = self.endpoints.current(),
+                            "heartbeating at the leader replica directly"
+                        );
+                        continue;
+                    }
+                    self.client = Some(client);
+                    return Ok((requests, response.into_inner()));
+                }
+                Ok(Err(status)) => return Err(status_text(self.endpoints.current(), &status)),
+                Err(_) => {
+                    return Err(format!(
+                        "{}: HeartbeatStream not opened within {limit:?}",
+                        self.endpoints.current()
+                    ));
+                }
             }
-            Ok(Err(status)) => Err(status_text(self.endpoints.current(), &status)),
-            Err(_) => Err(format!(
-                "{}: HeartbeatStream not opened within {limit:?}",
-                self.endpoints.current()
-            )),
         }
     }
 

@@ -51,7 +51,7 @@ use std::time::Duration;
 pub use backoff::Backoff;
 pub use endpoints::{
     BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
-    describe_transport_error,
+    LEADER_METADATA, describe_transport_error,
 };
 pub use fleet::{Fleet, FleetChange, FleetView, FleetViewOptions, Member, OfflineReason};
 pub use membership::{Membership, MembershipOptions, MembershipState};

@@ -252,6 +252,7 @@ impl MembershipLoop {
         rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
         store: StoreWorker,
         loaded: Vec<StoredExecutor>,
+        resume: std::collections::HashMap<String, super::Resume>,
         stop: CancellationToken,
     ) -> Self {
         let mut housekeeping = tokio::time::interval(TICK);
@@ -277,13 +278,18 @@ impl MembershipLoop {
             housekeeping,
             stop: Box::pin(stop.cancelled_owned()),
         };
-        this.load(loaded);
+        this.load(loaded, resume);
         this
     }
 
     /// Start-up: every stored executor comes back INITING with a fresh init
-    /// TTL. Those that heartbeat carry on; the others expire.
-    fn load(&mut self, loaded: Vec<StoredExecutor>) {
+    /// TTL (or, with a `resume` entry, its own TTL and time left). Those that
+    /// heartbeat carry on; the others expire.
+    fn load(
+        &mut self,
+        loaded: Vec<StoredExecutor>,
+        resume: std::collections::HashMap<String, super::Resume>,
+    ) {
         let now = self.shared.clock.now_ms();
         let ttl = duration_ms(self.shared.config.init_ttl);
         for row in loaded {
@@ -295,6 +301,9 @@ impl MembershipLoop {
                 }
             };
             let id = ExecutorId::new(&row.id);
+            let (ttl, left) = resume
+                .get(&row.id)
+                .map_or((ttl, ttl), |r| (duration_ms(r.ttl), duration_ms(r.left)));
             let entry = Arc::new(
                 Entry::new(
                     id.clone(),
@@ -303,7 +312,7 @@ impl MembershipLoop {
                     labels,
                     row.registered_unix_ms,
                     ttl,
-                    now + ttl,
+                    now + left,
                 )
                 .with_owner(row.owner.map(Arc::from)),
             );

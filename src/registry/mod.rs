@@ -102,6 +102,16 @@ impl Default for RegistryConfig {
     }
 }
 
+/// How a loaded executor resumes (after a leader failover): the TTL it last
+/// asked for and the time it has left, instead of a fresh init TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Its TTL.
+    pub ttl: Duration,
+    /// Time from the load until its deadline.
+    pub left: Duration,
+}
+
 /// A registration request as received (unvalidated).
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
@@ -258,6 +268,18 @@ impl Registry {
         store: Box<dyn MembershipStore>,
         observer: Arc<dyn Observer>,
     ) -> Result<(Registry, RegistryTask), StoreError> {
+        Self::start_resumed(config, store, observer, Default::default())
+    }
+
+    /// Like [`Registry::start`], but a stored executor with an entry in
+    /// `resume` comes back with that TTL and time left (a new leader resuming
+    /// from last-seen watermarks); the others get a fresh init TTL.
+    pub fn start_resumed(
+        config: RegistryConfig,
+        store: Box<dyn MembershipStore>,
+        observer: Arc<dyn Observer>,
+        resume: std::collections::HashMap<String, Resume>,
+    ) -> Result<(Registry, RegistryTask), StoreError> {
         let started = std::time::Instant::now();
         let started_worker = StoreWorker::start(store);
         observer.store_operation("load", started.elapsed(), started_worker.is_ok());
@@ -295,6 +317,7 @@ impl Registry {
             rearm_rx,
             worker,
             loaded,
+            resume,
             stop.clone(),
         );
         let handle = tokio::spawn(membership.run());

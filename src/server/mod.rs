@@ -136,8 +136,94 @@ pub async fn serve_secure(
     options: ServeOptions,
     security: Security,
 ) -> Result<Stopped, tonic::transport::Error> {
-    let grace = options.grace;
     let observer = registry.observer().clone();
+    let streams_stop = CancellationToken::new();
+    let admission = Admission::new(options.limits);
+    let (service, admin) = services(registry, streams_stop.clone(), admission);
+    let serving = Serving {
+        streams_stop,
+        grace: options.grace,
+        max_concurrent_streams: None,
+        security,
+        observer,
+    };
+    serve_service(listener, service, admin, shutdown, serving).await
+}
+
+/// The registry's gRPC services over `registry`: `registry.v1.Registry`
+/// (streams end when `streams_stop` is cancelled) and the operator service.
+pub fn services(
+    registry: Registry,
+    streams_stop: CancellationToken,
+    admission: Admission,
+) -> (RegistryServer<RegistryService>, AdminServer<AdminService>) {
+    let admin = AdminServer::new(AdminService::new(registry.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let service = RegistryServer::new(RegistryService::new(registry, streams_stop, admission))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        // Lists and snapshots of a large fleet are big; clients raise their
+        // own decoding limit to read them.
+        .max_encoding_message_size(usize::MAX);
+    (service, admin)
+}
+
+/// How [`serve_service`] runs its services.
+pub struct Serving {
+    /// Cancelled at shutdown: the services end their streams on it.
+    pub streams_stop: CancellationToken,
+    /// How long shutdown may drain before connections are dropped.
+    pub grace: Duration,
+    /// HTTP/2 streams per connection; None keeps the default (200). A
+    /// follower replica raises it: it multiplexes the calls it forwards
+    /// (long-lived heartbeat and watch streams among them) over one
+    /// connection to the leader.
+    pub max_concurrent_streams: Option<u32>,
+    /// TLS and authentication.
+    pub security: Security,
+    /// Where refused handshakes and calls are counted.
+    pub observer: Arc<dyn crate::registry::Observer>,
+}
+
+/// Serves `service` as `registry.v1.Registry` and `admin` as
+/// `registry.admin.v1.Admin` (with health and reflection) on `listener`
+/// until `shutdown` resolves; then cancels `serving.streams_stop` and drains
+/// for at most `serving.grace`. Replicas serve their routing front this way.
+pub async fn serve_service<S, A>(
+    listener: TcpListener,
+    service: S,
+    admin: A,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    serving: Serving,
+) -> Result<Stopped, tonic::transport::Error>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    A: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    A::Future: Send + 'static,
+{
+    let Serving {
+        streams_stop,
+        grace,
+        max_concurrent_streams,
+        security,
+        observer,
+    } = serving;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -154,20 +240,6 @@ pub async fn serve_secure(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
-    let streams_stop = CancellationToken::new();
-    let admission = Admission::new(options.limits);
-    let admin = AdminServer::new(AdminService::new(registry.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let service = RegistryServer::new(RegistryService::new(
-        registry,
-        streams_stop.clone(),
-        admission,
-    ))
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    // Lists and snapshots of a large fleet are big; clients raise their
-    // own decoding limit to read them.
-    .max_encoding_message_size(usize::MAX);
-
     let signal = {
         let streams_stop = streams_stop.clone();
         async move {
@@ -183,7 +255,11 @@ pub async fn serve_secure(
         }
     };
 
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if max_concurrent_streams.is_some() {
+        builder = builder.max_concurrent_streams(max_concurrent_streams);
+    }
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(auth::AuthLayer::new(security.auth, observer.clone()))
@@ -192,8 +268,8 @@ pub async fn serve_secure(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(admin);
-    type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
-    let mut server: Serving = match security.tls {
+    type Server = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let mut server: Server = match security.tls {
         None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
         Some(config) => Box::pin(
             router.serve_with_incoming_shutdown(tls::incoming(listener, config, observer), signal),

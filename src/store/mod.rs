@@ -7,14 +7,17 @@
 //! gathers, which is the group commit.
 //!
 //! Stores: [`SqliteStore`] (the default: one WAL-mode SQLite file in the data
-//! directory, fsynced at each commit) and [`MemoryStore`] (nothing durable).
+//! directory, fsynced at each commit), [`MemoryStore`] (nothing durable) and
+//! [`EtcdStore`] (replicas: one key per executor, fenced by leadership).
 //!
 //! Must not touch: registry state. A store only persists what it is given.
 
+pub mod etcd;
 mod memory;
 mod sqlite;
 mod worker;
 
+pub use etcd::EtcdStore;
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 pub use worker::{Commit, StoreWorker};

@@ -1,0 +1,358 @@
+//! A small etcd v3 client over the generated `etcdserverpb` stubs.
+//!
+//! Owns: the gRPC channel to the etcd endpoints, paginated prefix reads,
+//! fenced transactions chunked under etcd's per-transaction operation limit,
+//! and leases (grant, keep-alive, revoke). Knows nothing of executors or
+//! leadership: callers build the keys and the fence.
+//!
+//! Must not touch: registry state.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// The generated etcd types (the subset in `proto/etcd/etcd.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use pb::kv_client::KvClient;
+use pb::lease_client::LeaseClient;
+use pb::request_op::Request;
+use pb::{
+    Compare, DeleteRangeRequest, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest,
+    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
+};
+
+/// etcd's default `--max-txn-ops`: most operations in one transaction.
+pub const MAX_TXN_OPS: usize = 128;
+/// Keys read per page when loading a prefix.
+const PAGE: i64 = 5_000;
+/// Longest single etcd call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An etcd failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EtcdError {
+    /// The fence compare failed: this replica no longer holds leadership.
+    #[error("fenced: this replica is no longer the leader (its leader key changed)")]
+    Fenced,
+    /// etcd could not be reached or refused the call.
+    #[error("etcd: {0}")]
+    Call(String),
+}
+
+fn call_error(status: tonic::Status) -> EtcdError {
+    EtcdError::Call(format!("{}: {}", status.code(), status.message()))
+}
+
+/// The condition every write of a leader carries: its leader key still has
+/// the create revision it had when this replica won the election.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leader key.
+    pub key: Vec<u8>,
+    /// Its create revision when this replica created it.
+    pub create_revision: i64,
+}
+
+impl Fence {
+    fn compare(&self) -> Compare {
+        Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Create as i32,
+            key: self.key.clone(),
+            target_union: Some(TargetUnion::CreateRevision(self.create_revision)),
+        }
+    }
+}
+
+/// A put operation.
+pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, lease: i64) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(PutRequest {
+            key: key.into(),
+            value: value.into(),
+            lease,
+            prev_kv: false,
+        })),
+    }
+}
+
+/// A delete of one key.
+pub fn delete(key: impl Into<Vec<u8>>) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+            key: key.into(),
+            range_end: Vec::new(),
+            prev_kv: false,
+        })),
+    }
+}
+
+/// A read of one key.
+pub fn get(key: impl Into<Vec<u8>>) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestRange(RangeRequest {
+            key: key.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The compare "`key` does not exist".
+pub fn absent(key: impl Into<Vec<u8>>) -> Compare {
+    Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Create as i32,
+        key: key.into(),
+        target_union: Some(TargetUnion::CreateRevision(0)),
+    }
+}
+
+/// The end of the range of keys starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// A cheap-to-clone connection to etcd.
+#[derive(Clone)]
+pub struct Etcd {
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd").finish_non_exhaustive()
+    }
+}
+
+impl Etcd {
+    /// A client balancing over `endpoints` (`host:port`); connects lazily.
+    pub fn new(endpoints: &[String]) -> Result<Self, EtcdError> {
+        let list = endpoints
+            .iter()
+            .map(|e| {
+                let uri = if e.contains("://") {
+                    e.clone()
+                } else {
+                    format!("http://{e}")
+                };
+                Endpoint::from_shared(uri)
+                    .map(|ep| {
+                        ep.connect_timeout(Duration::from_secs(2))
+                            .tcp_nodelay(true)
+                            .http2_keep_alive_interval(Duration::from_secs(5))
+                            .keep_alive_timeout(Duration::from_secs(3))
+                    })
+                    .map_err(|err| EtcdError::Call(format!("bad etcd endpoint {e:?}: {err}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = match list.as_slice() {
+            [] => return Err(EtcdError::Call("no etcd endpoint given".into())),
+            [one] => one.connect_lazy(),
+            _ => Channel::balance_list(list.into_iter()),
+        };
+        Ok(Self {
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(256 << 20),
+            lease: LeaseClient::new(channel),
+        })
+    }
+
+    /// Every key-value whose key starts with `prefix`, in key order, read in
+    /// pages at one revision.
+    pub async fn range_prefix(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, EtcdError> {
+        let end = prefix_end(prefix);
+        let mut from = prefix.to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let request = RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: PAGE,
+                revision,
+                ..Default::default()
+            };
+            let mut kv = self.kv.clone();
+            let response = tokio::time::timeout(CALL_TIMEOUT, kv.range(request))
+                .await
+                .map_err(|_| EtcdError::Call("range timed out".into()))?
+                .map_err(call_error)?
+                .into_inner();
+            if revision == 0 {
+                revision = response.header.map(|h| h.revision).unwrap_or(0);
+            }
+            let more = response.more;
+            if let Some(last) = response.kvs.last() {
+                from = last.key.clone();
+                from.push(0);
+            }
+            out.extend(response.kvs);
+            if !more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// One transaction.
+    pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, EtcdError> {
+        let mut kv = self.kv.clone();
+        tokio::time::timeout(CALL_TIMEOUT, kv.txn(request))
+            .await
+            .map_err(|_| EtcdError::Call("transaction timed out".into()))?
+            .map(tonic::Response::into_inner)
+            .map_err(call_error)
+    }
+
+    /// Applies `ops` in transactions of at most [`MAX_TXN_OPS`] operations,
+    /// each conditional on `fence`. Stops at the first failure; chunks
+    /// before it stay applied.
+    pub async fn fenced(&self, fence: &Fence, ops: Vec<RequestOp>) -> Result<(), EtcdError> {
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let chunk: Vec<RequestOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
+            let response = self
+                .txn(TxnRequest {
+                    compare: vec![fence.compare()],
+                    success: chunk,
+                    failure: Vec::new(),
+                })
+                .await?;
+            if !response.succeeded {
+                return Err(EtcdError::Fenced);
+            }
+        }
+        Ok(())
+    }
+
+    /// Grants a lease of `ttl`; returns its id and granted TTL.
+    pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), EtcdError> {
+        let mut lease = self.lease.clone();
+        let request = LeaseGrantRequest {
+            ttl: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            id: 0,
+        };
+        let response = tokio::time::timeout(CALL_TIMEOUT, lease.lease_grant(request))
+            .await
+            .map_err(|_| EtcdError::Call("lease grant timed out".into()))?
+            .map_err(call_error)?
+            .into_inner();
+        if !response.error.is_empty() {
+            return Err(EtcdError::Call(response.error));
+        }
+        Ok((
+            response.id,
+            Duration::from_secs(u64::try_from(response.ttl).unwrap_or(0)),
+        ))
+    }
+
+    /// Revokes a lease (its keys are deleted at once). Best effort.
+    pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
+        let mut lease = self.lease.clone();
+        tokio::time::timeout(CALL_TIMEOUT, lease.lease_revoke(LeaseRevokeRequest { id }))
+            .await
+            .map_err(|_| EtcdError::Call("lease revoke timed out".into()))?
+            .map(|_| ())
+            .map_err(call_error)
+    }
+
+    /// Keeps lease `id` alive every `period`, reporting after each answer
+    /// the instant until which the lease is certainly valid (that request's
+    /// send time + the TTL granted). Requests go out on schedule whether or
+    /// not earlier ones were answered, so a slow answer does not delay the
+    /// next renewal. Returns when the lease is gone (etcd answered TTL 0) or
+    /// `valid_until` has no receiver left. A broken stream is reopened; it
+    /// does not extend validity.
+    pub async fn keep_alive(
+        &self,
+        id: i64,
+        period: Duration,
+        valid_until: tokio::sync::watch::Sender<Instant>,
+    ) {
+        let request = LeaseKeepAliveRequest { id };
+        while !valid_until.is_closed() {
+            let (tx, rx) = mpsc::channel(16);
+            let mut sent = std::collections::VecDeque::new();
+            // The first request goes before the stream opens: etcd answers
+            // the stream's headers only with the first keep-alive answer.
+            sent.push_back(Instant::now());
+            if tx.send(request).await.is_err() {
+                return;
+            }
+            let mut lease = self.lease.clone();
+            let opened = tokio::time::timeout(
+                CALL_TIMEOUT,
+                lease.lease_keep_alive(ReceiverStream::new(rx)),
+            )
+            .await;
+            let mut answers = match opened {
+                Ok(Ok(response)) => response.into_inner(),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot open the lease keep-alive stream");
+                    tokio::time::sleep(period / 2).await;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                if valid_until.is_closed() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if sent.len() >= 8 {
+                            tracing::debug!("lease keep-alives unanswered; reopening the stream");
+                            break;
+                        }
+                        sent.push_back(Instant::now());
+                        if tx.try_send(request).is_err() {
+                            break;
+                        }
+                    }
+                    answer = answers.message() => match answer {
+                        Ok(Some(answer)) if answer.ttl <= 0 => {
+                            tracing::warn!(lease = id, "the etcd lease expired");
+                            return;
+                        }
+                        Ok(Some(answer)) => {
+                            let ttl = Duration::from_secs(u64::try_from(answer.ttl).unwrap_or(0));
+                            if let Some(at) = sent.pop_front() {
+                                valid_until.send_replace(at + ttl);
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte_that_can_be() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}

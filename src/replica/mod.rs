@@ -1,0 +1,357 @@
+//! Several registry replicas on etcd: leader election, forwarding, fencing
+//! and failover.
+//!
+//! Owns: the replica's controller task, which loops through
+//!
+//! 1. **Campaign.** Grant an etcd lease of `--leader-lease`, keep it alive,
+//!    and poll a transaction "if the leader key does not exist, create it
+//!    with my advertise address on my lease, else read it". Losing: follow
+//!    the address read (the [`front::Front`] forwards every call there).
+//! 2. **Lead.** The leader key's create revision is the *fence*: every write
+//!    of the term (membership commits, watermarks) is a transaction
+//!    comparing it, so once the key is gone (lease expired: the leader was
+//!    paused, partitioned or killed) nothing this replica sends can change
+//!    etcd. The leader loads membership and watermarks, starts the core
+//!    (`Registry::start_resumed`: each executor resumes with its real
+//!    remaining TTL plus a grace, [`watermark::resume`]) and serves it
+//!    locally.
+//! 3. **Step down** — without a restart — as soon as a write is fenced, or
+//!    the lease is not known to be valid any more (its last keep-alive was
+//!    sent more than a TTL ago: checked on the monotonic clock, which keeps
+//!    running while the process is stopped, so a replica woken from SIGSTOP
+//!    steps down at once). Then campaign again.
+//!
+//! Must not touch: the core's internals (it uses `Registry` like any
+//! embedder), the sqlite store.
+
+pub mod etcd;
+pub mod front;
+pub mod watermark;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryConfig};
+use crate::server::{Admission, Limits};
+use crate::store::EtcdStore;
+use crate::store::etcd::{Keys, load};
+use etcd::{Etcd, EtcdError, Fence};
+use front::{Front, Route};
+
+/// Most concurrent HTTP/2 streams per connection a replica accepts: a
+/// follower forwards every client's streams over one connection to the
+/// leader.
+pub const MAX_FORWARDED_STREAMS: u32 = 1 << 20;
+
+/// How a replica runs.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// etcd endpoints (`host:port`).
+    pub endpoints: Vec<String>,
+    /// Key prefix (`--etcd-prefix`).
+    pub prefix: String,
+    /// Leader lease (`--leader-lease`), whole seconds (etcd's unit).
+    pub lease: Duration,
+    /// Most frequent watermark write per executor (`--watermark-interval`).
+    pub watermark_interval: Duration,
+    /// Address clients and replicas reach this one at.
+    pub advertise: String,
+    /// The core's settings.
+    pub config: RegistryConfig,
+    /// The service's overload limits.
+    pub limits: Limits,
+}
+
+impl ReplicaOptions {
+    /// The grace a resumed executor gets on top of its remaining TTL, for
+    /// its client to find the new leader: two leases (a client stuck on a
+    /// paused leader, or on a replica forwarding to it, waits up to a lease
+    /// for the replicas to notice, then times its call out) plus two
+    /// suggested heartbeat intervals for `executors` (reconnect backoff is
+    /// capped by one).
+    pub fn resume_grace(&self, executors: usize) -> Duration {
+        let spread = Duration::from_millis(
+            (executors as u64).saturating_mul(1000) / self.config.max_heartbeats_per_second.max(1),
+        );
+        2 * self.lease + 2 * self.config.heartbeat_interval.max(spread)
+    }
+
+    /// The failover allowance: how much later than its TTL after its last
+    /// heartbeat an executor that died around a failover can go OFFLINE
+    /// (the watermark's lag plus the resume grace).
+    pub fn failover_allowance(&self, executors: usize) -> Duration {
+        self.watermark_interval + self.resume_grace(executors)
+    }
+}
+
+/// A running replica: its controller task.
+pub struct ReplicaTask {
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl ReplicaTask {
+    /// A token that, when cancelled, makes the replica step down (ending the
+    /// streams it serves as leader) and stop.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Steps down (flushing the store and revoking the lease if leading, so
+    /// another replica takes over at once) and waits for the controller.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Err(e) = self.handle.await {
+            tracing::error!(error = %e, "replica controller failed");
+        }
+    }
+}
+
+/// Starts the controller on the current runtime; serve the returned
+/// [`Front`] with [`crate::server::serve_service`].
+pub fn start(
+    options: ReplicaOptions,
+    metrics: Arc<Metrics>,
+) -> Result<(Front, ReplicaTask), EtcdError> {
+    let etcd = Etcd::new(&options.endpoints)?;
+    let front = Front::default();
+    let stop = CancellationToken::new();
+    let controller = Controller {
+        keys: Keys::new(&options.prefix),
+        admission: Admission::new(options.limits),
+        options,
+        etcd,
+        front: front.clone(),
+        metrics,
+        stop: stop.clone(),
+    };
+    let handle = tokio::spawn(controller.run());
+    Ok((front, ReplicaTask { stop, handle }))
+}
+
+struct Controller {
+    options: ReplicaOptions,
+    keys: Keys,
+    etcd: Etcd,
+    front: Front,
+    metrics: Arc<Metrics>,
+    admission: Admission,
+    stop: CancellationToken,
+}
+
+/// What ended a term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TermEnd {
+    Shutdown,
+    Fenced,
+    LeaseUnconfirmed,
+    LoadFailed,
+}
+
+impl Controller {
+    fn poll_period(&self) -> Duration {
+        // A few dozen small transactions a second: cheap for etcd, and a
+        // dead leader's key is noticed within ~1/40 of a lease.
+        (self.options.lease / 40).clamp(Duration::from_millis(25), Duration::from_millis(250))
+    }
+
+    async fn run(self) {
+        self.metrics.start_as_follower();
+        while !self.stop.is_cancelled() {
+            let asked = Instant::now();
+            let (lease, ttl) = match self.etcd.grant(self.options.lease).await {
+                Ok(granted) => granted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot get an etcd lease; retrying");
+                    self.front.set(Route::Unknown);
+                    tokio::select! {
+                        () = self.stop.cancelled() => {}
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+            };
+            let (valid_tx, valid) = watch::channel(asked + ttl);
+            let keeper = {
+                let etcd = self.etcd.clone();
+                tokio::spawn(async move { etcd.keep_alive(lease, ttl / 4, valid_tx).await })
+            };
+            if let Some(fence) = self.campaign(lease, &valid).await {
+                let end = self.lead(fence, &valid).await;
+                tracing::warn!(?end, "no longer the leader");
+                if end != TermEnd::Shutdown {
+                    self.metrics.set_leader(false);
+                }
+            }
+            keeper.abort();
+            // Its keys (the leader key) go at once: a follower takes over
+            // without waiting for the lease to run out.
+            if let Err(e) = self.etcd.revoke(lease).await {
+                tracing::debug!(error = %e, "cannot revoke the lease (it may be gone already)");
+            }
+        }
+        tracing::info!("replica stopped");
+    }
+
+    /// Until this replica leads (its fence), the lease is lost, or stop.
+    async fn campaign(&self, lease: i64, valid: &watch::Receiver<Instant>) -> Option<Fence> {
+        let key = self.keys.leader();
+        let request = etcd::pb::TxnRequest {
+            compare: vec![etcd::absent(key.clone())],
+            success: vec![etcd::put(
+                key.clone(),
+                self.options.advertise.clone(),
+                lease,
+            )],
+            failure: vec![etcd::get(key.clone())],
+        };
+        loop {
+            if self.stop.is_cancelled() || Instant::now() >= *valid.borrow() {
+                return None;
+            }
+            match self.etcd.txn(request.clone()).await {
+                Ok(response) if response.succeeded => {
+                    let revision = response.header.map(|h| h.revision).unwrap_or(0);
+                    return Some(Fence {
+                        key: key.into_bytes(),
+                        create_revision: revision,
+                    });
+                }
+                Ok(response) => {
+                    let leader = response
+                        .responses
+                        .into_iter()
+                        .find_map(|r| match r.response {
+                            Some(etcd::pb::response_op::Response::ResponseRange(range)) => {
+                                range.kvs.into_iter().next()
+                            }
+                            _ => None,
+                        });
+                    match leader {
+                        Some(kv) => self.front.follow(&String::from_utf8_lossy(&kv.value)),
+                        None => self.front.set(Route::Unknown),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach etcd to campaign");
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return None,
+                () = tokio::time::sleep(self.poll_period()) => {}
+            }
+        }
+    }
+
+    async fn lead(&self, fence: Fence, valid: &watch::Receiver<Instant>) -> TermEnd {
+        let won = Instant::now();
+        self.front.set(Route::Unknown);
+        let loaded = match load(&self.etcd, &self.keys, &fence).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "won the election but cannot load membership");
+                return TermEnd::LoadFailed;
+            }
+        };
+        let options = &self.options;
+        let grace = options.resume_grace(loaded.executors.len());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let resume: HashMap<_, _> = loaded
+            .seen
+            .iter()
+            .map(|(id, seen)| {
+                let resumed = watermark::resume(*seen, now, options.watermark_interval, grace);
+                (id.clone(), resumed)
+            })
+            .collect();
+        let fenced = CancellationToken::new();
+        let executors = loaded.executors.len();
+        let resumed = resume.len();
+        let store = EtcdStore::new(
+            self.etcd.clone(),
+            self.keys.clone(),
+            fence.clone(),
+            loaded.executors,
+            fenced.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let observer: Arc<dyn crate::registry::Observer> = self.metrics.clone();
+        let (registry, task) = match Registry::start_resumed(
+            options.config.clone(),
+            Box::new(store),
+            observer,
+            resume,
+        ) {
+            Ok(started) => started,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the membership loop");
+                return TermEnd::LoadFailed;
+            }
+        };
+        let streams_stop = CancellationToken::new();
+        let (service, admin) = crate::server::services(
+            registry.clone(),
+            streams_stop.clone(),
+            self.admission.clone(),
+        );
+        self.front.set(Route::Local {
+            service,
+            admin,
+            advertise: options.advertise.clone(),
+        });
+        self.metrics.set_leader(true);
+        tracing::info!(
+            executors,
+            resumed,
+            revision = fence.create_revision,
+            load_ms = won.elapsed().as_millis() as u64,
+            grace_ms = grace.as_millis() as u64,
+            "leading"
+        );
+        let writer_stop = CancellationToken::new();
+        let writer = tokio::spawn(watermark::write_loop(
+            registry,
+            self.etcd.clone(),
+            self.keys.clone(),
+            fence,
+            options.watermark_interval,
+            fenced.clone(),
+            writer_stop.clone(),
+        ));
+        let mut check = tokio::time::interval(Duration::from_millis(50));
+        let end = loop {
+            tokio::select! {
+                () = self.stop.cancelled() => break TermEnd::Shutdown,
+                () = fenced.cancelled() => break TermEnd::Fenced,
+                _ = check.tick() => {
+                    if Instant::now() >= *valid.borrow() {
+                        break TermEnd::LeaseUnconfirmed;
+                    }
+                }
+            }
+        };
+        if end != TermEnd::Shutdown {
+            // Refuse every further commit without asking etcd.
+            fenced.cancel();
+            self.front.set(Route::Unknown);
+            self.metrics.set_leader(false);
+        }
+        writer_stop.cancel();
+        streams_stop.cancel();
+        task.stop().await;
+        let _ = writer.await;
+        if end == TermEnd::Shutdown {
+            self.front.set(Route::Unknown);
+            self.metrics.set_leader(false);
+        }
+        end
+    }
+}
