@@ -70,6 +70,32 @@ fn bad_flags_from_the_environment_are_refused_with_the_flag_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--expiry-guard-fraction"), "{stderr}");
 
+    // Replicas forward calls without the caller's identity: security flags
+    // are refused with --store etcd rather than silently unenforced.
+    let token = tempfile::NamedTempFile::new().expect("token file");
+    std::fs::write(token.path(), "s3cret-token").expect("write token");
+    let out = run(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--store",
+            "etcd://127.0.0.1:1",
+            "--admin-token-file",
+            token.path().to_str().expect("utf-8 path"),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--store etcd://") && stderr.contains("--admin-token-file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-token"), "{stderr}");
+
     let out = run(&["serve", "--init-heartbeat-ttl", "soon"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--init-heartbeat-ttl"));
