@@ -231,7 +231,9 @@ fn atomics<T: Default>(n: usize) -> Vec<T> {
     (0..n).map(|_| T::default()).collect()
 }
 
-fn register_request(prefix: &str, index: usize) -> RegisterRequest {
+/// The registration of executor `index` of a run: name `<prefix><index>`,
+/// a loopback address and two labels (`zone`, `pool`).
+pub fn register_request(prefix: &str, index: usize) -> RegisterRequest {
     RegisterRequest {
         name: format!("{prefix}{index}"),
         address: format!("127.0.0.1:{}", 1 + index % 65_000),

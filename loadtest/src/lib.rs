@@ -11,6 +11,9 @@
 //!   batch) against any `registry.v1.Registry` endpoint; [`compare`] runs it
 //!   against the registry and the [`echo`] service in one invocation and
 //!   reports the ratio.
+//! - [`soak`] — the churn soak: a fleet of constant size that keeps
+//!   deregistering, registering and dying for a long time, expiry verified
+//!   from a watch and the server's memory sampled from `/metrics`.
 //! - [`echo`] — a trivial `registry.v1.Registry` that answers at once: the
 //!   bare transport's cost, driven by exactly the same client code.
 //!
@@ -31,6 +34,7 @@ pub mod echo;
 pub mod fleet;
 pub mod prom;
 pub mod report;
+pub mod soak;
 pub mod stats;
 pub mod throughput;
 pub mod wheel;

@@ -74,6 +74,27 @@ impl Default for ServeOptions {
     }
 }
 
+/// The `registry.v1.Registry` service exactly as [`serve_with`] mounts it:
+/// the [`RegistryService`] over `registry`, admitted by `limits`, with the
+/// request size limit ([`MAX_REQUEST_BYTES`]) and no limit on response size.
+/// Its streams end when `streams_stop` is cancelled. A tower `Service` of
+/// `http::Request`s: the fuzz targets (`fuzz/`) drive it without a socket.
+pub fn registry_service(
+    registry: Registry,
+    streams_stop: CancellationToken,
+    limits: Limits,
+) -> RegistryServer<RegistryService> {
+    RegistryServer::new(RegistryService::new(
+        registry,
+        streams_stop,
+        Admission::new(limits),
+    ))
+    .max_decoding_message_size(MAX_REQUEST_BYTES)
+    // Lists and snapshots of a large fleet are big; clients raise their
+    // own decoding limit to read them.
+    .max_encoding_message_size(usize::MAX)
+}
+
 /// Serves `registry` on `listener` until `shutdown` resolves, then drains
 /// for at most `grace`; default limits.
 pub async fn serve(
@@ -115,16 +136,7 @@ pub async fn serve_with(
         .expect("the embedded descriptor sets are valid");
 
     let streams_stop = CancellationToken::new();
-    let admission = Admission::new(options.limits);
-    let service = RegistryServer::new(RegistryService::new(
-        registry,
-        streams_stop.clone(),
-        admission,
-    ))
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    // Lists and snapshots of a large fleet are big; clients raise their
-    // own decoding limit to read them.
-    .max_encoding_message_size(usize::MAX);
+    let service = registry_service(registry, streams_stop.clone(), options.limits);
 
     let signal = {
         let streams_stop = streams_stop.clone();
