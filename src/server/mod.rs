@@ -7,6 +7,7 @@
 
 mod convert;
 mod error;
+mod framing;
 mod limits;
 mod service;
 
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 pub use error::{to_heartbeat_status, to_status};
+pub use framing::FramingChecked;
 pub use limits::{Admission, Limits};
 pub use service::RegistryService;
 
@@ -76,23 +78,29 @@ impl Default for ServeOptions {
 
 /// The `registry.v1.Registry` service exactly as [`serve_with`] mounts it:
 /// the [`RegistryService`] over `registry`, admitted by `limits`, with the
-/// request size limit ([`MAX_REQUEST_BYTES`]) and no limit on response size.
+/// request size limit ([`MAX_REQUEST_BYTES`]), no limit on response size,
+/// and request bodies checked for whole gRPC messages ([`FramingChecked`]).
 /// Its streams end when `streams_stop` is cancelled. A tower `Service` of
-/// `http::Request`s: the fuzz targets (`fuzz/`) drive it without a socket.
+/// `http::Request`s: the fuzz targets (`fuzz/`) and tests drive it without
+/// a socket.
 pub fn registry_service(
     registry: Registry,
     streams_stop: CancellationToken,
     limits: Limits,
-) -> RegistryServer<RegistryService> {
-    RegistryServer::new(RegistryService::new(
-        registry,
-        streams_stop,
-        Admission::new(limits),
-    ))
-    .max_decoding_message_size(MAX_REQUEST_BYTES)
-    // Lists and snapshots of a large fleet are big; clients raise their
-    // own decoding limit to read them.
-    .max_encoding_message_size(usize::MAX)
+) -> FramingChecked<RegistryServer<RegistryService>> {
+    FramingChecked::new(
+        RegistryServer::new(RegistryService::new(
+            registry,
+            streams_stop,
+            Admission::new(limits),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        // Lists and snapshots of a large fleet are big; clients raise their
+        // own decoding limit to read them.
+        .max_encoding_message_size(usize::MAX),
+        // The one method whose requests are a stream (possibly empty).
+        &["/registry.v1.Registry/HeartbeatStream"],
+    )
 }
 
 /// Serves `registry` on `listener` until `shutdown` resolves, then drains
