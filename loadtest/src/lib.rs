@@ -22,6 +22,7 @@
 //! - [`client`] — connections and the three heartbeat transports, shared by
 //!   every generator (so registry and echo see identical clients).
 //! - [`wheel`] — the per-connection timing wheel of heartbeat deadlines.
+//! - [`watch`] — the verifying watch (open, first snapshot, re-watch).
 //! - [`stats`] — latency summaries and error tallies.
 //! - [`prom`] — reading the registry's Prometheus `/metrics`.
 //! - [`report`] — the human-readable tables.
@@ -37,6 +38,7 @@ pub mod report;
 pub mod soak;
 pub mod stats;
 pub mod throughput;
+pub mod watch;
 pub mod wheel;
 
 use serde::Serialize;

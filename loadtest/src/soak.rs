@@ -36,14 +36,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use executor_registry::proto::{self, DeregisterRequest, HeartbeatResult, WatchExecutorsRequest};
+use executor_registry::proto::{self, DeregisterRequest, HeartbeatResult};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
-use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -52,6 +51,7 @@ use crate::client::{self, Client};
 use crate::fleet::{CLOCK_GRANULARITY, EXPIRY_ALLOWANCE};
 use crate::prom;
 use crate::stats::{self, Latency, Tally};
+use crate::watch;
 use crate::wheel::Wheel;
 
 /// Wheel resolution.
@@ -688,69 +688,17 @@ pub struct SoakReport {
     pub failures: Vec<String>,
 }
 
-struct WatchOutput {
-    rewatches: u64,
-    errors: Tally,
-}
+/// Checks every OFFLINE against what the workers expect.
+struct SoakWatch(Arc<Shared>);
 
-async fn watch_task(
-    shared: Arc<Shared>,
-    mut client: Client,
-    stop: CancellationToken,
-    ready: oneshot::Sender<anyhow::Result<()>>,
-) -> WatchOutput {
-    let mut ready = Some(ready);
-    let mut out = WatchOutput {
-        rewatches: 0,
-        errors: Tally::default(),
-    };
-    'watches: while !stop.is_cancelled() {
-        let mut stream = match client.watch_executors(WatchExecutorsRequest {}).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                out.errors.add(&stats::code_key("watch-open", &status), 1);
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(Err(anyhow::anyhow!("cannot watch: {status}")));
-                    return out;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        loop {
-            let message = tokio::select! {
-                () = stop.cancelled() => break 'watches,
-                m = stream.message() => m,
-            };
-            match message {
-                Ok(Some(m)) => match m.kind {
-                    Some(proto::watch_executors_response::Kind::Snapshot(_)) => {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(Ok(()));
-                        }
-                    }
-                    Some(proto::watch_executors_response::Kind::Event(event))
-                        if event.r#type == proto::EventType::Offline as i32 =>
-                    {
-                        shared.on_offline(&event.executor_id, event.reason);
-                    }
-                    _ => {}
-                },
-                Ok(None) => {
-                    out.errors.add("watch:ended_by_server", 1);
-                    break;
-                }
-                Err(status) => {
-                    out.errors.add(&stats::code_key("watch", &status), 1);
-                    break;
-                }
-            }
-        }
-        if !stop.is_cancelled() {
-            out.rewatches += 1;
+impl watch::Observer for SoakWatch {
+    fn seen(&mut self, seen: watch::Seen<'_>) {
+        if let watch::Seen::Event(event) = seen
+            && event.r#type == proto::EventType::Offline as i32
+        {
+            self.0.on_offline(&event.executor_id, event.reason);
         }
     }
-    out
 }
 
 fn progress(shared: &Shared, what: &str) {
@@ -820,19 +768,7 @@ pub async fn run(config: &SoakConfig) -> anyhow::Result<SoakReport> {
     let mut samples = vec![sample(&config.metrics, &shared, "registering").await?];
 
     let watch_stop = CancellationToken::new();
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let watch = tokio::spawn(watch_task(
-        shared.clone(),
-        watch_client,
-        watch_stop.clone(),
-        ready_tx,
-    ));
-    match tokio::time::timeout(Duration::from_secs(120), ready_rx).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e),
-        Ok(Err(_)) => bail!("the watch task ended before its first snapshot"),
-        Err(_) => bail!("no watch snapshot within 120 s"),
-    }
+    let watch = watch::start(watch_client, watch_stop.clone(), SoakWatch(shared.clone())).await?;
 
     let c = config.connections;
     let mut workers = Vec::with_capacity(c);
@@ -975,7 +911,7 @@ pub async fn run(config: &SoakConfig) -> anyhow::Result<SoakReport> {
         beat_latency.add(&out.beat_latency).expect("same bounds");
         errors.merge(&out.errors);
     }
-    let watch = watch.await.context("the watch task panicked")?;
+    let (watch, _) = watch.await.context("the watch task panicked")?;
     errors.merge(&watch.errors);
 
     let now = shared.now_us();
