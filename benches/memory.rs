@@ -13,6 +13,14 @@
 //! reference port, and a breakdown of the registry's structures built one
 //! after the other by hand.
 //!
+//! Churn (`registry_churn`, the core alone): 100,000 live executors, then
+//! 20 rounds of 10,000 deregistered and 10,000 new ones (two turnovers of
+//! the fleet) with a 2 s tombstone retention; heap and RSS against the same
+//! live set before the churn, once the deregistered entries have left the
+//! timing wheel (at their deadline, 30 s) and the tombstones are forgotten,
+//! and the heap cost of a deregistration within those windows. A leak in the core shows as heap growth; RSS
+//! growth without heap growth is table capacity and allocator slack.
+//!
 //! The bench's own list of ids is dropped before measuring.
 //!
 //! Run: `cargo bench --bench memory`.
@@ -32,6 +40,12 @@ use support::reference::RefRegistry;
 use support::{HEARTBEAT_TTL_MS, REGISTER_CHUNK, address, config, labels, register_many, report};
 
 const FLEET: usize = 1_000_000;
+/// Live executors of the churn design.
+const CHURN_FLEET: usize = 100_000;
+/// Executors replaced per churn round.
+const CHURN_ROUND: usize = 10_000;
+/// Rounds: two turnovers of the whole fleet.
+const CHURN_ROUNDS: usize = 20;
 const DESIGN_ENV: &str = "MEMORY_BENCH_DESIGN";
 
 struct Counting;
@@ -126,6 +140,7 @@ fn main() {
             "registry_no_store" => registry(Box::new(NoStore)),
             "reference" => reference(),
             "registry_parts" => parts(),
+            "registry_churn" => churn(),
             other => panic!("unknown design {other}"),
         }
         return;
@@ -143,6 +158,7 @@ fn main() {
         "registry_no_store",
         "reference",
         "registry_parts",
+        "registry_churn",
     ] {
         let started = Instant::now();
         let output = Command::new(std::env::current_exe().expect("the bench binary"))
@@ -160,6 +176,12 @@ fn main() {
                 report(
                     &format!("bytes per executor at 1M, 2 labels: {what}"),
                     format!("heap {heap} B, RSS {rss} B"),
+                );
+            }
+            if let ["CHURN", what, heap, rss] = fields[..] {
+                report(
+                    &format!("churn at {CHURN_FLEET} live: {what}"),
+                    format!("heap {heap}, RSS {rss}"),
                 );
             }
         }
@@ -314,4 +336,71 @@ fn parts() {
         &mut mark,
     );
     std::hint::black_box((&live, &members, &queue, &store));
+}
+
+/// Two turnovers of a 100,000-executor fleet; heap and RSS at the same live
+/// set before and after (see the module header).
+fn churn() {
+    let rt = support::runtime();
+    let retention = Duration::from_secs(2);
+    let (registry, task) = {
+        let _guard = rt.enter();
+        let config = executor_registry::registry::RegistryConfig {
+            tombstone_retention: retention,
+            ..config()
+        };
+        Registry::start(
+            config,
+            Box::new(NoStore),
+            Arc::new(executor_registry::registry::NoopObserver),
+        )
+        .expect("the store loads")
+    };
+    let mut ids = rt.block_on(register_many(registry.clone(), 0..CHURN_FLEET, "exec"));
+    support::refresh(&registry, &ids);
+    std::thread::sleep(retention + Duration::from_millis(1_500));
+    let before = Mark::now();
+    let mut next = CHURN_FLEET;
+    let mut replace = |ids: &mut Vec<String>, round: usize| {
+        let at = (round * CHURN_ROUND) % CHURN_FLEET;
+        let gone: Vec<String> = ids[at..at + CHURN_ROUND].to_vec();
+        rt.block_on(support::deregister_many(registry.clone(), gone));
+        let fresh = rt.block_on(register_many(
+            registry.clone(),
+            next..next + CHURN_ROUND,
+            "exec",
+        ));
+        next += CHURN_ROUND;
+        for (slot, id) in ids[at..at + CHURN_ROUND].iter_mut().zip(fresh) {
+            *slot = id;
+        }
+        support::refresh(&registry, ids);
+    };
+    for round in 0..CHURN_ROUNDS {
+        replace(&mut ids, round);
+    }
+    // A deregistered entry stays in the timing wheel until its deadline (a
+    // heartbeat TTL, 30 s here), then every tombstone is forgotten.
+    let settle = Duration::from_millis(HEARTBEAT_TTL_MS) + retention + Duration::from_secs(2);
+    for _ in 0..settle.as_secs().div_ceil(10) {
+        std::thread::sleep(Duration::from_secs(10));
+        support::refresh(&registry, &ids);
+    }
+    support::refresh(&registry, &ids);
+    assert_eq!(registry.count(None), CHURN_FLEET as u64);
+    let after = Mark::now();
+    println!(
+        "CHURN\tafter {} replaced, tombstones forgotten, vs before\t{:+} B\t{:+} B",
+        CHURN_ROUND * CHURN_ROUNDS,
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    // One more round, measured before its tombstones are forgotten.
+    let mark = Mark::now();
+    replace(&mut ids, CHURN_ROUNDS);
+    let (heap, _) = mark.per_executor(CHURN_ROUND);
+    println!(
+        "CHURN\tper deregistration, until its deadline and retention pass (heap)\t{heap:.0} B\t-"
+    );
+    rt.block_on(task.stop());
 }

@@ -341,3 +341,70 @@ async fn the_binary_never_panics_on_garbage() {
     let text = std::fs::read_to_string(&log).expect("read the log");
     assert!(!text.contains("panicked"), "{text}");
 }
+
+/// Found by the `grpc_service` fuzz target: a request body that ends inside
+/// a gRPC message (its header declares more bytes than follow), carries an
+/// unknown flag byte, or holds no message for a method that takes one, was
+/// answered INTERNAL by tonic. Driven through the
+/// service exactly as the server mounts it, as a tower `Service` (a tonic
+/// client always frames correctly, so it cannot send these).
+#[tokio::test]
+async fn a_body_ending_inside_a_grpc_message_is_invalid_argument_on_every_rpc() {
+    use executor_registry::registry::Registry;
+    use executor_registry::server::{self, Limits};
+    use http_body_util::{BodyExt as _, Full};
+    use tonic::codegen::{Service as _, http};
+
+    let (registry, task) = Registry::start_in_memory(fast_config());
+    let service = server::registry_service(
+        registry,
+        tokio_util::sync::CancellationToken::new(),
+        Limits::default(),
+    );
+    // (flag, declared length, bytes that follow), and what the answer names.
+    let bodies: [(&[u8], &str); 4] = [
+        (
+            &[0, 0, 0, 0, 16, 0x0a, 0x02, b'a', b'b'],
+            "4 of the 16 bytes",
+        ),
+        (&[0, 0, 0], "3 of 5 bytes"),
+        (&[9, 0, 0, 0, 0], "flag 9"),
+        // No message at all: tonic said INTERNAL "Missing request message".
+        (&[], "no message"),
+    ];
+    for path in all_paths() {
+        for (body, names) in bodies {
+            if path == BIDI && body.is_empty() {
+                // An empty stream of heartbeats is a valid request.
+                continue;
+            }
+            let request = http::Request::builder()
+                .method(http::Method::POST)
+                .uri(path)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(tonic::body::Body::new(Full::new(
+                    bytes::Bytes::from_static(body),
+                )))
+                .expect("a valid request");
+            let response = service.clone().call(request).await.expect("infallible");
+            let (parts, mut body) = response.into_parts();
+            let mut status = Status::from_header_map(&parts.headers);
+            while status.is_none() {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(trailers) = frame.trailers_ref() {
+                            status = Status::from_header_map(trailers);
+                        }
+                    }
+                    Some(Err(e)) => panic!("{path}: body failed: {e}"),
+                    None => break,
+                }
+            }
+            let status = status.unwrap_or_else(|| panic!("{path}: no grpc-status"));
+            assert_eq!(status.code(), Code::InvalidArgument, "{path}: {status:?}");
+            assert!(status.message().contains(names), "{path}: {status:?}");
+        }
+    }
+    task.stop().await;
+}

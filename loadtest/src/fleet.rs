@@ -36,9 +36,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use executor_registry::proto::{
-    self, HeartbeatResult, HeartbeatStatus, RegisterRequest, WatchExecutorsRequest,
-};
+use executor_registry::proto::{self, HeartbeatResult, HeartbeatStatus, RegisterRequest};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
@@ -46,7 +44,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
-use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
@@ -55,6 +52,7 @@ use crate::Mode;
 use crate::client::{self, BeatStream, Client};
 use crate::prom::{self, ServerSample};
 use crate::stats::{self, Latency, Tally};
+use crate::watch;
 use crate::wheel::Wheel;
 
 /// Wheel resolution.
@@ -234,7 +232,9 @@ fn atomics<T: Default>(n: usize) -> Vec<T> {
     (0..n).map(|_| T::default()).collect()
 }
 
-fn register_request(prefix: &str, index: usize) -> RegisterRequest {
+/// The registration of executor `index` of a run: name `<prefix><index>`,
+/// a loopback address and two labels (`zone`, `pool`).
+pub fn register_request(prefix: &str, index: usize) -> RegisterRequest {
     RegisterRequest {
         name: format!("{prefix}{index}"),
         address: format!("127.0.0.1:{}", 1 + index % 65_000),
@@ -699,82 +699,45 @@ pub struct WatchSummary {
     pub errors: Tally,
 }
 
-async fn watch_task(
+/// Stamps OFFLINE events and reconciles re-watch snapshots.
+struct FleetWatch {
     fleet: Arc<Fleet>,
-    mut client: Client,
-    stop: CancellationToken,
-    ready: oneshot::Sender<anyhow::Result<()>>,
-) -> WatchSummary {
-    let mut ready = Some(ready);
-    let mut out = WatchSummary::default();
-    'watches: while !stop.is_cancelled() {
-        let opened_us = fleet.now_us();
-        let opened = Instant::now();
-        let mut stream = match client.watch_executors(WatchExecutorsRequest {}).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                out.errors.add(&stats::code_key("watch-open", &status), 1);
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(Err(anyhow::anyhow!("cannot watch: {status}")));
-                    return out;
+    summary: WatchSummary,
+}
+
+impl watch::Observer for FleetWatch {
+    fn seen(&mut self, seen: watch::Seen<'_>) {
+        let (fleet, out) = (&*self.fleet, &mut self.summary);
+        match seen {
+            watch::Seen::Snapshot {
+                snapshot,
+                first,
+                opened,
+            } => {
+                out.largest_snapshot = out.largest_snapshot.max(snapshot.executors.len() as u64);
+                if !first {
+                    let opened_us =
+                        opened.saturating_duration_since(fleet.start).as_micros() as u64 + 1;
+                    out.missing_from_snapshot += reconcile(fleet, snapshot, opened_us);
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
             }
-        };
-        loop {
-            let message = tokio::select! {
-                () = stop.cancelled() => break 'watches,
-                m = stream.message() => m,
-            };
-            let kind = match message {
-                Ok(Some(m)) => m.kind,
-                Ok(None) => {
-                    out.errors.add("watch:ended_by_server", 1);
-                    break;
-                }
-                Err(status) => {
-                    if status.code() == Code::ResourceExhausted {
-                        out.lagged += 1;
-                    }
-                    out.errors.add(&stats::code_key("watch", &status), 1);
-                    break;
-                }
-            };
-            match kind {
-                Some(proto::watch_executors_response::Kind::Snapshot(snapshot)) => {
-                    out.largest_snapshot =
-                        out.largest_snapshot.max(snapshot.executors.len() as u64);
-                    if let Some(ready) = ready.take() {
-                        out.first_snapshot_s = opened.elapsed().as_secs_f64();
-                        let _ = ready.send(Ok(()));
-                    } else {
-                        out.missing_from_snapshot += reconcile(&fleet, &snapshot, opened_us);
+            watch::Seen::Event(event) => {
+                if event.r#type == proto::EventType::Online as i32 {
+                    out.online_events += 1;
+                } else if event.r#type == proto::EventType::Offline as i32 {
+                    out.offline_events += 1;
+                    if let Some(index) = fleet.index_of(&event.executor_id) {
+                        let reason = match proto::OfflineReason::try_from(event.reason) {
+                            Ok(proto::OfflineReason::Expired) => REASON_EXPIRED,
+                            Ok(proto::OfflineReason::Deregistered) => REASON_DEREGISTERED,
+                            _ => REASON_OTHER,
+                        };
+                        fleet.mark_offline(index, fleet.now_us(), reason);
                     }
                 }
-                Some(proto::watch_executors_response::Kind::Event(event)) => {
-                    if event.r#type == proto::EventType::Online as i32 {
-                        out.online_events += 1;
-                    } else if event.r#type == proto::EventType::Offline as i32 {
-                        out.offline_events += 1;
-                        if let Some(index) = fleet.index_of(&event.executor_id) {
-                            let reason = match proto::OfflineReason::try_from(event.reason) {
-                                Ok(proto::OfflineReason::Expired) => REASON_EXPIRED,
-                                Ok(proto::OfflineReason::Deregistered) => REASON_DEREGISTERED,
-                                _ => REASON_OTHER,
-                            };
-                            fleet.mark_offline(index, fleet.now_us(), reason);
-                        }
-                    }
-                }
-                None => {}
             }
-        }
-        if !stop.is_cancelled() {
-            out.rewatches += 1;
         }
     }
-    out
 }
 
 /// After a re-watch: executors registered before the watch opened that are
@@ -1023,19 +986,15 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
     });
 
     let watch_stop = CancellationToken::new();
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let watch = tokio::spawn(watch_task(
-        fleet.clone(),
+    let watch = watch::start(
         watch_client,
         watch_stop.clone(),
-        ready_tx,
-    ));
-    match tokio::time::timeout(Duration::from_secs(120), ready_rx).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e),
-        Ok(Err(_)) => bail!("the watch task ended before its first snapshot"),
-        Err(_) => bail!("no watch snapshot within 120 s"),
-    }
+        FleetWatch {
+            fleet: fleet.clone(),
+            summary: WatchSummary::default(),
+        },
+    )
+    .await?;
 
     // Registration; heartbeats start as registrations return.
     let register_start = Instant::now();
@@ -1186,7 +1145,14 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
             .expect("same bounds");
         errors.merge(&out.errors);
     }
-    let watch = watch.await.context("the watch task panicked")?;
+    let (counts, observer) = watch.await.context("the watch task panicked")?;
+    let watch = WatchSummary {
+        rewatches: counts.rewatches,
+        lagged: counts.lagged,
+        first_snapshot_s: counts.first_snapshot_s,
+        errors: counts.errors,
+        ..observer.summary
+    };
     errors.merge(&watch.errors);
 
     let server = match (memory_before, &config.metrics) {

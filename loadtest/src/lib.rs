@@ -14,6 +14,9 @@
 //! - [`tls_compare`] — the registry over TLS (mutual by default) against
 //!   the same binary in plaintext, in one invocation: the cost of TLS as a
 //!   ratio.
+//! - [`soak`] — the churn soak: a fleet of constant size that keeps
+//!   deregistering, registering and dying for a long time, expiry verified
+//!   from a watch and the server's memory sampled from `/metrics`.
 //! - [`echo`] — a trivial `registry.v1.Registry` that answers at once: the
 //!   bare transport's cost, driven by exactly the same client code.
 //!
@@ -22,6 +25,7 @@
 //! - [`client`] — connections and the three heartbeat transports, shared by
 //!   every generator (so registry and echo see identical clients).
 //! - [`wheel`] — the per-connection timing wheel of heartbeat deadlines.
+//! - [`watch`] — the verifying watch (open, first snapshot, re-watch).
 //! - [`stats`] — latency summaries and error tallies.
 //! - [`prom`] — reading the registry's Prometheus `/metrics`.
 //! - [`report`] — the human-readable tables.
@@ -34,9 +38,11 @@ pub mod echo;
 pub mod fleet;
 pub mod prom;
 pub mod report;
+pub mod soak;
 pub mod stats;
 pub mod throughput;
 pub mod tls_compare;
+pub mod watch;
 pub mod wheel;
 
 use serde::Serialize;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use loadtest::compare::{self, CompareConfig};
 use loadtest::fleet::{self, FleetConfig};
+use loadtest::soak::{self, SoakConfig};
 use loadtest::throughput::{self, Load};
 use loadtest::tls_compare::{self, TlsCompareConfig};
 use loadtest::{Mode, echo, report};
@@ -44,6 +45,8 @@ enum Command {
     /// Registry over TLS ÷ the same registry in plaintext, in one run (starts
     /// both, with certificates made on the spot).
     TlsCompare(TlsCompareArgs),
+    /// Long churn soak at a constant live set, with the server's memory curve.
+    Soak(SoakArgs),
     /// Serve the trivial echo `registry.v1.Registry` (the transport baseline).
     EchoServer(EchoServerArgs),
 }
@@ -128,6 +131,56 @@ struct FleetArgs {
     json: bool,
     #[command(flatten)]
     tls: TlsArgs,
+}
+
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// Registry gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:10240")]
+    endpoint: String,
+    /// Registry Prometheus endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:9464/metrics")]
+    metrics: String,
+    /// Live-set size.
+    #[arg(long, default_value_t = 100_000)]
+    executors: usize,
+    /// Connections for registrations and heartbeats (the watch gets one more).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Churn phase, after the warm-up.
+    #[arg(long, value_parser = duration, default_value = "30m")]
+    duration: Duration,
+    /// Heartbeats without churn after registration, before the baseline sample.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    warmup: Duration,
+    /// TTL every heartbeat asks for.
+    #[arg(long, value_parser = duration, default_value = "15s")]
+    ttl: Duration,
+    /// Per second: this many executors deregister and as many new ones register.
+    #[arg(long, default_value_t = 50.0)]
+    churn_rate: f64,
+    /// Per second: this many executors stop heartbeating without deregistering
+    /// (each must be OFFLINE within TTL + 1 s; its slot then registers a new one).
+    #[arg(long, default_value_t = 10.0)]
+    kill_rate: f64,
+    /// Period of the memory samples from /metrics.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    sample_every: Duration,
+    /// Largest final ÷ baseline RSS growth that passes (0.10 = 10 %).
+    #[arg(long, default_value_t = 0.10)]
+    max_rss_growth: f64,
+    /// Registrations in flight, over all connections.
+    #[arg(long, default_value_t = 512)]
+    register_concurrency: usize,
+    /// Batch calls in flight per connection.
+    #[arg(long, default_value_t = 8)]
+    inflight: usize,
+    /// Most heartbeats per HeartbeatBatch call.
+    #[arg(long, default_value_t = 1_000)]
+    batch_size: usize,
+    /// Print one JSON document on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -262,6 +315,7 @@ async fn main() -> ExitCode {
         Some(Command::Throughput(args)) => run_throughput(args).await,
         Some(Command::Compare(args)) => run_compare(args).await,
         Some(Command::TlsCompare(args)) => run_tls_compare(args).await,
+        Some(Command::Soak(args)) => run_soak(args).await,
         Some(Command::EchoServer(args)) => run_echo_server(args).await,
     };
     match result {
@@ -298,6 +352,33 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         print_json(&report)?;
     } else {
         print!("{}", report::fleet(&report));
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+async fn run_soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
+    let mut config = SoakConfig::new(args.endpoint, args.metrics, args.executors);
+    config.connections = args.connections;
+    config.duration = args.duration;
+    config.warmup = args.warmup;
+    config.ttl = args.ttl;
+    config.churn_rate = args.churn_rate;
+    config.kill_rate = args.kill_rate;
+    config.sample_every = args.sample_every;
+    config.max_rss_growth = args.max_rss_growth;
+    config.register_concurrency = args.register_concurrency;
+    config.inflight = args.inflight;
+    config.batch_size = args.batch_size;
+    config.progress = true;
+    let report = soak::run(&config).await?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report::soak(&report));
     }
     Ok(if report.passed {
         ExitCode::SUCCESS

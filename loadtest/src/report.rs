@@ -296,6 +296,125 @@ pub fn tls_compare(r: &TlsCompareReport) -> String {
     out
 }
 
+/// The soak as a table, with its memory curve.
+pub fn soak(r: &crate::soak::SoakReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "soak: {} executors, {} connections (+1 watch), TTL {} ms, interval {} ms, \
+         churn {}/s deregister + {}/s kill for {:.0} s",
+        thousands(r.executors as f64),
+        r.connections,
+        r.ttl_ms,
+        r.interval_ms,
+        r.churn_rate,
+        r.kill_rate,
+        r.churn_seconds
+    );
+    let c = &r.churn;
+    row(
+        &mut out,
+        "registered",
+        format!(
+            "{} ({} failed), fleet in {:.1} s",
+            thousands(c.registered as f64),
+            c.register_failed,
+            r.register_seconds
+        ),
+    );
+    row(
+        &mut out,
+        "deregistered",
+        format!(
+            "{} ({:.1}/s), OFFLINE seen {}, missing {}",
+            thousands(c.deregistered as f64),
+            c.deregistrations_per_s,
+            thousands(c.deregistered_offline as f64),
+            c.deregistered_not_offline
+        ),
+    );
+    row(
+        &mut out,
+        "killed",
+        format!(
+            "{} ({:.1}/s), OFFLINE {}, never {}, late {}, premature {}",
+            thousands(c.killed as f64),
+            c.kills_per_s,
+            thousands(c.killed_offline as f64),
+            c.killed_not_offline,
+            c.killed_late,
+            c.killed_premature
+        ),
+    );
+    row(&mut out, "expiry lag", latency(&c.expiry_lag));
+    row(
+        &mut out,
+        "false expirations",
+        format!(
+            "{} (+{} after a late send), lost {}",
+            c.false_expirations, c.expired_after_late_send, c.lost
+        ),
+    );
+    row(
+        &mut out,
+        "heartbeats",
+        format!(
+            "{} OK, {} failed",
+            thousands(r.heartbeats_ok as f64),
+            thousands(r.heartbeats_failed as f64)
+        ),
+    );
+    row(&mut out, "batch latency", latency(&r.heartbeat_latency));
+    row(&mut out, "rewatches", r.rewatches);
+    if !r.errors.0.is_empty() {
+        row(&mut out, "errors", r.errors.summary());
+    }
+    let _ = writeln!(out, "  memory curve:");
+    let _ = writeln!(
+        out,
+        "  {:>8}  {:<11} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9}",
+        "t (s)", "phase", "live", "server", "RSS MiB", "CPU s", "killed", "dereg"
+    );
+    for s in &r.samples {
+        let _ = writeln!(
+            out,
+            "  {:>8.0}  {:<11} {:>9} {:>9} {:>10.1} {:>8.1} {:>9} {:>9}",
+            s.t_s,
+            s.phase,
+            s.live,
+            s.server_executors,
+            s.rss_bytes / 1_048_576.0,
+            s.cpu_seconds,
+            s.killed,
+            s.deregistered
+        );
+    }
+    let m = &r.memory;
+    row(
+        &mut out,
+        "RSS baseline → final",
+        format!(
+            "{:.1} → {:.1} MiB at live {} → {} (ratio {:.3}, peak {:.1} MiB, allowed ≤ {:.2})",
+            m.baseline.rss_bytes / 1_048_576.0,
+            m.last.rss_bytes / 1_048_576.0,
+            m.baseline.live,
+            m.last.live,
+            m.rss_ratio,
+            m.peak_rss_bytes / 1_048_576.0,
+            1.0 + r.max_rss_growth
+        ),
+    );
+    if r.passed {
+        let _ = writeln!(out, "  verdict: passed");
+    } else {
+        let _ = writeln!(out, "  verdict: FAILED");
+        for f in &r.failures {
+            let _ = writeln!(out, "    - {f}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

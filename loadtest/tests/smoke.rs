@@ -7,6 +7,7 @@ use std::time::Duration;
 use executor_registry::registry::{Registry, RegistryConfig, RegistryTask};
 use executor_registry::server::{self, Stopped};
 use loadtest::fleet::{self, FleetConfig};
+use loadtest::soak::{self, SoakConfig};
 use loadtest::throughput::{self, Load};
 use loadtest::{Mode, echo};
 use tokio::net::TcpListener;
@@ -120,4 +121,61 @@ async fn echo_throughput_is_positive_in_every_mode() {
     }
     shutdown.cancel();
     server.await.expect("echo task").expect("echo served");
+}
+
+/// A stand-in `/metrics` with a fixed RSS: the soak's memory verdict is
+/// about the real binary (README "Soak"); here the churn and its expiry
+/// checks are what is tested.
+async fn fixed_metrics() -> (String, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let url = format!("http://{}/metrics", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            let body = "process_resident_memory_bytes 1.0e8\nregistry_executors 1\n";
+            let _ = conn
+                .write_all(
+                    format!(
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_churn_deregisters_kills_and_replaces_without_false_expiry() {
+    let server = Server::start().await;
+    let (metrics, metrics_task) = fixed_metrics().await;
+    let mut config = SoakConfig::new(format!("http://{}", server.addr), metrics, 300);
+    config.connections = 2;
+    config.warmup = Duration::from_millis(300);
+    config.duration = Duration::from_secs(3);
+    config.ttl = Duration::from_millis(500);
+    config.churn_rate = 40.0;
+    config.kill_rate = 15.0;
+    config.sample_every = Duration::from_secs(1);
+    config.settle = Duration::from_millis(100);
+    let report = soak::run(&config).await.expect("soak run");
+    metrics_task.abort();
+    server.stop().await;
+
+    let c = &report.churn;
+    assert!(c.deregistered > 0 && c.killed > 0, "{report:#?}");
+    assert_eq!(c.deregistered_offline, c.deregistered, "{report:#?}");
+    assert_eq!(c.killed_offline, c.killed, "{report:#?}");
+    assert_eq!(c.false_expirations, 0, "{report:#?}");
+    // Every deregistered or killed slot got a new executor.
+    assert_eq!(c.registered, 300 + c.deregistered + c.killed, "{report:#?}");
+    assert_eq!(report.memory.last.live, 300, "{report:#?}");
+    assert!(report.samples.len() >= 4, "{report:#?}");
+    assert!(report.passed, "{:?}", report.failures);
 }

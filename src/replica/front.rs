@@ -27,7 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::registry_server::RegistryServer;
-use crate::server::{AdminService, RegistryService};
+use crate::server::{AdminService, FramingChecked, RegistryService};
 
 /// Response metadata naming the leader's advertise address (SPEC §3).
 pub const LEADER_HEADER: &str = crate::client::LEADER_METADATA;
@@ -42,9 +42,9 @@ pub enum Route {
     /// This replica leads: its own services.
     Local {
         /// The leader's service.
-        service: RegistryServer<RegistryService>,
+        service: FramingChecked<RegistryServer<RegistryService>>,
         /// The leader's operator service.
-        admin: AdminServer<AdminService>,
+        admin: FramingChecked<AdminServer<AdminService>>,
         /// This replica's advertise address.
         advertise: String,
     },

@@ -12,6 +12,7 @@ mod admin;
 pub mod auth;
 mod convert;
 mod error;
+mod framing;
 mod limits;
 mod service;
 pub mod tls;
@@ -29,6 +30,7 @@ use tonic_health::ServingStatus;
 pub use admin::AdminService;
 pub use auth::{ADMIN_PREFIX, AdminToken, Auth};
 pub use error::{to_heartbeat_status, to_status};
+pub use framing::FramingChecked;
 pub use limits::{Admission, Limits};
 pub use service::RegistryService;
 
@@ -100,6 +102,21 @@ pub struct Security {
     pub auth: Auth,
 }
 
+/// The `registry.v1.Registry` service exactly as [`serve_with`] mounts it:
+/// the [`RegistryService`] over `registry`, admitted by `limits`, with the
+/// request size limit ([`MAX_REQUEST_BYTES`]), no limit on response size,
+/// and request bodies checked for whole gRPC messages ([`FramingChecked`]).
+/// Its streams end when `streams_stop` is cancelled. A tower `Service` of
+/// `http::Request`s: the fuzz targets (`fuzz/`) and tests drive it without
+/// a socket.
+pub fn registry_service(
+    registry: Registry,
+    streams_stop: CancellationToken,
+    limits: Limits,
+) -> FramingChecked<RegistryServer<RegistryService>> {
+    services(registry, streams_stop, Admission::new(limits)).0
+}
+
 /// Serves `registry` on `listener` until `shutdown` resolves, then drains
 /// for at most `grace`; default limits.
 pub async fn serve(
@@ -156,7 +173,10 @@ pub fn services(
     registry: Registry,
     streams_stop: CancellationToken,
     admission: Admission,
-) -> (RegistryServer<RegistryService>, AdminServer<AdminService>) {
+) -> (
+    FramingChecked<RegistryServer<RegistryService>>,
+    FramingChecked<AdminServer<AdminService>>,
+) {
     let admin = AdminServer::new(AdminService::new(registry.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let service = RegistryServer::new(RegistryService::new(registry, streams_stop, admission))
@@ -164,7 +184,11 @@ pub fn services(
         // Lists and snapshots of a large fleet are big; clients raise their
         // own decoding limit to read them.
         .max_encoding_message_size(usize::MAX);
-    (service, admin)
+    (
+        // The one method whose requests are a stream (possibly empty).
+        FramingChecked::new(service, &["/registry.v1.Registry/HeartbeatStream"]),
+        FramingChecked::new(admin, &[]),
+    )
 }
 
 /// How [`serve_service`] runs its services.
