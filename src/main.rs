@@ -60,7 +60,7 @@ fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     let store: Box<dyn MembershipStore> = match args.store_kind()? {
-        StoreKind::Memory => Box::new(MemoryStore::new()),
+        StoreKind::Memory => Box::new(MemoryStore::volatile()),
         StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
             format!(
                 "cannot open the store in {} (--data-dir)",

@@ -28,6 +28,16 @@
 //! eviction the same way). Those that really died still expire, at most one
 //! stall + grace later. Each deadline is compensated at most once.
 //!
+//! Mass changes: a turn that removes at least [`BULK_REMOVALS`] members (a
+//! mass expiry) leaves them in the ordered map — tombstoned, so every reader
+//! already skips them — instead of copying one path of the shared tree per
+//! removal (100k removals in a 1M tree copy nearly all of it). A purge then
+//! rebuilds the map without tombstones on a blocking thread, from a clone of
+//! it; registrations made meanwhile are replayed onto the result. Replaced
+//! snapshots and maps of a large fleet are dropped on a blocking thread too,
+//! not on the loop. Revisions and events are unaffected: one pass is still
+//! one turn.
+//!
 //! Must not touch: I/O (the store runs on its own thread), gRPC types.
 
 use std::collections::{HashSet, VecDeque};
@@ -63,6 +73,16 @@ const MAX_COMMANDS_PER_TURN: usize = 8192;
 const MAX_DELETES_PER_COMMIT: usize = 8192;
 /// Wait before retrying deletes after a store failure.
 const DELETE_RETRY: Duration = Duration::from_secs(1);
+/// A turn removing at least this many members leaves them in the ordered map
+/// (tombstoned) for a background purge.
+pub(crate) const BULK_REMOVALS: usize = 1024;
+/// A purge starts when at least this many tombstoned entries, and at least
+/// 1/16 of the map, are left in the ordered map.
+const PURGE_MIN: usize = 1024;
+/// Replaced snapshots and maps are dropped off the loop thread from this
+/// many members on (dropping the old copy of a path costs an atomic
+/// decrement per member it holds, on random cache lines).
+const OFFLOAD_DROP_MIN: usize = 1 << 14;
 /// The loop wakes at least this often (stall detection, and forgetting
 /// tombstones past their retention).
 pub(crate) const TICK: Duration = Duration::from_millis(100);
@@ -166,6 +186,8 @@ fn commit_outcome(
 #[derive(Default)]
 struct Turn {
     expired: Vec<(Arc<Entry>, u64)>,
+    /// A background purge finished (`None` inside: it failed).
+    purged: Option<Option<Members>>,
     commands: Vec<Command>,
     rearm: Vec<Arc<Entry>>,
     committed: Option<(Submitted, Result<(), String>, Duration)>,
@@ -176,6 +198,7 @@ struct Turn {
 impl Turn {
     fn is_empty(&self) -> bool {
         self.expired.is_empty()
+            && self.purged.is_none()
             && self.commands.is_empty()
             && self.rearm.is_empty()
             && self.committed.is_none()
@@ -195,17 +218,33 @@ struct Changes {
     compensated: u64,
 }
 
+/// The ordered member map behind snapshots.
+type Members = OrdMap<ExecutorId, Arc<Entry>>;
+
+/// A purge in flight: the map without tombstones, built on a blocking
+/// thread, and what was inserted since it started.
+struct Purge {
+    done: oneshot::Receiver<Members>,
+    inserted: Vec<Arc<Entry>>,
+}
+
 /// The loop's private state.
 pub(crate) struct MembershipLoop {
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
     rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
     queue: DelayQueue<(Arc<Entry>, u64)>,
-    members: OrdMap<ExecutorId, Arc<Entry>>,
+    /// Every live member, plus tombstoned ones a mass change left in it.
+    members: Members,
+    /// Live members (the rest of `members` is tombstones left for a purge).
+    live: usize,
+    /// This turn leaves removed members in `members` (see [`BULK_REMOVALS`]).
+    defer_removals: bool,
+    purge: Option<Purge>,
     revision: u64,
     tombstone_queue: VecDeque<(u64, ExecutorId)>,
     /// Ids handed out but not yet visible (registration being committed).
-    reserved: HashSet<ExecutorId>,
+    reserved: HashSet<ExecutorId, IdHasher>,
     pending_registrations: Vec<PendingRegistration>,
     pending_deletes: Vec<ExecutorId>,
     /// Ids removed from membership whose store delete has not committed
@@ -213,7 +252,7 @@ pub(crate) struct MembershipLoop {
     /// registration must not take one: its insert would collide with the
     /// row and fail the whole batch. Usually empty within milliseconds; it
     /// outlives the tombstone retention only while the store is failing.
-    undeleted: HashSet<ExecutorId>,
+    undeleted: HashSet<ExecutorId, IdHasher>,
     in_flight: Option<InFlight>,
     retry_deletes_at_ms: u64,
     /// When the previous turn ran (registry ms), for stall detection.
@@ -243,12 +282,15 @@ impl MembershipLoop {
             rearm,
             queue: DelayQueue::new(),
             members: OrdMap::new(),
+            live: 0,
+            defer_removals: false,
+            purge: None,
             revision: 0,
             tombstone_queue: VecDeque::new(),
-            reserved: HashSet::new(),
+            reserved: HashSet::default(),
             pending_registrations: Vec::new(),
             pending_deletes: Vec::new(),
-            undeleted: HashSet::new(),
+            undeleted: HashSet::default(),
             in_flight: None,
             retry_deletes_at_ms: 0,
             last_turn_ms: 0,
@@ -287,7 +329,7 @@ impl MembershipLoop {
             self.insert_live(entry);
         }
         self.publish();
-        tracing::info!(executors = self.members.len(), "loaded stored membership");
+        tracing::info!(executors = self.live, "loaded stored membership");
     }
 
     /// Runs until stopped, then flushes pending store work.
@@ -318,6 +360,11 @@ impl MembershipLoop {
         while let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
             let (entry, armed) = expired.into_inner();
             turn.expired.push((entry, armed));
+        }
+        if let Some(purge) = self.purge.as_mut()
+            && let Poll::Ready(result) = Pin::new(&mut purge.done).poll(cx)
+        {
+            turn.purged = Some(result.ok());
         }
         if let Some(in_flight) = self.in_flight.as_mut()
             && let Poll::Ready(result) = Pin::new(&mut in_flight.commit).poll(cx)
@@ -359,6 +406,10 @@ impl MembershipLoop {
         let now = self.shared.clock.now_ms();
         self.detect_stall(now);
         let mut changes = Changes::default();
+        if let Some(result) = turn.purged {
+            self.purged(result);
+        }
+        self.defer_removals = turn.expired.len() >= BULK_REMOVALS;
         if let Some((in_flight, result, elapsed)) = turn.committed {
             self.committed(in_flight, result, elapsed, now, &mut changes);
         }
@@ -382,7 +433,7 @@ impl MembershipLoop {
                         continue;
                     }
                     let max = self.shared.config.max_executors;
-                    if self.members.len() + self.reserved.len() >= max {
+                    if self.live + self.reserved.len() >= max {
                         self.shared
                             .observer
                             .registration(RegistrationResult::Unavailable);
@@ -415,6 +466,61 @@ impl MembershipLoop {
             self.forget_tombstones(now);
         }
         self.finish_turn(changes);
+        self.defer_removals = false;
+        self.start_purge();
+    }
+
+    /// Starts a background purge when enough tombstones were left in the
+    /// map: a clone (O(1)) rebuilt without them on a blocking thread.
+    fn start_purge(&mut self) {
+        let dead = self.members.len() - self.live;
+        if self.purge.is_some() || dead < PURGE_MIN || dead * 16 < self.members.len() {
+            return;
+        }
+        let members = self.members.clone();
+        let (done, result) = oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let purged: Members = members
+                .iter()
+                .filter(|(_, entry)| entry.status() != Status::Tombstone)
+                .map(|(id, entry)| (id.clone(), entry.clone()))
+                .collect();
+            drop(members);
+            let _ = done.send(purged);
+        });
+        self.purge = Some(Purge {
+            done: result,
+            inserted: Vec::new(),
+        });
+    }
+
+    /// A purge finished: its map, plus what was inserted since, becomes the
+    /// members (tombstoned meanwhile or not: `live` stays exact, and what
+    /// the purge kept is left for the next one). Republished at the same
+    /// revision: readers skip tombstones, so they see no difference.
+    fn purged(&mut self, result: Option<Members>) {
+        let Some(purge) = self.purge.take() else {
+            return;
+        };
+        let Some(mut purged) = result else {
+            tracing::warn!("purging expired members failed; retrying later");
+            return;
+        };
+        for entry in purge.inserted {
+            if entry.status() != Status::Tombstone {
+                purged.insert(entry.id().clone(), entry);
+            }
+        }
+        let old = std::mem::replace(&mut self.members, purged);
+        self.release(old);
+        self.store_snapshot();
+    }
+
+    /// Drops a replaced map or snapshot: on a blocking thread when large.
+    fn release<T: Send + 'static>(&self, old: T) {
+        if self.members.len() >= OFFLOAD_DROP_MIN {
+            tokio::task::spawn_blocking(move || drop(old));
+        }
     }
 
     /// A commit finished: registrations become visible (or are refused);
@@ -541,6 +647,10 @@ impl MembershipLoop {
         self.shared.initing.fetch_add(1, Ordering::Relaxed);
         self.shared.live.insert(id.clone(), entry.clone());
         self.members.insert(id, entry.clone());
+        self.live += 1;
+        if let Some(purge) = self.purge.as_mut() {
+            purge.inserted.push(entry.clone());
+        }
         let deadline = entry.state().deadline_ms();
         self.arm(entry, deadline);
     }
@@ -556,7 +666,10 @@ impl MembershipLoop {
             id.clone(),
         ));
         self.shared.live.remove(&id);
-        self.members.remove(&id);
+        self.live -= 1;
+        if !self.defer_removals {
+            self.members.remove(&id);
+        }
         self.undeleted.insert(id.clone());
         self.pending_deletes.push(id);
     }
@@ -686,18 +799,23 @@ impl MembershipLoop {
     }
 
     fn publish(&mut self) {
+        self.store_snapshot();
         let shared = &self.shared;
-        shared
-            .snapshot
-            .store(Arc::new(Snapshot::new(self.revision, self.members.clone())));
-        shared
-            .live_count
-            .store(self.members.len() as u64, Ordering::Relaxed);
         shared.observer.membership(
             self.revision,
             shared.count_of(Status::Initing),
             shared.count_of(Status::Running),
         );
+    }
+
+    /// Replaces the snapshot with the current members and revision.
+    fn store_snapshot(&mut self) {
+        let snapshot = Snapshot::new(self.revision, self.members.clone(), self.live);
+        let old = self.shared.snapshot.swap(Arc::new(snapshot));
+        self.shared
+            .live_count
+            .store(self.live as u64, Ordering::Relaxed);
+        self.release(old);
     }
 
     /// Sends the next store batch if none is in flight: every pending

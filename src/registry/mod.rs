@@ -45,6 +45,10 @@ pub const MAX_BATCH: usize = 10_000;
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest address, in bytes.
 pub const MAX_ADDRESS_LEN: usize = 255;
+/// Shards of the id maps. DashMap's default (4 × cores, 8 here) makes every
+/// heartbeat on two cores share a few lock words with the other core and with
+/// the loop's removals; 128 shards cost ~10 KiB and spread both.
+const LIVE_SHARDS: usize = 128;
 /// Capacity of the command channel to the membership loop.
 const COMMAND_QUEUE: usize = 65_536;
 
@@ -216,10 +220,15 @@ impl RegistryTask {
 }
 
 impl Registry {
-    /// Starts a registry on an in-memory store (nothing is durable).
+    /// Starts a registry on a volatile in-memory store (nothing is durable,
+    /// nothing is copied).
     pub fn start_in_memory(config: RegistryConfig) -> (Registry, RegistryTask) {
-        Self::start(config, Box::new(MemoryStore::new()), Arc::new(NoopObserver))
-            .expect("the in-memory store cannot fail to load")
+        Self::start(
+            config,
+            Box::new(MemoryStore::volatile()),
+            Arc::new(NoopObserver),
+        )
+        .expect("the in-memory store cannot fail to load")
     }
 
     /// Loads membership from `store` and starts the membership loop on the
@@ -240,7 +249,7 @@ impl Registry {
         let shared = Arc::new(Shared {
             config,
             clock: Clock::start(),
-            live: DashMap::with_hasher(Default::default()),
+            live: DashMap::with_hasher_and_shard_amount(Default::default(), LIVE_SHARDS),
             tombstones: DashSet::with_hasher(Default::default()),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             events,
