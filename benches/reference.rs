@@ -26,7 +26,8 @@
 //! counts from the heartbeat's scheduled time, so a stall counts for every
 //! heartbeat it delayed (no coordinated omission).
 //!
-//! Run: `cargo bench --bench reference`.
+//! Run: `cargo bench --bench reference`; with `REFERENCE_SCENARIO=expiry`
+//! only the 100k-expiry scenario runs (ours, then the reference's 500 ms tick).
 
 mod support;
 
@@ -77,6 +78,16 @@ fn main() {
         .without_plots()
         .configure_from_args();
     support::report_machine("start");
+    if std::env::var("REFERENCE_SCENARIO").is_ok_and(|s| s == "expiry") {
+        // Only the 100k-expiry scenario, both designs (a quick profile run).
+        let ours = Fleet::start(1_000_000);
+        expiry_ours(&ours, 3);
+        drop(ours);
+        let reference = RefFleet::start(1_000_000);
+        expiry_reference(&reference, Duration::from_millis(500), 2);
+        support::report_machine("end");
+        return;
+    }
 
     for (label, n) in [("10k", 10_000), ("100k", 100_000)] {
         {

@@ -161,7 +161,7 @@ impl Fleet {
         let probe = Arc::new(Probe::default());
         let (registry, task) = {
             let _guard = rt.enter();
-            Registry::start(config(), Box::new(MemoryStore::new()), probe.clone())
+            Registry::start(config(), Box::new(MemoryStore::volatile()), probe.clone())
                 .expect("the in-memory store loads")
         };
         // Register in chunks, heartbeating what is registered after each
