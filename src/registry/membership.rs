@@ -33,7 +33,12 @@
 //! already skips them — instead of copying one path of the shared tree per
 //! removal (100k removals in a 1M tree copy nearly all of it). A purge then
 //! rebuilds the map without tombstones on a blocking thread, from a clone of
-//! it; registrations made meanwhile are replayed onto the result. Replaced
+//! it; registrations made meanwhile are replayed onto the result. In such a
+//! turn the live table keeps the tombstoned entries too (a heartbeat finds
+//! the tombstone in them, as it would in the tombstone set): the following
+//! turns move them to the tombstone set [`UNLINK_PER_TURN`] at a time,
+//! yielding in between, so heartbeats meet the loop's shard write locks in
+//! short slices rather than a 100k-removal burst. Replaced
 //! snapshots and maps of a large fleet are dropped on a blocking thread too,
 //! not on the loop. Revisions and events are unaffected: one pass is still
 //! one turn.
@@ -76,6 +81,8 @@ const DELETE_RETRY: Duration = Duration::from_secs(1);
 /// A turn removing at least this many members leaves them in the ordered map
 /// (tombstoned) for a background purge.
 pub(crate) const BULK_REMOVALS: usize = 1024;
+/// Entries a mass change left in the live table moved out per turn.
+const UNLINK_PER_TURN: usize = 4096;
 /// A purge starts when at least this many tombstoned entries, and at least
 /// 1/16 of the map, are left in the ordered map.
 const PURGE_MIN: usize = 1024;
@@ -192,6 +199,8 @@ struct Turn {
     rearm: Vec<Arc<Entry>>,
     committed: Option<(Submitted, Result<(), String>, Duration)>,
     housekeeping: bool,
+    /// Entries left in the live table by a mass change wait to be moved out.
+    unlink: bool,
     stop: bool,
 }
 
@@ -203,6 +212,7 @@ impl Turn {
             && self.rearm.is_empty()
             && self.committed.is_none()
             && !self.housekeeping
+            && !self.unlink
             && !self.stop
     }
 }
@@ -241,6 +251,9 @@ pub(crate) struct MembershipLoop {
     /// This turn leaves removed members in `members` (see [`BULK_REMOVALS`]).
     defer_removals: bool,
     purge: Option<Purge>,
+    /// Tombstoned entries a mass change left in the live table, to be moved
+    /// to the tombstone set by the following turns.
+    unlinked: VecDeque<Arc<Entry>>,
     revision: u64,
     tombstone_queue: VecDeque<(u64, ExecutorId)>,
     /// Ids handed out but not yet visible (registration being committed).
@@ -285,6 +298,7 @@ impl MembershipLoop {
             live: 0,
             defer_removals: false,
             purge: None,
+            unlinked: VecDeque::new(),
             revision: 0,
             tombstone_queue: VecDeque::new(),
             reserved: HashSet::default(),
@@ -392,6 +406,7 @@ impl MembershipLoop {
         if self.housekeeping.poll_tick(cx).is_ready() {
             turn.housekeeping = true;
         }
+        turn.unlink = !self.unlinked.is_empty();
         if self.stop.as_mut().poll(cx).is_ready() {
             turn.stop = true;
         }
@@ -462,12 +477,29 @@ impl MembershipLoop {
                 }
             }
         }
+        if turn.unlink {
+            self.unlink_some();
+        }
         if turn.housekeeping {
             self.forget_tombstones(now);
         }
         self.finish_turn(changes);
         self.defer_removals = false;
         self.start_purge();
+    }
+
+    /// Moves up to [`UNLINK_PER_TURN`] entries left in the live table by a
+    /// mass change into the tombstone set (tombstone first, so a heartbeat
+    /// always finds one or the other).
+    fn unlink_some(&mut self) {
+        let n = self.unlinked.len().min(UNLINK_PER_TURN);
+        for entry in self.unlinked.drain(..n) {
+            let id = entry.id();
+            self.shared.tombstones.insert(id.clone());
+            self.shared
+                .live
+                .remove_if(id, |_, live| Arc::ptr_eq(live, &entry));
+        }
     }
 
     /// Starts a background purge when enough tombstones were left in the
@@ -659,15 +691,20 @@ impl MembershipLoop {
     /// as a tombstone for the retention, and deleted from the store.
     fn remove_live(&mut self, entry: &Arc<Entry>, now: u64) {
         let id = entry.id().clone();
-        // Tombstone first, so a heartbeat that misses the live table finds it.
-        self.shared.tombstones.insert(id.clone());
         self.tombstone_queue.push_back((
             now + duration_ms(self.shared.config.tombstone_retention),
             id.clone(),
         ));
-        self.shared.live.remove(&id);
         self.live -= 1;
-        if !self.defer_removals {
+        if self.defer_removals {
+            // The tombstoned entry answers heartbeats where it is; the next
+            // turns move it out of the live table, a purge out of `members`.
+            self.unlinked.push_back(entry.clone());
+        } else {
+            // Tombstone first, so a heartbeat that misses the live table
+            // finds it.
+            self.shared.tombstones.insert(id.clone());
+            self.shared.live.remove(&id);
             self.members.remove(&id);
         }
         self.undeleted.insert(id.clone());
@@ -720,7 +757,11 @@ impl MembershipLoop {
     }
 
     fn forget_tombstones(&mut self, now: u64) {
-        while let Some((forget_at, _)) = self.tombstone_queue.front() {
+        // An id still waiting to be unlinked is not in the tombstone set
+        // yet: forgetting waits for the (few) turns that move it there.
+        while let Some((forget_at, _)) = self.tombstone_queue.front()
+            && self.unlinked.is_empty()
+        {
             if *forget_at > now {
                 break;
             }

@@ -545,6 +545,15 @@ async fn a_mass_expiry_leaves_no_visible_trace_and_its_tombstones_are_purged() {
     sleep_until(at(&registry, deadline) + MS).await;
     let sizes: Vec<usize> = recorder.passes().iter().map(Vec::len).collect();
     assert_eq!(sizes, vec![n], "one pass");
+    // Expired is expired wherever the entry still sits.
+    assert!(matches!(
+        registry.heartbeat(id(&dying[0]), 0),
+        Err(RegistryError::Tombstone(_))
+    ));
+    assert!(matches!(
+        registry.get(id(&dying[1])),
+        Err(RegistryError::NotFound(_))
+    ));
     let late = register(&registry, "late").await;
     let mut expected: HashSet<String> = ids(&kept).into_iter().collect();
     expected.insert(id(&late).to_owned());
@@ -564,6 +573,17 @@ async fn a_mass_expiry_leaves_no_visible_trace_and_its_tombstones_are_purged() {
     let snapshot = registry.snapshot();
     assert_eq!(snapshot.len(), kept.len() + 1);
     assert_eq!(snapshot_ids(&snapshot), expected);
+    // The live table has moved them all to the tombstone set.
+    assert_eq!(registry.shared.live.len(), kept.len() + 1);
+    assert!(
+        dying
+            .iter()
+            .all(|e| registry.shared.tombstones.contains(id(e)))
+    );
+    assert!(matches!(
+        registry.heartbeat(id(&dying[2]), 0),
+        Err(RegistryError::Tombstone(_))
+    ));
     assert_eq!(
         registry.snapshot().get(id(&late)).map(|e| id(e).to_owned()),
         Some(id(&late).to_owned())
