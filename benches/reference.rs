@@ -30,8 +30,9 @@
 //! lateness, the thread was preempted — the box's scheduler, not a lock,
 //! made it late.
 //!
-//! Run: `cargo bench --bench reference`; with `REFERENCE_SCENARIO=expiry`
-//! only the 100k-expiry scenario runs (ours, then the reference's 500 ms tick).
+//! Run: `cargo bench --bench reference`; with `REFERENCE_SCENARIO=1m` only
+//! the 1M goals run: the paired heartbeats and the 100k expiry (ours, then
+//! the reference's 500 ms tick).
 
 mod support;
 
@@ -82,12 +83,15 @@ fn main() {
         .without_plots()
         .configure_from_args();
     support::report_machine("start");
-    if std::env::var("REFERENCE_SCENARIO").is_ok_and(|s| s == "expiry") {
-        // Only the 100k-expiry scenario, both designs (a quick profile run).
+    if std::env::var("REFERENCE_SCENARIO").is_ok_and(|s| s == "1m") {
+        // Only the 1M goals, both designs: paired heartbeats, the 100k expiry.
         let ours = Fleet::start(1_000_000);
+        ours.refresh();
+        let reference = RefFleet::start(1_000_000);
+        ours.refresh();
+        paired_1m(&ours, &reference, 5);
         expiry_ours(&ours, 3);
         drop(ours);
-        let reference = RefFleet::start(1_000_000);
         expiry_reference(&reference, Duration::from_millis(500), 2);
         support::report_machine("end");
         return;
