@@ -96,6 +96,7 @@ fn bench_register(c: &mut Criterion, fleet: &Fleet, label: &str) {
                     name: "exec".into(),
                     address: address(next),
                     labels: labels(next),
+                    owner: None,
                 };
                 let (entry, elapsed) = fleet.rt.block_on(async {
                     let started = Instant::now();

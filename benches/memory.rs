@@ -289,6 +289,7 @@ fn parts() {
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
             registered_unix_ms: 0,
+            owner: None,
         })
         .collect();
     store

@@ -37,6 +37,7 @@ fn fleet(
                             name: "bench".into(),
                             address: format!("10.0.{}.{}:9000", chunk % 250, i % 250),
                             labels: vec![("zone".into(), "a".into()), ("gpu".into(), "no".into())],
+                            owner: None,
                         };
                         registry
                             .register(registration)

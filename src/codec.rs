@@ -1,4 +1,4 @@
-//! The protobuf codec of the `registry.v1` service.
+//! The protobuf codec of the gRPC services (`registry.v1`, `registry.admin.v1`).
 //!
 //! Owns: how a message that does not decode is answered. tonic's default
 //! codec answers INTERNAL, which tells the client the *server* failed; a

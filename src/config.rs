@@ -6,12 +6,14 @@
 //! names the flag.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::registry::RegistryConfig;
+use crate::registry::{ExpiryGuardConfig, RegistryConfig};
+use crate::server::{AdminToken, Auth, Security, tls};
 
 /// Largest TTL accepted anywhere: the timing wheel cannot hold deadlines
 /// beyond ~2 years, and no lease should be anywhere near that.
@@ -95,6 +97,21 @@ pub struct ServeArgs {
     )]
     pub max_executors: usize,
 
+    /// Mass-expiry guard (off unless given): when more than this fraction
+    /// of the fleet (0 < F ≤ 1) would expire within one TTL, hold those
+    /// expirations until heartbeats recover, an operator releases them
+    /// (`ctl guard release`) or --expiry-guard-max-hold passes.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_EXPIRY_GUARD_FRACTION",
+        value_name = "F"
+    )]
+    pub expiry_guard_fraction: Option<f64>,
+
+    /// Longest the mass-expiry guard holds: then what it still holds expires.
+    #[arg(long, env = "EXECUTOR_REGISTRY_EXPIRY_GUARD_MAX_HOLD", default_value = "10m", value_parser = duration)]
+    pub expiry_guard_max_hold: Duration,
+
     /// Most open watch streams; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "EXECUTOR_REGISTRY_MAX_WATCHERS", default_value_t = 1_024)]
     pub max_watchers: usize,
@@ -160,6 +177,20 @@ pub struct ServeArgs {
     /// File holding the admin bearer token.
     #[arg(long, env = "EXECUTOR_REGISTRY_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+
+    /// Serve `/metrics` over HTTPS too, with --tls-cert and --tls-key (no
+    /// client certificates asked).
+    #[arg(long, env = "EXECUTOR_REGISTRY_METRICS_TLS")]
+    pub metrics_tls: bool,
+}
+
+/// The security settings the flags describe, files read.
+#[derive(Debug, Clone, Default)]
+pub struct SecuritySetup {
+    /// For the gRPC listener.
+    pub grpc: Security,
+    /// TLS for the metrics listener (`--metrics-tls`).
+    pub metrics_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Which membership store to run on.
@@ -241,8 +272,9 @@ impl ServeArgs {
                 return err(format!("{flag} must be above 0"));
             }
         }
+        let expiry_guard = self.expiry_guard()?;
         self.store_kind()?;
-        self.refuse_unimplemented()?;
+        self.check_security()?;
         Ok(RegistryConfig {
             init_ttl: self.init_heartbeat_ttl,
             min_ttl: self.min_heartbeat_ttl,
@@ -253,7 +285,34 @@ impl ServeArgs {
             watch_buffer: self.watch_buffer,
             stall_threshold: self.stall_threshold,
             max_executors: self.max_executors,
+            expiry_guard,
         })
+    }
+
+    /// The mass-expiry guard's settings (None: off).
+    fn expiry_guard(&self) -> Result<Option<ExpiryGuardConfig>, ConfigError> {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        if self.expiry_guard_max_hold.is_zero() || self.expiry_guard_max_hold > MAX_TTL_CEILING {
+            return Err(ConfigError(format!(
+                "--expiry-guard-max-hold ({}) must be above 0 and at most {}",
+                show(self.expiry_guard_max_hold),
+                show(MAX_TTL_CEILING)
+            )));
+        }
+        let Some(fraction) = self.expiry_guard_fraction else {
+            return Ok(None);
+        };
+        // Also refuses NaN: no comparison holds for it.
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ConfigError(format!(
+                "--expiry-guard-fraction ({fraction}) must be above 0 and at most 1 \
+                 (e.g. 0.5: hold expirations when more than half the fleet would expire within one TTL)"
+            )));
+        }
+        Ok(Some(ExpiryGuardConfig {
+            fraction,
+            max_hold: self.expiry_guard_max_hold,
+        }))
     }
 
     /// The server's overload limits.
@@ -279,23 +338,89 @@ impl ServeArgs {
         }
     }
 
-    /// Security flags are accepted by name but refused until they work:
-    /// running in plaintext while the operator believes TLS is on would be
-    /// worse than not starting.
-    fn refuse_unimplemented(&self) -> Result<(), ConfigError> {
-        let set = [
-            ("--tls-cert", self.tls_cert.is_some()),
-            ("--tls-key", self.tls_key.is_some()),
-            ("--tls-client-ca", self.tls_client_ca.is_some()),
-            ("--admin-identities", !self.admin_identities.is_empty()),
-            ("--admin-token-file", self.admin_token_file.is_some()),
-        ];
-        match set.iter().find(|(_, on)| *on) {
-            Some((flag, _)) => Err(ConfigError(format!(
-                "{flag}: TLS and authentication are not available in this version; refusing to start without them"
-            ))),
-            None => Ok(()),
+    /// The security flags that only make sense together.
+    fn check_security(&self) -> Result<(), ConfigError> {
+        let err = |s: &str| Err(ConfigError(s.into()));
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return err("--tls-cert and --tls-key go together: give both or neither");
         }
+        let tls = self.tls_cert.is_some();
+        if self.tls_client_ca.is_some() && !tls {
+            return err("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key");
+        }
+        if self.metrics_tls && !tls {
+            return err("--metrics-tls needs --tls-cert and --tls-key");
+        }
+        if !self.admin_identities().is_empty() && self.tls_client_ca.is_none() {
+            return err(
+                "--admin-identities needs --tls-client-ca: identities come from client certificates",
+            );
+        }
+        if self.admin_token_file.is_some() && self.tls_client_ca.is_some() {
+            return err(
+                "--admin-token-file is for servers without client certificates; with --tls-client-ca, name operators in --admin-identities",
+            );
+        }
+        Ok(())
+    }
+
+    /// `--admin-identities`, trimmed, without empty items.
+    fn admin_identities(&self) -> Vec<String> {
+        self.admin_identities
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// Reads the certificate, key, CA and token files the flags name; the
+    /// error names the flag and the file.
+    pub fn security(&self) -> Result<SecuritySetup, ConfigError> {
+        self.check_security()?;
+        fn read(flag: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+            std::fs::read(path)
+                .map_err(|e| ConfigError(format!("{flag} {}: cannot read: {e}", path.display())))
+        }
+        let mut setup = SecuritySetup::default();
+        if let Some(path) = &self.admin_token_file {
+            let token = AdminToken::from_file_contents(&read("--admin-token-file", path)?)
+                .map_err(|why| {
+                    ConfigError(format!("--admin-token-file {}: {why}", path.display()))
+                })?;
+            setup.grpc.auth = Auth::Token(token);
+        }
+        let (Some(cert_path), Some(key_path)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(setup);
+        };
+        let cert = read("--tls-cert", cert_path)?;
+        let key = read("--tls-key", key_path)?;
+        let ca = match &self.tls_client_ca {
+            Some(path) => Some(read("--tls-client-ca", path)?),
+            None => None,
+        };
+        let named = |e: String| {
+            ConfigError(format!(
+                "--tls-cert {} / --tls-key {}{}: {e}",
+                cert_path.display(),
+                key_path.display(),
+                self.tls_client_ca
+                    .as_ref()
+                    .map(|p| format!(" / --tls-client-ca {}", p.display()))
+                    .unwrap_or_default()
+            ))
+        };
+        setup.grpc.tls =
+            Some(tls::server_config(&cert, &key, ca.as_deref(), &[b"h2"]).map_err(named)?);
+        if ca.is_some() {
+            setup.grpc.auth = Auth::Mutual {
+                admins: Arc::new(self.admin_identities().into_iter().collect()),
+            };
+        }
+        if self.metrics_tls {
+            setup.metrics_tls =
+                Some(tls::server_config(&cert, &key, None, &[b"http/1.1"]).map_err(named)?);
+        }
+        Ok(setup)
     }
 }
 
@@ -331,7 +456,53 @@ mod tests {
         assert_eq!(c.max_heartbeats_per_second, 200_000);
         assert_eq!(c.tombstone_retention, Duration::from_secs(600));
         assert_eq!(c.watch_buffer, 4096);
+        assert_eq!(c.expiry_guard, None, "the expiry guard is opt-in");
         assert_eq!(a.store_kind().unwrap(), StoreKind::Sqlite);
+    }
+
+    #[test]
+    fn the_expiry_guard_takes_a_fraction_and_a_max_hold() {
+        let c = parse(&["--expiry-guard-fraction", "0.3"])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.expiry_guard,
+            Some(ExpiryGuardConfig {
+                fraction: 0.3,
+                max_hold: ExpiryGuardConfig::DEFAULT_MAX_HOLD,
+            })
+        );
+        let c = parse(&[
+            "--expiry-guard-fraction",
+            "1",
+            "--expiry-guard-max-hold",
+            "90s",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(
+            c.expiry_guard,
+            Some(ExpiryGuardConfig {
+                fraction: 1.0,
+                max_hold: Duration::from_secs(90),
+            })
+        );
+        for bad in ["0", "-0.1", "1.01", "NaN", "inf"] {
+            let flag = format!("--expiry-guard-fraction={bad}");
+            let e = parse(&[&flag]).validate().unwrap_err().to_string();
+            assert!(e.contains("--expiry-guard-fraction"), "{bad}: {e}");
+        }
+        assert!(Cli::try_parse_from(["serve", "--expiry-guard-fraction", "half"]).is_err());
+        let e = parse(&[
+            "--expiry-guard-fraction",
+            "0.5",
+            "--expiry-guard-max-hold",
+            "0s",
+        ])
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--expiry-guard-max-hold"), "{e}");
     }
 
     #[test]
@@ -372,11 +543,97 @@ mod tests {
             &["--store", "postgres"],
             &["--store", "etcd://127.0.0.1:2379"],
             &["--tls-cert", "/tmp/cert.pem"],
+            &["--tls-key", "/tmp/key.pem"],
+            &["--tls-client-ca", "/tmp/ca.pem"],
+            &["--metrics-tls"],
+            &["--admin-identities", "ops"],
+            &[
+                "--tls-cert",
+                "c",
+                "--tls-key",
+                "k",
+                "--tls-client-ca",
+                "ca",
+                "--admin-token-file",
+                "t",
+            ],
         ] {
             assert!(
                 parse(args).validate().is_err(),
                 "{args:?} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn security_files_are_read_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let a = parse(&["--admin-token-file", token.to_str().unwrap()]);
+        a.validate().unwrap();
+        let setup = a.security().unwrap();
+        assert!(setup.grpc.tls.is_none());
+        assert!(matches!(&setup.grpc.auth, Auth::Token(t) if t.matches(b"s3cret")));
+
+        std::fs::write(&token, "\n").unwrap();
+        let e = a.security().unwrap_err().to_string();
+        assert!(
+            e.contains("--admin-token-file") && e.contains("empty"),
+            "{e}"
+        );
+
+        let missing = dir.path().join("nope.pem");
+        let m = missing.to_str().unwrap();
+        let e = parse(&["--tls-cert", m, "--tls-key", m])
+            .security()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert") && e.contains("nope.pem"), "{e}");
+    }
+
+    #[test]
+    fn certificate_flags_make_tls_and_a_client_ca_makes_it_mutual() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let (c, k) = (c.to_str().unwrap(), k.to_str().unwrap());
+        let plain = parse(&["--tls-cert", c, "--tls-key", k, "--metrics-tls"]);
+        plain.validate().unwrap();
+        let setup = plain.security().unwrap();
+        assert!(setup.grpc.tls.is_some() && setup.metrics_tls.is_some());
+        assert!(matches!(setup.grpc.auth, Auth::Open));
+
+        let mutual = parse(&[
+            "--tls-cert",
+            c,
+            "--tls-key",
+            k,
+            "--tls-client-ca",
+            c,
+            "--admin-identities",
+            "ops, sched,",
+        ]);
+        mutual.validate().unwrap();
+        match mutual.security().unwrap().grpc.auth {
+            Auth::Mutual { admins } => {
+                let mut names: Vec<_> = admins.iter().cloned().collect();
+                names.sort();
+                assert_eq!(names, ["ops", "sched"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A key file that is not a key is named.
+        let e = parse(&["--tls-cert", c, "--tls-key", c])
+            .security()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-key") && e.contains("key"), "{e}");
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,8 +16,11 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use executor_registry::client::{
-    DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE, describe_transport_error,
+    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
+    describe_transport_error,
 };
+use executor_registry::proto::admin::admin_client::AdminClient;
+use executor_registry::proto::admin::{self, ExpiryGuardState};
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{self, watch_executors_response::Kind};
 use executor_registry::registry::check_label_part;
@@ -25,10 +29,11 @@ use executor_registry::registry::check_label_part;
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  any other error (e.g. `watch` fell behind the registry and was ended)
+  1  any other error (e.g. `watch` fell behind the registry and was ended, or
+     `guard release` on a registry without --expiry-guard-fraction)
   2  usage: bad flags, selector or argument (also when the registry answers INVALID_ARGUMENT)
   3  not found: `get` or `deregister` of an id that is not a live executor
-  4  the registry is unreachable (connection refused, timeout) or unavailable (UNAVAILABLE)";
+  4  the registry is unreachable (connection refused, timeout, TLS handshake refused) or unavailable (UNAVAILABLE)";
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -47,7 +52,7 @@ pub struct CtlArgs {
     #[arg(long, global = true, env = "EXECUTOR_REGISTRY_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     endpoint: String,
 
-    /// Print JSON: one document (list, get, count, deregister), or one object
+    /// Print JSON: one document (list, get, count, deregister, guard), or one object
     /// per line (watch).
     #[arg(long, global = true)]
     json: bool,
@@ -55,6 +60,24 @@ pub struct CtlArgs {
     /// Longest wait to connect, and for each answer.
     #[arg(long, global = true, default_value = "10s", value_parser = duration)]
     timeout: Duration,
+
+    /// CA certificate (PEM) the registry's certificate must chain to; turns
+    /// on TLS (a bare host:port endpoint becomes https://).
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_CA")]
+    ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS; needs --key and --ca.
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_CERT")]
+    cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_KEY")]
+    key: Option<PathBuf>,
+
+    /// File holding the admin token, sent as `authorization: Bearer …`
+    /// (deregistering executors registered by others without mutual TLS).
+    #[arg(long, global = true, env = "EXECUTOR_REGISTRY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: CtlCommand,
@@ -96,6 +119,20 @@ enum CtlCommand {
         /// Its id.
         id: String,
     },
+    /// The mass-expiry guard: its state, or `release` to expire what it holds.
+    #[command(after_help = EXIT_CODES)]
+    Guard {
+        #[command(subcommand)]
+        action: Option<GuardAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GuardAction {
+    /// Expires now, in one pass, every executor the guard holds that has not
+    /// heartbeated since (operator release).
+    #[command(after_help = EXIT_CODES)]
+    Release,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -177,6 +214,16 @@ impl CtlError {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Self::Unavailable(
                 format!("the registry at {endpoint} is unavailable: {message}"),
             ),
+            // The connection broke before any answer: most often a refused
+            // TLS handshake, or plaintext against a TLS port.
+            Code::Unknown
+                if message.contains("transport error") || message.contains("h2 protocol error") =>
+            {
+                Self::Unavailable(format!(
+                    "the connection to {endpoint} failed: {message} (if the registry serves TLS, \
+                     use https:// with --ca, and --cert/--key for mutual TLS)"
+                ))
+            }
             code => Self::Other(format!(
                 "the registry at {endpoint} answered {code}: {message}"
             )),
@@ -211,28 +258,83 @@ pub fn run(args: CtlArgs) -> ExitCode {
     }
 }
 
-/// The endpoint with a scheme (`host:port` → `http://host:port`).
-fn normalize(endpoint: &str) -> String {
+/// The endpoint with a scheme (`host:port` → `http://host:port`, or
+/// `https://` with TLS).
+fn normalize(endpoint: &str, tls: bool) -> String {
     let endpoint = endpoint.trim();
     if endpoint.contains("://") {
         endpoint.to_owned()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
 }
 
-async fn connect(endpoint: &str, timeout: Duration) -> Result<RegistryClient<Channel>, CtlError> {
-    let target = Endpoint::from_shared(endpoint.to_owned())
+/// The TLS settings and admin token the flags name (files read).
+fn credentials(args: &CtlArgs) -> Result<ChannelOptions, CtlError> {
+    let tls = match (&args.ca, &args.cert, &args.key) {
+        (None, None, None) => None,
+        (None, _, _) => {
+            return Err(CtlError::Usage(
+                "--cert and --key need --ca (the CA that signed the registry's certificate)".into(),
+            ));
+        }
+        (Some(ca), cert, key) => Some(
+            ClientTls::from_files(ca, cert.as_deref(), key.as_deref())
+                .map_err(|e| CtlError::Usage(format!("--ca/--cert/--key: {e}")))?,
+        ),
+    };
+    let admin_token = match &args.admin_token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                CtlError::Usage(format!(
+                    "--admin-token-file {}: cannot read: {e}",
+                    path.display()
+                ))
+            })?;
+            Some(BearerToken::new(&text).map_err(|e| {
+                CtlError::Usage(format!("--admin-token-file {}: {e}", path.display()))
+            })?)
+        }
+    };
+    Ok(ChannelOptions {
+        tls,
+        admin_token,
+        ..ChannelOptions::default()
+    })
+}
+
+async fn connect(
+    endpoint: &str,
+    timeout: Duration,
+    options: &ChannelOptions,
+) -> Result<Channel, CtlError> {
+    let mut target = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| CtlError::Usage(format!("invalid --endpoint {endpoint:?}: {e}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
+    if let Some(tls) = &options.tls {
+        if !endpoint.starts_with("https://") {
+            return Err(CtlError::Usage(format!(
+                "--ca is given: the endpoint must be https:// or a bare host:port, not {endpoint:?}"
+            )));
+        }
+        target = target.tls_config(tls.tonic_config()).map_err(|e| {
+            CtlError::Usage(format!(
+                "--ca/--cert/--key: {}",
+                describe_transport_error(&e)
+            ))
+        })?;
+    }
     let channel = target.connect().await.map_err(|e| {
         CtlError::Unavailable(format!(
             "cannot reach the registry at {endpoint}: {}",
             describe_transport_error(&e)
         ))
     })?;
-    Ok(RegistryClient::new(channel).max_decoding_message_size(DEFAULT_MAX_DECODING_MESSAGE_SIZE))
+    Ok(channel)
 }
 
 /// One unary call, bounded by `--timeout`.
@@ -252,8 +354,11 @@ async fn call<T>(
 }
 
 async fn execute(args: CtlArgs) -> Result<(), CtlError> {
-    let endpoint = normalize(&args.endpoint);
-    let mut client = connect(&endpoint, args.timeout).await?;
+    let options = credentials(&args)?;
+    let endpoint = normalize(&args.endpoint, options.tls.is_some());
+    let channel = connect(&endpoint, args.timeout, &options).await?;
+    let mut client = RegistryClient::new(channel.clone())
+        .max_decoding_message_size(DEFAULT_MAX_DECODING_MESSAGE_SIZE);
     let (json, timeout) = (args.json, args.timeout);
     let mut out = io::stdout().lock();
     let written = match args.command {
@@ -262,7 +367,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
                 status: status.map_or(proto::ExecutorStatus::Unspecified, StatusArg::wire) as i32,
                 selectors,
             };
-            let list = call(&endpoint, timeout, client.list_executors(request)).await?;
+            let list = call(
+                &endpoint,
+                timeout,
+                client.list_executors(options.request(request)),
+            )
+            .await?;
             if json {
                 let executors: Vec<Value> = list.executors.iter().map(executor_json).collect();
                 let document = json!({
@@ -277,7 +387,12 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
         }
         CtlCommand::Get { id } => {
             let request = proto::GetExecutorRequest { executor_id: id };
-            let executor = call(&endpoint, timeout, client.get_executor(request)).await?;
+            let executor = call(
+                &endpoint,
+                timeout,
+                client.get_executor(options.request(request)),
+            )
+            .await?;
             if json {
                 writeln!(out, "{:#}", executor_json(&executor))
             } else {
@@ -289,9 +404,13 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             let request = proto::CountExecutorsRequest {
                 status: wire as i32,
             };
-            let count = call(&endpoint, timeout, client.count_executors(request))
-                .await?
-                .count;
+            let count = call(
+                &endpoint,
+                timeout,
+                client.count_executors(options.request(request)),
+            )
+            .await?
+            .count;
             if json {
                 let status = status.map_or("all", |s| status_name(s.wire()));
                 writeln!(out, "{}", json!({ "count": count, "status": status }))
@@ -303,16 +422,64 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             let request = proto::DeregisterRequest {
                 executor_id: id.clone(),
             };
-            call(&endpoint, timeout, client.deregister(request)).await?;
+            call(
+                &endpoint,
+                timeout,
+                client.deregister(options.request(request)),
+            )
+            .await?;
             if json {
                 writeln!(out, "{}", json!({ "deregistered": id }))
             } else {
                 writeln!(out, "deregistered {id}")
             }
         }
+        CtlCommand::Guard { action } => {
+            let mut admin = AdminClient::new(channel);
+            match action {
+                None => {
+                    let request = admin::GetExpiryGuardRequest {};
+                    let answer = call(
+                        &endpoint,
+                        timeout,
+                        admin.get_expiry_guard(options.request(request)),
+                    )
+                    .await?;
+                    let state = answer.state.unwrap_or_default();
+                    if json {
+                        writeln!(out, "{:#}", guard_json(&state))
+                    } else {
+                        out.write_all(guard_text(&state, now_unix_ms()).as_bytes())
+                    }
+                }
+                Some(GuardAction::Release) => {
+                    let request = admin::ReleaseExpiryGuardRequest {};
+                    let answer = call(
+                        &endpoint,
+                        timeout,
+                        admin.release_expiry_guard(options.request(request)),
+                    )
+                    .await?;
+                    if json {
+                        let state = answer.state.unwrap_or_default();
+                        let document = json!({
+                            "released": answer.released,
+                            "state": guard_json(&state),
+                        });
+                        writeln!(out, "{document:#}")
+                    } else {
+                        writeln!(
+                            out,
+                            "released {} executor(s): OFFLINE, reason expired",
+                            answer.released
+                        )
+                    }
+                }
+            }
+        }
         CtlCommand::Watch => {
             drop(out);
-            return watch(&endpoint, timeout, &mut client, json).await;
+            return watch(&endpoint, timeout, &mut client, &options, json).await;
         }
     };
     written.or_else(|e| CtlError::from_io(e).map_or(Ok(()), Err))
@@ -324,12 +491,13 @@ async fn watch(
     endpoint: &str,
     timeout: Duration,
     client: &mut RegistryClient<Channel>,
+    options: &ChannelOptions,
     json: bool,
 ) -> Result<(), CtlError> {
     let mut stream = call(
         endpoint,
         timeout,
-        client.watch_executors(proto::WatchExecutorsRequest {}),
+        client.watch_executors(options.request(proto::WatchExecutorsRequest {})),
     )
     .await?;
     let interrupted = tokio::signal::ctrl_c();
@@ -452,6 +620,57 @@ fn executor_json(e: &proto::Executor) -> Value {
         "last_heartbeat_unix_ms": e.last_heartbeat_unix_ms,
         "ttl_ms": e.ttl_ms,
     })
+}
+
+fn guard_json(state: &ExpiryGuardState) -> Value {
+    json!({
+        "enabled": state.enabled,
+        "active": state.active,
+        "held": state.held,
+        "fraction": state.fraction,
+        "since_unix_ms": state.since_unix_ms,
+        "max_hold_ms": state.max_hold_ms,
+        "recently_expired": state.recently_expired,
+        "live": state.live,
+    })
+}
+
+/// The guard's state for people: one `key  value` line each.
+fn guard_text(state: &ExpiryGuardState, now_ms: u64) -> String {
+    if !state.enabled {
+        return "state  off (start the registry with --expiry-guard-fraction to use it)\n".into();
+    }
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    if state.active {
+        let held_for = now_ms.saturating_sub(state.since_unix_ms);
+        rows.push(("state", "ACTIVE: holding expirations".into()));
+        rows.push(("held", state.held.to_string()));
+        rows.push(("since", format!("{} ago", short_duration(held_for))));
+        rows.push((
+            "released",
+            format!(
+                "when heartbeats recover, on `ctl guard release`, or in {} (max hold {})",
+                short_duration(state.max_hold_ms.saturating_sub(held_for)),
+                short_duration(state.max_hold_ms)
+            ),
+        ));
+    } else {
+        rows.push(("state", "armed (not holding)".into()));
+        rows.push(("max hold", short_duration(state.max_hold_ms)));
+    }
+    rows.push((
+        "fraction",
+        format!(
+            "{} (holds when more of the fleet would expire within one TTL)",
+            state.fraction
+        ),
+    ));
+    rows.push(("live", state.live.to_string()));
+    rows.push(("recently expired", state.recently_expired.to_string()));
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect()
 }
 
 fn labels_text<'a>(labels: impl Iterator<Item = (&'a str, &'a str)>) -> String {
@@ -603,6 +822,31 @@ mod tests {
                 .unwrap_err()
                 .contains("does not compile")
         );
+    }
+
+    #[test]
+    fn the_guard_state_reads_as_lines() {
+        let off = guard_text(&ExpiryGuardState::default(), 0);
+        assert!(off.starts_with("state  off") && off.contains("--expiry-guard-fraction"));
+        let mut state = ExpiryGuardState {
+            enabled: true,
+            fraction: 0.5,
+            max_hold_ms: 600_000,
+            live: 1_000,
+            ..Default::default()
+        };
+        let armed = guard_text(&state, 0);
+        assert!(armed.contains("state             armed"), "{armed}");
+        assert!(armed.contains("max hold          10m"), "{armed}");
+        state.active = true;
+        state.held = 600;
+        state.since_unix_ms = 1_000_000;
+        let active = guard_text(&state, 1_012_000);
+        assert!(active.contains("state             ACTIVE"), "{active}");
+        assert!(active.contains("held              600\n"), "{active}");
+        assert!(active.contains("since             12s ago"), "{active}");
+        assert!(active.contains("in 9m48s (max hold 10m)"), "{active}");
+        assert!(active.contains("live              1000\n"), "{active}");
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! - [`logging`] — the `tracing` subscriber (`RUST_LOG`) and per-executor
 //!   rate limiting of log lines.
 //! - [`config`] — command-line flags and their validation.
-//! - [`proto`] — the generated `registry.v1` types, for clients and tools;
+//! - [`proto`] — the generated `registry.v1` types, for clients and tools
+//!   (and the operator API `registry.admin.v1` in [`proto::admin`]);
 //!   [`codec`] — their codec (malformed messages are INVALID_ARGUMENT).
 //! - [`client`] — the client library: [`client::Membership`] keeps an
 //!   executor's lease, [`client::FleetView`] keeps a scheduler's copy of the
@@ -37,6 +38,7 @@
 //!         name: "worker".into(),
 //!         address: "10.0.0.7:9000".into(),
 //!         labels: vec![("zone".into(), "a".into())],
+//!         owner: None,
 //!     })
 //!     .await
 //!     .unwrap();
@@ -57,10 +59,16 @@ pub mod registry;
 pub mod server;
 pub mod store;
 
-/// Generated `registry.v1` protobuf and gRPC types.
+/// Generated `registry.v1` protobuf and gRPC types (and `registry.admin.v1`
+/// in [`proto::admin`]).
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
     tonic::include_proto!("registry.v1");
+
+    /// Generated `registry.admin.v1` types: operator calls.
+    pub mod admin {
+        tonic::include_proto!("registry.admin.v1");
+    }
 
     /// Encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

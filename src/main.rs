@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run the registry server.
     Serve(Box<ServeArgs>),
-    /// Inspect and manage a running registry (list, get, count, watch, deregister).
+    /// Inspect and manage a running registry (list, get, count, watch, deregister, guard).
     Ctl(ctl::CtlArgs),
 }
 
@@ -59,6 +59,7 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
+    let security = args.security()?;
     let store: Box<dyn MembershipStore> = match args.store_kind()? {
         StoreKind::Memory => Box::new(MemoryStore::volatile()),
         StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
@@ -71,22 +72,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let metrics = executor_registry::metrics::install(args.metrics_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot serve metrics on {} (--metrics-listen)",
-                args.metrics_listen
-            )
-        })?;
+    let metrics = executor_registry::metrics::install_with_tls(
+        args.metrics_listen,
+        security.metrics_tls.clone(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot serve metrics on {} (--metrics-listen)",
+            args.metrics_listen
+        )
+    })?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
-    tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, "executor-registry serving");
+    let tls = match (&security.grpc.tls, &security.grpc.auth) {
+        (None, _) => "off",
+        (Some(_), server::Auth::Mutual { .. }) => "mutual",
+        (Some(_), _) => "on",
+    };
+    let admin_token = matches!(security.grpc.auth, server::Auth::Token(_));
+    tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, tls, admin_token, metrics_tls = security.metrics_tls.is_some(), "executor-registry serving");
     let options = server::ServeOptions {
         grace: args.shutdown_grace,
         limits: args.limits(),
     };
-    let stopped = server::serve_with(listener, registry, shutdown_signal(), options).await?;
+    let stopped = server::serve_secure(
+        listener,
+        registry,
+        shutdown_signal(),
+        options,
+        security.grpc,
+    )
+    .await?;
     tracing::info!(?stopped, "gRPC server stopped; flushing the store");
     task.stop().await;
     metrics.flush();

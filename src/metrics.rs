@@ -65,6 +65,9 @@ pub const IS_LEADER: &str = "registry_is_leader";
 pub const LEADER_CHANGES: &str = "registry_leader_changes_total";
 /// `registry_auth_denied_total{reason}` counter.
 pub const AUTH_DENIED: &str = "registry_auth_denied_total";
+/// `registry_expiry_guard_active` gauge: 1 while the mass-expiry guard holds
+/// expirations, else 0 (also when the guard is off).
+pub const EXPIRY_GUARD_ACTIVE: &str = "registry_expiry_guard_active";
 
 /// `process_cpu_seconds_total` counter, rendered by [`Metrics::render`] as a float.
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
@@ -160,6 +163,14 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
 ///
 /// Fails if `listen` cannot be bound or a global recorder is already set.
 pub async fn install(listen: SocketAddr) -> anyhow::Result<Arc<Metrics>> {
+    install_with_tls(listen, None).await
+}
+
+/// [`install`], serving HTTPS with `tls` when given (`--metrics-tls`).
+pub async fn install_with_tls(
+    listen: SocketAddr,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> anyhow::Result<Arc<Metrics>> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the metrics endpoint on {listen}"))?;
@@ -170,7 +181,13 @@ pub async fn install(listen: SocketAddr) -> anyhow::Result<Arc<Metrics>> {
     let metrics = Arc::new(::metrics::with_recorder(Metrics::new));
     spawn_upkeep(Arc::downgrade(&metrics), handle.clone())
         .context("starting the metrics upkeep thread")?;
-    tokio::spawn(serve_scrapes(listener, handle, Arc::downgrade(&metrics)));
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::spawn(serve_scrapes(
+        listener,
+        tls,
+        handle,
+        Arc::downgrade(&metrics),
+    ));
     Ok(metrics)
 }
 
@@ -186,9 +203,11 @@ fn spawn_upkeep(metrics: Weak<Metrics>, handle: PrometheusHandle) -> std::io::Re
         .map(drop)
 }
 
-/// Answers `GET /metrics` (HTTP/1.1) with a fresh rendering; 404 elsewhere.
+/// Answers `GET /metrics` (HTTP/1.1, over TLS when `tls` is given) with a
+/// fresh rendering; 404 elsewhere.
 async fn serve_scrapes(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     handle: PrometheusHandle,
     metrics: Weak<Metrics>,
 ) {
@@ -206,16 +225,41 @@ async fn serve_scrapes(
             let response = scrape(&request, &handle, &metrics);
             async move { Ok::<_, std::convert::Infallible>(response) }
         });
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            let result = match tls {
+                None => serve_connection(stream, service).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => serve_connection(stream, service).await,
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("no TLS handshake within 10s".into()),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "metrics connection ended");
             }
         });
     }
+}
+
+async fn serve_connection<IO, S>(io: IO, service: S) -> Result<(), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn scrape<B>(
@@ -319,6 +363,7 @@ pub struct Metrics {
     watchers_lagged: Counter,
     store: ByLabel<StoreHandles>,
     revision: Gauge,
+    expiry_guard_active: Gauge,
     leader: AtomicBool,
     is_leader: Gauge,
     leader_changes: Counter,
@@ -413,6 +458,11 @@ fn describe(recorder: &dyn Recorder) {
         (WATCHERS, None, "Open watch streams."),
         (REVISION, None, "Current membership revision."),
         (
+            EXPIRY_GUARD_ACTIVE,
+            None,
+            "1 while the mass-expiry guard holds expirations, else 0.",
+        ),
+        (
             IS_LEADER,
             None,
             "1 if this replica runs the membership loop, else 0.",
@@ -494,6 +544,7 @@ impl Metrics {
                 errors: counter(r, STORE_ERRORS, Some(("op", op))),
             }),
             revision: gauge(recorder, REVISION, None),
+            expiry_guard_active: gauge(recorder, EXPIRY_GUARD_ACTIVE, None),
             leader: AtomicBool::new(true),
             is_leader: gauge(recorder, IS_LEADER, None),
             leader_changes: counter(recorder, LEADER_CHANGES, None),
@@ -517,6 +568,7 @@ impl Metrics {
             &metrics.executors_running,
             &metrics.watchers,
             &metrics.revision,
+            &metrics.expiry_guard_active,
         ] {
             g.set(0.0);
         }
@@ -586,6 +638,10 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
+    fn auth_denied(&self, reason: &'static str) {
+        Metrics::auth_denied(self, reason);
+    }
+
     fn heartbeat(&self, result: HeartbeatResult) {
         self.heartbeat_tallies.0[heartbeat_index(result)].fetch_add(1, Ordering::Relaxed);
     }
@@ -603,6 +659,14 @@ impl Observer for Metrics {
 
     fn deregistered(&self) {
         self.deregistrations.increment(1);
+    }
+
+    fn expiry_guard(&self, active: bool, _held: u64) {
+        self.expiry_guard_active.set(if active { 1.0 } else { 0.0 });
+    }
+
+    fn released(&self, count: u64) {
+        self.expirations.increment(count);
     }
 
     fn events(&self, online: u64, offline: u64) {
@@ -702,6 +766,7 @@ mod tests {
             WATCHERS_LAGGED,
             REVISION,
             LEADER_CHANGES,
+            EXPIRY_GUARD_ACTIVE,
         ] {
             assert_sample(&text, name, 0.0);
         }
@@ -747,6 +812,9 @@ mod tests {
         observer.watcher_lagged();
         observer.store_operation("commit", Duration::from_millis(2), true);
         observer.store_operation("commit", Duration::from_millis(700), false);
+        observer.expiry_guard(true, 600);
+        // Released by the guard: expirations, without lag samples.
+        observer.released(4);
 
         let before_flush = recorder.handle().render();
         assert_sample(
@@ -772,7 +840,8 @@ mod tests {
             "registry_registrations_total{result=\"unavailable\"}",
             0.0,
         );
-        assert_sample(&text, "registry_expirations_total", 2.0);
+        assert_sample(&text, "registry_expirations_total", 6.0);
+        assert_sample(&text, "registry_expiry_guard_active", 1.0);
         assert_sample(&text, "registry_deregistrations_total", 1.0);
         assert_sample(&text, "registry_events_total{type=\"online\"}", 2.0);
         assert_sample(&text, "registry_events_total{type=\"offline\"}", 3.0);

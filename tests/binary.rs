@@ -62,6 +62,14 @@ fn bad_flags_from_the_environment_are_refused_with_the_flag_named() {
         "{stderr}"
     );
 
+    let out = run(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("EXECUTOR_REGISTRY_EXPIRY_GUARD_FRACTION", "1.5")],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--expiry-guard-fraction"), "{stderr}");
+
     let out = run(&["serve", "--init-heartbeat-ttl", "soon"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--init-heartbeat-ttl"));
@@ -91,7 +99,10 @@ fn bad_flags_from_the_environment_are_refused_with_the_flag_named() {
         "--tls-client-ca",
         "--admin-identities",
         "--admin-token-file",
+        "--expiry-guard-fraction",
+        "--expiry-guard-max-hold",
         "EXECUTOR_REGISTRY_LISTEN",
+        "EXECUTOR_REGISTRY_EXPIRY_GUARD_FRACTION",
     ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
@@ -165,6 +176,7 @@ async fn health_is_serving_and_reflection_lists_the_service() {
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"registry.v1.Registry"), "{names:?}");
+    assert!(names.contains(&"registry.admin.v1.Admin"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 }
 

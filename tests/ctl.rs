@@ -9,22 +9,12 @@ use std::time::Duration;
 
 use executor_registry::proto::{DeregisterRequest, HeartbeatRequest};
 use serde_json::Value;
+use support::process::ctl;
 use support::{TestServer, fast_config, register, register_request};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_executor-registry");
-
-async fn ctl(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("ctl")
-        .args(["--endpoint", endpoint])
-        .args(args)
-        .env_remove("EXECUTOR_REGISTRY_ENDPOINT")
-        .output()
-        .await
-        .expect("run ctl")
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")

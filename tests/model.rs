@@ -175,6 +175,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             name: "m".into(),
                             address: "10.0.0.1:1".into(),
                             labels: vec![],
+                            owner: None,
                         })
                         .await
                         .expect("register");

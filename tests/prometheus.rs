@@ -19,8 +19,8 @@ use support::process::free_addr;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use executor_registry::proto::{
 };
 use regex::Regex;
 use serde_json::Value;
-use support::{next_event, next_message, register, register_request, watch};
+use support::{http_get, next_event, next_message, register, register_request, sample, watch};
 use tonic::Code;
 use tonic::transport::Channel;
 use yaml_rust2::YamlLoader;
@@ -75,6 +75,8 @@ const SPEC_METRICS: &[(&str, &str)] = &[
     ("registry_is_leader", "gauge"),
     ("registry_leader_changes_total", "counter"),
     ("registry_auth_denied_total", "counter"),
+    // Issue 7 (mass-expiry guard), beside SPEC §4.
+    ("registry_expiry_guard_active", "gauge"),
     ("process_cpu_seconds_total", "counter"),
     ("process_resident_memory_bytes", "gauge"),
     ("process_virtual_memory_bytes", "gauge"),
@@ -98,34 +100,6 @@ fn encode(s: &str) -> String {
             }
         })
         .collect()
-}
-
-/// GETs `path` from `addr` over HTTP/1.0 (no chunking, the server closes):
-/// the status code and the body.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8(response)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let malformed = || {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("malformed HTTP response: {response:?}"),
-        )
-    };
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(malformed)?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(malformed)?;
-    Ok((status, body.to_owned()))
 }
 
 // ---------------------------------------------------------------------------
@@ -202,14 +176,6 @@ impl Drop for RegistryProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The value of the sample line `series` (name and labels exactly as rendered).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.parse().ok()
-    })
 }
 
 async fn heartbeat(
@@ -666,6 +632,7 @@ fn dashboards_select_only_spec_metrics_and_have_the_shape_operators_rely_on() {
             "RegistryDown",
             "RegistryExpiryLagHigh",
             "RegistryExpirationSurge",
+            "RegistryExpiryGuardActive",
             "RegistryStoreErrors",
             "RegistryWatchersLagging",
             "RegistryHeartbeatRejectionsRising",

@@ -318,6 +318,7 @@ pub async fn register_many(
                         name: name.clone(),
                         address: address(index),
                         labels: labels(index),
+                        owner: None,
                     })
                     .await
                     .expect("registration succeeds");

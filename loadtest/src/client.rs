@@ -5,6 +5,7 @@
 //! same code: any difference in their numbers is the server's.
 
 use anyhow::Context as _;
+use executor_registry::client::ClientTls;
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{
     self, HeartbeatBatchRequest, HeartbeatRequest, HeartbeatResult, RegisterRequest,
@@ -21,11 +22,27 @@ pub type Client = RegistryClient<Channel>;
 /// TCP_NODELAY and no limit on decoded message size (a watch snapshot of a
 /// million executors is about 100 MB).
 pub async fn connect(endpoint: &str, connections: usize) -> anyhow::Result<Vec<Client>> {
+    connect_with(endpoint, connections, None).await
+}
+
+/// [`connect`], over TLS when `tls` is given (the endpoint is then
+/// `https://`).
+pub async fn connect_with(
+    endpoint: &str,
+    connections: usize,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<Vec<Client>> {
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections.max(1) {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
+        let mut target = Endpoint::from_shared(endpoint.to_owned())
             .with_context(|| format!("invalid endpoint {endpoint:?}"))?
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            target = target
+                .tls_config(tls.tonic_config())
+                .context("TLS settings")?;
+        }
+        let channel = target
             .connect()
             .await
             .with_context(|| format!("cannot connect to {endpoint}"))?;

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 
 use crate::Mode;
 use crate::stats::{Latency, Tally, median};
-use crate::throughput::{self, Load, ThroughputReport};
+use crate::throughput::{self, Load, Pool, ThroughputReport};
 
 /// Goal: unary and stream heartbeats at this fraction of the echo's rate.
 pub const RATIO_GOAL: f64 = 0.9;
@@ -109,42 +109,18 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
     )
     .await
     .context("preparing the registry")?;
-    let mut modes = Vec::new();
-    for &mode in &config.modes {
-        let load = Load {
-            mode,
-            ..config.load.clone()
-        };
-        let mut echo_runs: Vec<ThroughputReport> = Vec::new();
-        let mut registry_runs: Vec<ThroughputReport> = Vec::new();
-        for round in 0..config.rounds.max(1) {
-            let order = if round % 2 == 0 {
-                [(&echo, true), (&registry, false)]
-            } else {
-                [(&registry, false), (&echo, true)]
-            };
-            for (pool, is_echo) in order {
-                let report = throughput::measure(pool, &load).await;
-                if config.progress {
-                    eprintln!(
-                        "compare {mode:>6} round {} {:>8}: {:>12.0} heartbeats/s  p50 {} µs  p99 {} µs  errors {}",
-                        round + 1,
-                        if is_echo { "echo" } else { "registry" },
-                        report.heartbeats_per_s,
-                        report.latency.p50_us,
-                        report.latency.p99_us,
-                        report.errors.total()
-                    );
-                }
-                if is_echo {
-                    echo_runs.push(report);
-                } else {
-                    registry_runs.push(report);
-                }
-            }
-        }
-        modes.push(summarise(mode, &echo_runs, &registry_runs));
-    }
+    let runs = alternate(
+        [("echo", &echo), ("registry", &registry)],
+        &config.modes,
+        &config.load,
+        config.rounds,
+        config.progress,
+    )
+    .await;
+    let modes = runs
+        .into_iter()
+        .map(|(mode, [echo_runs, registry_runs])| summarise(mode, &echo_runs, &registry_runs))
+        .collect();
     Ok(CompareReport {
         connections: config.connections,
         load: config.load.clone(),
@@ -153,36 +129,100 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
     })
 }
 
+/// Measures both pools `rounds` times per mode, alternating which goes
+/// first each round (drift from other work falls on both); per mode, the
+/// runs of each pool in round order.
+pub async fn alternate(
+    pools: [(&str, &Pool); 2],
+    modes: &[Mode],
+    load: &Load,
+    rounds: usize,
+    progress: bool,
+) -> Vec<(Mode, [Vec<ThroughputReport>; 2])> {
+    let mut out = Vec::new();
+    for &mode in modes {
+        let load = Load {
+            mode,
+            ..load.clone()
+        };
+        let mut runs: [Vec<ThroughputReport>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds.max(1) {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let (name, pool) = pools[i];
+                let report = throughput::measure(pool, &load).await;
+                if progress {
+                    eprintln!(
+                        "compare {mode:>6} round {} {name:>9}: {:>12.0} heartbeats/s  p50 {} µs  p99 {} µs  errors {}",
+                        round + 1,
+                        report.heartbeats_per_s,
+                        report.latency.p50_us,
+                        report.latency.p99_us,
+                        report.errors.total()
+                    );
+                }
+                runs[i].push(report);
+            }
+        }
+        out.push((mode, runs));
+    }
+    out
+}
+
+/// The runs of one target, summarised.
+#[derive(Debug, Clone)]
+pub struct Side {
+    /// Heartbeats/s, per round.
+    pub per_s: Vec<f64>,
+    /// Median of `per_s`.
+    pub median: f64,
+    /// Latency of the median round.
+    pub latency: Latency,
+    /// Errors over all rounds.
+    pub errors: Tally,
+}
+
+impl Side {
+    /// Summarises `runs`.
+    pub fn of(runs: &[ThroughputReport]) -> Self {
+        let per_s: Vec<f64> = runs.iter().map(|r| r.heartbeats_per_s).collect();
+        let mut errors = Tally::default();
+        for r in runs {
+            errors.merge(&r.errors);
+        }
+        Self {
+            median: median(&per_s),
+            latency: median_latency(runs),
+            per_s,
+            errors,
+        }
+    }
+
+    /// `self ÷ baseline`: the ratio of the medians, and the median of the
+    /// per-round ratios (0 where the baseline did nothing).
+    pub fn ratios(&self, baseline: &Side) -> (f64, f64) {
+        let ratio = |t: f64, b: f64| if b > 0.0 { t / b } else { 0.0 };
+        let paired: Vec<f64> = self
+            .per_s
+            .iter()
+            .zip(&baseline.per_s)
+            .map(|(t, b)| ratio(*t, *b))
+            .collect();
+        (ratio(self.median, baseline.median), median(&paired))
+    }
+}
+
 fn summarise(
     mode: Mode,
     echo: &[ThroughputReport],
     registry: &[ThroughputReport],
 ) -> ModeComparison {
-    let rate =
-        |runs: &[ThroughputReport]| runs.iter().map(|r| r.heartbeats_per_s).collect::<Vec<_>>();
-    let (echo_per_s, registry_per_s) = (rate(echo), rate(registry));
-    let (echo_median, registry_median) = (median(&echo_per_s), median(&registry_per_s));
-    let paired: Vec<f64> = echo_per_s
-        .iter()
-        .zip(&registry_per_s)
-        .map(|(e, r)| if *e > 0.0 { r / e } else { 0.0 })
-        .collect();
-    let ratio = if echo_median > 0.0 {
-        registry_median / echo_median
-    } else {
-        0.0
-    };
-    let errors = |runs: &[ThroughputReport]| {
-        let mut t = Tally::default();
-        for r in runs {
-            t.merge(&r.errors);
-        }
-        t
-    };
+    let (echo, registry) = (Side::of(echo), Side::of(registry));
+    let (ratio, paired_ratio_median) = registry.ratios(&echo);
     let (goal, goal_met) = match mode {
         Mode::Batch => (
             format!("≥ {BATCH_GOAL:.0} executors/s"),
-            registry_median >= BATCH_GOAL,
+            registry.median >= BATCH_GOAL,
         ),
         _ => (
             format!("registry ÷ echo ≥ {RATIO_GOAL}"),
@@ -191,15 +231,15 @@ fn summarise(
     };
     ModeComparison {
         mode,
-        echo_latency: median_latency(echo),
-        registry_latency: median_latency(registry),
-        echo_errors: errors(echo),
-        registry_errors: errors(registry),
-        paired_ratio_median: median(&paired),
-        echo_per_s,
-        registry_per_s,
-        echo_median,
-        registry_median,
+        echo_latency: echo.latency,
+        registry_latency: registry.latency,
+        echo_errors: echo.errors,
+        registry_errors: registry.errors,
+        paired_ratio_median,
+        echo_per_s: echo.per_s,
+        registry_per_s: registry.per_s,
+        echo_median: echo.median,
+        registry_median: registry.median,
         ratio,
         goal,
         goal_met,
@@ -207,7 +247,7 @@ fn summarise(
 }
 
 /// The latency of the run whose throughput is the median.
-fn median_latency(runs: &[ThroughputReport]) -> Latency {
+pub fn median_latency(runs: &[ThroughputReport]) -> Latency {
     let mut sorted: Vec<&ThroughputReport> = runs.iter().collect();
     sorted.sort_by(|a, b| a.heartbeats_per_s.total_cmp(&b.heartbeats_per_s));
     sorted

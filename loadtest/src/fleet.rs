@@ -119,6 +119,8 @@ pub struct FleetConfig {
     pub progress: bool,
     /// Period of progress lines.
     pub progress_every: Duration,
+    /// TLS to the registry (the endpoint is then `https://`).
+    pub tls: Option<executor_registry::client::ClientTls>,
 }
 
 impl FleetConfig {
@@ -138,6 +140,7 @@ impl FleetConfig {
             batch_size: 1_000,
             progress: false,
             progress_every: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -972,8 +975,9 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         (0.0..=1.0).contains(&config.kill_fraction),
         "--kill-fraction must be within [0, 1]"
     );
-    let clients = client::connect(&config.endpoint, config.connections).await?;
-    let watch_client = client::connect(&config.endpoint, 1)
+    let clients =
+        client::connect_with(&config.endpoint, config.connections, config.tls.as_ref()).await?;
+    let watch_client = client::connect_with(&config.endpoint, 1, config.tls.as_ref())
         .await?
         .pop()
         .context("one watch connection")?;

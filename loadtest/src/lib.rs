@@ -11,6 +11,9 @@
 //!   batch) against any `registry.v1.Registry` endpoint; [`compare`] runs it
 //!   against the registry and the [`echo`] service in one invocation and
 //!   reports the ratio.
+//! - [`tls_compare`] — the registry over TLS (mutual by default) against
+//!   the same binary in plaintext, in one invocation: the cost of TLS as a
+//!   ratio.
 //! - [`echo`] — a trivial `registry.v1.Registry` that answers at once: the
 //!   bare transport's cost, driven by exactly the same client code.
 //!
@@ -33,6 +36,7 @@ pub mod prom;
 pub mod report;
 pub mod stats;
 pub mod throughput;
+pub mod tls_compare;
 pub mod wheel;
 
 use serde::Serialize;

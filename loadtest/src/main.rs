@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use loadtest::compare::{self, CompareConfig};
 use loadtest::fleet::{self, FleetConfig};
 use loadtest::throughput::{self, Load};
+use loadtest::tls_compare::{self, TlsCompareConfig};
 use loadtest::{Mode, echo, report};
 
 /// Load tests for executor-registry. Without a subcommand: the fleet
@@ -40,12 +41,46 @@ enum Command {
     Throughput(ThroughputArgs),
     /// Registry ÷ echo throughput for each mode, in one run.
     Compare(CompareArgs),
+    /// Registry over TLS ÷ the same registry in plaintext, in one run (starts
+    /// both, with certificates made on the spot).
+    TlsCompare(TlsCompareArgs),
     /// Serve the trivial echo `registry.v1.Registry` (the transport baseline).
     EchoServer(EchoServerArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
+}
+
+/// TLS to the registry (use an https:// endpoint).
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// CA certificate (PEM) the registry's certificate must chain to; turns
+    /// on TLS.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for mutual TLS.
+    #[arg(long, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    fn client_tls(&self) -> anyhow::Result<Option<executor_registry::client::ClientTls>> {
+        match &self.ca {
+            None if self.cert.is_some() => anyhow::bail!("--cert and --key need --ca"),
+            None => Ok(None),
+            Some(ca) => executor_registry::client::ClientTls::from_files(
+                ca,
+                self.cert.as_deref(),
+                self.key.as_deref(),
+            )
+            .map(Some)
+            .map_err(anyhow::Error::msg),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +126,8 @@ struct FleetArgs {
     /// Print one JSON document on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -146,6 +183,8 @@ struct ThroughputArgs {
     echo_endpoint: Option<String>,
     #[command(flatten)]
     load: LoadArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +204,29 @@ struct CompareArgs {
     )]
     modes: Vec<Mode>,
     /// Measurements per target and mode (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+#[derive(Debug, Args)]
+struct TlsCompareArgs {
+    /// The `executor-registry` binary [default: next to this one].
+    #[arg(long)]
+    registry_bin: Option<std::path::PathBuf>,
+    /// Server TLS only (no client certificates) instead of mutual TLS.
+    #[arg(long)]
+    server_only: bool,
+    /// Modes to compare.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "unary,stream,batch"
+    )]
+    modes: Vec<Mode>,
+    /// Measurements per registry and mode (the median is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     #[command(flatten)]
@@ -199,6 +261,7 @@ async fn main() -> ExitCode {
         Some(Command::Fleet(args)) => run_fleet(args).await,
         Some(Command::Throughput(args)) => run_throughput(args).await,
         Some(Command::Compare(args)) => run_compare(args).await,
+        Some(Command::TlsCompare(args)) => run_tls_compare(args).await,
         Some(Command::EchoServer(args)) => run_echo_server(args).await,
     };
     match result {
@@ -229,6 +292,7 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
     config.batch_size = args.batch_size;
     config.progress = true;
     config.progress_every = args.progress_every;
+    config.tls = args.tls.client_tls()?;
     let report = fleet::run(&config).await?;
     if args.json {
         print_json(&report)?;
@@ -262,14 +326,16 @@ async fn run_throughput(args: ThroughputArgs) -> anyhow::Result<ExitCode> {
         Target::Echo => echo_endpoint(args.echo_endpoint).await?,
     };
     let load = args.load.load(args.mode);
-    let report = throughput::run(
+    let tls = args.tls.client_tls()?;
+    let pool = throughput::prepare_with(
         &endpoint,
         args.load.connections,
         args.load.executors,
         args.load.ttl,
-        &load,
+        tls.as_ref(),
     )
     .await?;
+    let report = throughput::measure(&pool, &load).await;
     drop(child);
     if args.load.json {
         print_json(&report)?;
@@ -298,6 +364,33 @@ async fn run_compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         print_json(&report)?;
     } else {
         print!("{}", report::compare(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_tls_compare(args: TlsCompareArgs) -> anyhow::Result<ExitCode> {
+    let registry_bin = match args.registry_bin {
+        Some(bin) => bin,
+        None => std::env::current_exe()
+            .context("cannot find the loadtest executable")?
+            .with_file_name("executor-registry"),
+    };
+    let config = TlsCompareConfig {
+        registry_bin,
+        mutual: !args.server_only,
+        modes: args.modes,
+        connections: args.load.connections,
+        load: args.load.load(Mode::Unary),
+        rounds: args.rounds,
+        executors: args.load.executors,
+        ttl: args.load.ttl,
+        progress: true,
+    };
+    let report = tls_compare::run(&config).await?;
+    if args.load.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report::tls_compare(&report));
     }
     Ok(ExitCode::SUCCESS)
 }

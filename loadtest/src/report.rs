@@ -7,6 +7,7 @@ use crate::compare::CompareReport;
 use crate::fleet::FleetReport;
 use crate::stats::Latency;
 use crate::throughput::ThroughputReport;
+use crate::tls_compare::TlsCompareReport;
 
 /// `1234567.8` → `1,234,568`.
 pub fn thousands(x: f64) -> String {
@@ -243,6 +244,52 @@ pub fn compare(r: &CompareReport) -> String {
                 m.mode,
                 m.echo_errors.summary(),
                 m.registry_errors.summary()
+            );
+        }
+    }
+    out
+}
+
+/// The TLS comparison as a table.
+pub fn tls_compare(r: &TlsCompareReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "tls-compare ({}): {} connections, concurrency {}, stream window {}, batch {}, {} rounds of {:.0} s (medians)",
+        if r.mutual { "mutual TLS" } else { "server TLS" },
+        r.connections,
+        r.load.concurrency,
+        r.load.window,
+        r.load.batch_size,
+        r.rounds,
+        r.load.duration.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "  {:<7} {:>14} {:>14} {:>11} {:>8} {:>10} {:>10}",
+        "mode", "plaintext/s", "tls/s", "tls÷plain", "paired", "plain p99", "tls p99"
+    );
+    for m in &r.modes {
+        let _ = writeln!(
+            out,
+            "  {:<7} {:>14} {:>14} {:>11.3} {:>8.3} {:>7} µs {:>7} µs",
+            m.mode.to_string(),
+            thousands(m.plaintext_median),
+            thousands(m.tls_median),
+            m.ratio,
+            m.paired_ratio_median,
+            thousands(m.plaintext_latency.p99_us as f64),
+            thousands(m.tls_latency.p99_us as f64),
+        );
+    }
+    for m in &r.modes {
+        if m.plaintext_errors.total() + m.tls_errors.total() > 0 {
+            let _ = writeln!(
+                out,
+                "  {} errors: plaintext {}; tls {}",
+                m.mode,
+                m.plaintext_errors.summary(),
+                m.tls_errors.summary()
             );
         }
     }

@@ -51,7 +51,18 @@ pub async fn prepare(
     executors: usize,
     ttl: Duration,
 ) -> anyhow::Result<Pool> {
-    let clients = client::connect(endpoint, connections).await?;
+    prepare_with(endpoint, connections, executors, ttl, None).await
+}
+
+/// [`prepare`], over TLS when `tls` is given.
+pub async fn prepare_with(
+    endpoint: &str,
+    connections: usize,
+    executors: usize,
+    ttl: Duration,
+    tls: Option<&executor_registry::client::ClientTls>,
+) -> anyhow::Result<Pool> {
+    let clients = client::connect_with(endpoint, connections, tls).await?;
     let ttl_ms = ttl.as_millis() as u64;
     let prefix = format!("tp{:08x}x", rand::random::<u32>());
     let mut ids = vec![String::new(); executors.max(1)];

@@ -5,11 +5,14 @@
 //! round-robin position, and the tonic `Endpoint` configuration: connect
 //! timeout, HTTP/2 keepalive (so a dead peer is noticed on a long-lived
 //! heartbeat or watch stream even when nothing is sent), `TCP_NODELAY`, and
-//! the raised decoding limit (snapshots of a large fleet exceed 4 MiB).
+//! the raised decoding limit (snapshots of a large fleet exceed 4 MiB) — and
+//! TLS: the CA the registry's certificate must chain to, the client's own
+//! certificate for mutual TLS, and the admin bearer token.
 
+use std::path::Path;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::ClientError;
 use crate::proto::registry_client::RegistryClient;
@@ -38,6 +41,112 @@ pub struct ChannelOptions {
     pub initial_connection_window_size: Option<u32>,
     /// Largest response message decoded.
     pub max_decoding_message_size: usize,
+    /// TLS to the registry (None: plaintext). Bare `host:port` endpoints
+    /// become `https://host:port`.
+    pub tls: Option<ClientTls>,
+    /// The admin token, sent as `authorization: Bearer <token>` on every
+    /// call (operators only: deregistering others without mutual TLS).
+    pub admin_token: Option<BearerToken>,
+}
+
+/// TLS settings of a client (PEM contents).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct ClientTls {
+    /// CA certificate(s) the registry's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// For mutual TLS: the client's certificate chain and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to verify in the registry's certificate (default: the
+    /// endpoint's host).
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("client_certificate", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Reads `ca` and, for mutual TLS, `cert` and `key` (both or neither);
+    /// the error names the file.
+    pub fn from_files(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> Result<Self, String> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+        };
+        let identity = match (cert, key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((
+                read("the client certificate", cert)?,
+                read("the client key", key)?,
+            )),
+            _ => return Err("a client certificate and its key go together".into()),
+        };
+        Ok(Self {
+            ca_pem: read("the CA certificate", ca)?,
+            identity,
+            domain: None,
+        })
+    }
+
+    /// The tonic configuration these settings make.
+    pub fn tonic_config(&self) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        config
+    }
+}
+
+/// A bearer token; its value never appears in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl BearerToken {
+    /// The token (surrounding whitespace dropped); an error when it is empty
+    /// or not printable ASCII.
+    pub fn new(token: &str) -> Result<Self, String> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err("the admin token is empty".into());
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the admin token must be printable ASCII without spaces".into());
+        }
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "the admin token is not a valid header value".to_owned())?;
+        value.set_sensitive(true);
+        Ok(Self(value))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
+impl ChannelOptions {
+    /// `message` as a request, carrying the admin token if one is set.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(BearerToken(value)) = &self.admin_token {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        request
+    }
 }
 
 impl Default for ChannelOptions {
@@ -50,15 +159,26 @@ impl Default for ChannelOptions {
             initial_stream_window_size: None,
             initial_connection_window_size: None,
             max_decoding_message_size: DEFAULT_MAX_DECODING_MESSAGE_SIZE,
+            tls: None,
+            admin_token: None,
         }
     }
 }
 
 /// `host:port` → `http://host:port`; anything with a scheme is kept.
+#[cfg(test)]
 pub(crate) fn normalize(endpoint: &str) -> String {
+    normalize_for(endpoint, false)
+}
+
+/// `host:port` → `http://host:port`, or `https://` when `tls`; anything
+/// with a scheme is kept.
+pub(crate) fn normalize_for(endpoint: &str, tls: bool) -> String {
     let endpoint = endpoint.trim();
     if endpoint.contains("://") {
         endpoint.to_owned()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
@@ -66,7 +186,7 @@ pub(crate) fn normalize(endpoint: &str) -> String {
 
 /// A configured tonic endpoint for `uri`.
 pub(crate) fn endpoint(uri: &str, options: &ChannelOptions) -> Result<Endpoint, ClientError> {
-    let normalized = normalize(uri);
+    let normalized = normalize_for(uri, options.tls.is_some());
     let endpoint =
         Endpoint::from_shared(normalized.clone()).map_err(|e| ClientError::InvalidEndpoint {
             endpoint: uri.to_owned(),
@@ -78,6 +198,22 @@ pub(crate) fn endpoint(uri: &str, options: &ChannelOptions) -> Result<Endpoint, 
             reason: "no host".into(),
         });
     }
+    let endpoint =
+        match (&options.tls, endpoint.uri().scheme_str()) {
+            (None, _) => endpoint,
+            (Some(tls), Some("https")) => endpoint.tls_config(tls.tonic_config()).map_err(|e| {
+                ClientError::InvalidEndpoint {
+                    endpoint: uri.to_owned(),
+                    reason: describe_transport_error(&e),
+                }
+            })?,
+            (Some(_), _) => {
+                return Err(ClientError::InvalidEndpoint {
+                    endpoint: uri.to_owned(),
+                    reason: "TLS settings are given: use https:// (or a bare host:port)".into(),
+                });
+            }
+        };
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
@@ -107,7 +243,7 @@ impl Endpoints {
             .into_iter()
             .map(|uri| {
                 let uri = uri.as_ref();
-                endpoint(uri, options).map(|e| (normalize(uri), e))
+                endpoint(uri, options).map(|e| (normalize_for(uri, options.tls.is_some()), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if list.is_empty() {
@@ -200,6 +336,44 @@ mod tests {
             matches!(&err, ClientError::InvalidEndpoint { endpoint, .. } if endpoint == "http://exa mple:1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_settings_make_bare_endpoints_https_and_refuse_http() {
+        let options = ChannelOptions {
+            tls: Some(ClientTls::default()),
+            ..ChannelOptions::default()
+        };
+        let endpoints = Endpoints::new(["a:1"], &options).unwrap();
+        assert_eq!(endpoints.current(), "https://a:1");
+        let err = Endpoints::new(["http://a:1"], &options).unwrap_err();
+        assert!(err.to_string().contains("https://"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_token_rides_every_request_and_never_prints() {
+        let token = BearerToken::new(" s3cret\n").unwrap();
+        assert!(!format!("{token:?}").contains("s3cret"));
+        let options = ChannelOptions {
+            admin_token: Some(token),
+            ..ChannelOptions::default()
+        };
+        assert!(!format!("{options:?}").contains("s3cret"));
+        let request = options.request(());
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        assert!(
+            ChannelOptions::default()
+                .request(())
+                .metadata()
+                .get("authorization")
+                .is_none()
+        );
+        assert!(BearerToken::new("  ").is_err());
+        assert!(BearerToken::new("new\nline").is_err());
+        assert!(BearerToken::new("tökén").is_err());
     }
 
     #[test]

@@ -388,7 +388,8 @@ async fn open_watch(endpoints: &Endpoints) -> Result<(proto::Snapshot, WatchStre
             Attempt::Fatal(status)
         }
     };
-    let mut stream = match timeout(limit, client.watch_executors(WatchExecutorsRequest {})).await {
+    let request = endpoints.options().request(WatchExecutorsRequest {});
+    let mut stream = match timeout(limit, client.watch_executors(request)).await {
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => return Err(classify(status)),
         Err(_) => {

@@ -319,7 +319,8 @@ async fn register_once(
         None => endpoints.connect().await.map_err(Attempt::Retry)?,
     };
     let limit = endpoints.options().request_timeout;
-    match timeout(limit, c.register(request.clone())).await {
+    let call = c.register(endpoints.options().request(request.clone()));
+    match timeout(limit, call).await {
         Err(_) => Err(Attempt::Retry(format!(
             "{}: no answer to Register within {limit:?}",
             endpoints.current()
@@ -409,7 +410,7 @@ async fn deregister(
                 let request = DeregisterRequest {
                     executor_id: id.to_owned(),
                 };
-                match c.deregister(request).await {
+                match c.deregister(endpoints.options().request(request)).await {
                     Ok(_) => return Ok(()),
                     Err(status) if status.code() == Code::NotFound => {
                         tracing::debug!(%id, "already gone at deregistration");
@@ -546,7 +547,8 @@ impl Heartbeater {
         };
         let (requests, rx) = mpsc::channel(1);
         let limit = self.endpoints.options().request_timeout;
-        match timeout(limit, client.heartbeat_stream(ReceiverStream::new(rx))).await {
+        let request = self.endpoints.options().request(ReceiverStream::new(rx));
+        match timeout(limit, client.heartbeat_stream(request)).await {
             Ok(Ok(response)) => {
                 self.client = Some(client);
                 Ok((requests, response.into_inner()))

@@ -50,7 +50,8 @@ use std::time::Duration;
 
 pub use backoff::Backoff;
 pub use endpoints::{
-    ChannelOptions, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE, describe_transport_error,
+    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
+    describe_transport_error,
 };
 pub use fleet::{Fleet, FleetChange, FleetView, FleetViewOptions, Member, OfflineReason};
 pub use membership::{Membership, MembershipOptions, MembershipState};

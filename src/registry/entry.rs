@@ -153,6 +153,8 @@ pub struct Entry {
     name_len: usize,
     labels: Labels,
     registered_unix_ms: u64,
+    /// The identity that registered it (None: unowned).
+    owner: Option<Arc<str>>,
     state: AtomicU64,
     ttl_ms: AtomicU64,
     /// Deadline (ms) at which the membership loop's queue holds this entry.
@@ -187,10 +189,23 @@ impl Entry {
             name_len,
             labels,
             registered_unix_ms,
+            owner: None,
             state: AtomicU64::new(State::new(Status::Initing, deadline_ms).bits()),
             ttl_ms: AtomicU64::new(ttl_ms),
             armed_ms: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// The same entry, owned by `owner` (see [`super::access`]).
+    pub fn with_owner(mut self, owner: Option<Arc<str>>) -> Self {
+        self.owner = owner;
+        self
+    }
+
+    /// The identity that registered it; None when registered without client
+    /// authentication.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
     }
 
     /// The executor's id.

@@ -26,6 +26,13 @@ pub enum RegistryError {
     /// A limit was reached.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// The mass-expiry guard is not configured.
+    #[error("the expiry guard is off: start the registry with --expiry-guard-fraction to use it")]
+    ExpiryGuardOff,
+    /// The caller may not act on this executor: another identity registered
+    /// it (the owner is not named).
+    #[error("permission denied: executor {0:?} was registered by another identity")]
+    PermissionDenied(String),
     /// The registry is stopping and takes no more membership changes.
     #[error("registry is shutting down")]
     ShuttingDown,
@@ -38,5 +45,10 @@ impl RegistryError {
             field,
             reason: reason.into(),
         }
+    }
+
+    /// Shorthand for [`RegistryError::PermissionDenied`].
+    pub fn not_owner(id: &str) -> Self {
+        Self::PermissionDenied(id.chars().take(256).collect())
     }
 }

@@ -42,6 +42,11 @@
 //! snapshots and maps of a large fleet are dropped on a blocking thread too,
 //! not on the loop. Revisions and events are unaffected: one pass is still
 //! one turn.
+//! Mass-expiry guard (when configured): executors whose deadline passed are
+//! collected for the whole pass and [`ExpiryGuard`] decides whether they
+//! expire now or are held; held ones are reviewed on every housekeeping
+//! tick (revived ones go back to the queue, released ones expire in one
+//! pass). See [`super::guard`] for the rule.
 //!
 //! Must not touch: I/O (the store runs on its own thread), gRPC types.
 
@@ -64,6 +69,7 @@ use tokio_util::time::DelayQueue;
 use super::clock::{Clock, unix_now_ms};
 use super::entry::{Entry, ExecutorId, Expiry, Status};
 use super::error::RegistryError;
+use super::guard::{ExpiryGuard, ExpiryGuardStatus, Held, Pass};
 use super::labels::Labels;
 use super::observer::{Observer, RegistrationResult};
 use super::snapshot::Snapshot;
@@ -123,6 +129,8 @@ pub(crate) struct Shared {
     pub observer: Arc<dyn Observer>,
     /// Entries whose deadline a heartbeat moved below their queued time.
     pub rearm: mpsc::UnboundedSender<Arc<Entry>>,
+    /// The mass-expiry guard's state, published by the loop.
+    pub guard: ArcSwap<ExpiryGuardStatus>,
 }
 
 impl Shared {
@@ -159,6 +167,8 @@ pub(crate) enum Command {
         id: String,
         reply: oneshot::Sender<Result<(), RegistryError>>,
     },
+    /// Operator release of the mass-expiry guard: the number expired.
+    ReleaseGuard { reply: oneshot::Sender<u64> },
 }
 
 struct PendingRegistration {
@@ -226,6 +236,12 @@ struct Changes {
     lags: Vec<Duration>,
     /// Executors whose deadline was moved because of a stall.
     compensated: u64,
+    /// Past their deadline, for the guard to decide on (guard on only).
+    due: Vec<Arc<Entry>>,
+    /// Executors the guard had held that expired in this turn.
+    released: u64,
+    /// Operator releases, answered after the turn is published.
+    guard_releases: Vec<(oneshot::Sender<u64>, u64)>,
 }
 
 /// The ordered member map behind snapshots.
@@ -273,6 +289,8 @@ pub(crate) struct MembershipLoop {
     /// Recent stalls `(start, end)`: deadlines in `(start, end + grace]` are
     /// compensated rather than expired.
     stalls: VecDeque<(u64, u64)>,
+    /// The mass-expiry guard, when configured.
+    guard: Option<ExpiryGuard<Arc<Entry>>>,
     store: StoreWorker,
     housekeeping: Interval,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -290,7 +308,7 @@ impl MembershipLoop {
         let mut housekeeping = tokio::time::interval(TICK);
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut this = Self {
-            shared,
+            shared: shared.clone(),
             commands,
             rearm,
             queue: DelayQueue::new(),
@@ -309,6 +327,7 @@ impl MembershipLoop {
             retry_deletes_at_ms: 0,
             last_turn_ms: 0,
             stalls: VecDeque::new(),
+            guard: shared.config.expiry_guard.map(ExpiryGuard::new),
             store,
             housekeeping,
             stop: Box::pin(stop.cancelled_owned()),
@@ -331,15 +350,18 @@ impl MembershipLoop {
                 }
             };
             let id = ExecutorId::new(&row.id);
-            let entry = Arc::new(Entry::new(
-                id.clone(),
-                row.name.into(),
-                row.address.into(),
-                labels,
-                row.registered_unix_ms,
-                ttl,
-                now + ttl,
-            ));
+            let entry = Arc::new(
+                Entry::new(
+                    id.clone(),
+                    row.name.into(),
+                    row.address.into(),
+                    labels,
+                    row.registered_unix_ms,
+                    ttl,
+                    now + ttl,
+                )
+                .with_owner(row.owner.map(Arc::from)),
+            );
             self.insert_live(entry);
         }
         self.publish();
@@ -431,6 +453,7 @@ impl MembershipLoop {
         for (entry, armed) in turn.expired {
             self.expire_or_rearm(entry, armed, now, &mut changes);
         }
+        self.guard_turn(now, turn.housekeeping, &mut changes);
         for entry in turn.rearm {
             let deadline = entry.state().deadline_ms();
             if entry.status() != Status::Tombstone && deadline < entry.armed_ms() {
@@ -475,6 +498,16 @@ impl MembershipLoop {
                         }
                     }
                 }
+                Command::ReleaseGuard { reply } => {
+                    let released = self.guard.as_mut().map(|g| g.release(now));
+                    let before = changes.released;
+                    for entry in released.into_iter().flatten() {
+                        self.expire(entry, now, true, &mut changes);
+                    }
+                    // Answered once the turn is published.
+                    let count = changes.released - before;
+                    changes.guard_releases.push((reply, count));
+                }
             }
         }
         if turn.unlink {
@@ -483,7 +516,12 @@ impl MembershipLoop {
         if turn.housekeeping {
             self.forget_tombstones(now);
         }
+        let guard_releases = std::mem::take(&mut changes.guard_releases);
         self.finish_turn(changes);
+        self.publish_guard();
+        for (reply, released) in guard_releases {
+            let _ = reply.send(released);
+        }
         self.defer_removals = false;
         self.start_purge();
     }
@@ -579,16 +617,20 @@ impl MembershipLoop {
                         name,
                         address,
                         labels,
+                        owner,
                     } = pending.registration;
-                    let entry = Arc::new(Entry::new(
-                        pending.id,
-                        name.into(),
-                        address.into(),
-                        labels,
-                        pending.registered_unix_ms,
-                        ttl,
-                        now + ttl,
-                    ));
+                    let entry = Arc::new(
+                        Entry::new(
+                            pending.id,
+                            name.into(),
+                            address.into(),
+                            labels,
+                            pending.registered_unix_ms,
+                            ttl,
+                            now + ttl,
+                        )
+                        .with_owner(owner),
+                    );
                     self.insert_live(entry.clone());
                     let revision = self.next_revision();
                     changes.events.push(Event {
@@ -633,13 +675,30 @@ impl MembershipLoop {
             self.arm(entry, deadline);
             return;
         }
+        if self.guard.is_some() && state.status() != Status::Tombstone && state.deadline_ms() <= now
+        {
+            // The guard decides for the whole pass (`guard_turn`).
+            changes.due.push(entry);
+            return;
+        }
+        self.expire(entry, now, false, changes);
+    }
+
+    /// Tombstones `entry` if its deadline passed (else queues it again) and
+    /// records the OFFLINE event. `held`: the guard held it, so the time
+    /// since its deadline is the hold, not expiry lag.
+    fn expire(&mut self, entry: Arc<Entry>, now: u64, held: bool, changes: &mut Changes) {
         match entry.try_expire(now) {
             Expiry::Alive { deadline_ms } => self.arm(entry, deadline_ms),
             Expiry::Expired { deadline_ms, was } => {
                 self.shared.count_leaving(was);
-                changes
-                    .lags
-                    .push(Duration::from_millis(now.saturating_sub(deadline_ms)));
+                if held {
+                    changes.released += 1;
+                } else {
+                    changes
+                        .lags
+                        .push(Duration::from_millis(now.saturating_sub(deadline_ms)));
+                }
                 self.remove_live(&entry, now);
                 let revision = self.next_revision();
                 changes.events.push(Event {
@@ -775,6 +834,63 @@ impl MembershipLoop {
         }
     }
 
+    /// The guard's part of a turn: the pass's due executors expire or are
+    /// held; on housekeeping ticks the held ones are reviewed (revived ones
+    /// queued again, released ones expired, in this one pass).
+    fn guard_turn(&mut self, now: u64, review: bool, changes: &mut Changes) {
+        let Some(guard) = self.guard.as_mut() else {
+            return;
+        };
+        let live = self.live as u64;
+        let due: Vec<_> = changes
+            .due
+            .drain(..)
+            .map(|e| (e.clone(), e.ttl_ms()))
+            .collect();
+        let expire = match guard.pass(due, live, now) {
+            Pass::Expire(entries) => entries,
+            Pass::Held => Vec::new(),
+        };
+        let review = if review {
+            guard.review(live, now, |entry| Held::of(entry, now))
+        } else {
+            Default::default()
+        };
+        for entry in expire {
+            self.expire(entry, now, false, changes);
+        }
+        for entry in review.revived {
+            let deadline = entry.state().deadline_ms();
+            self.arm(entry, deadline);
+        }
+        if review.released.len() >= BULK_REMOVALS {
+            self.defer_removals = true;
+        }
+        for entry in review.released {
+            self.expire(entry, now, true, changes);
+        }
+    }
+
+    /// Publishes the guard's state when it changed; the observer hears of
+    /// every change of whether it holds.
+    fn publish_guard(&mut self) {
+        let Some(guard) = &self.guard else {
+            return;
+        };
+        let status = guard.status(|ms| self.shared.clock.unix_ms(ms));
+        let published = self.shared.guard.load();
+        if **published == status {
+            return;
+        }
+        if published.active != status.active || published.held != status.held {
+            self.shared
+                .observer
+                .expiry_guard(status.active, status.held);
+        }
+        drop(published);
+        self.shared.guard.store(Arc::new(status));
+    }
+
     fn next_revision(&mut self) -> u64 {
         self.revision += 1;
         self.revision
@@ -819,6 +935,9 @@ impl MembershipLoop {
         }
         let observer = &self.shared.observer;
         observer.events(online, changes.events.len() as u64 - online);
+        if changes.released > 0 {
+            observer.released(changes.released);
+        }
         if !changes.lags.is_empty() {
             observer.expired(&changes.lags);
             let max = changes.lags.iter().max().copied().unwrap_or_default();
@@ -891,6 +1010,7 @@ impl MembershipLoop {
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
                         .collect(),
                     registered_unix_ms: p.registered_unix_ms,
+                    owner: p.registration.owner.as_deref().map(str::to_owned),
                 })
                 .collect(),
             deletes: deletes.iter().map(|id| id.as_str().to_owned()).collect(),
@@ -916,6 +1036,8 @@ impl MembershipLoop {
                 Command::Deregister { reply, .. } => {
                     let _ = reply.send(Err(RegistryError::ShuttingDown));
                 }
+                // Dropped unanswered: the caller sees the registry stopping.
+                Command::ReleaseGuard { .. } => {}
             }
         }
         for pending in std::mem::take(&mut self.pending_registrations) {

@@ -4,14 +4,17 @@
 //! schedulers) call. Heartbeats are served here directly, on the live table's
 //! atomics, and never leave it; registrations and deregistrations go to the
 //! single membership writer ([`membership`]); reads come from the current
-//! [`Snapshot`].
+//! [`Snapshot`]. The opt-in mass-expiry guard's rule is in `guard.rs`; the
+//! writer applies it.
 //!
 //! Must not touch: gRPC, SQL, Prometheus. Time comes from tokio's clock, so
 //! tests can pause it.
 
+mod access;
 mod clock;
 mod entry;
 mod error;
+mod guard;
 mod labels;
 mod membership;
 mod observer;
@@ -28,9 +31,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use access::{Action, Caller, allowed};
 pub use clock::Clock;
 pub use entry::{Beat, Entry, ExecutorId, Expiry, State, Status};
 pub use error::RegistryError;
+pub use guard::{ExpiryGuardConfig, ExpiryGuardStatus};
 pub use labels::{Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part};
 pub use observer::{HeartbeatResult, NoopObserver, Observer, RegistrationResult};
 pub use snapshot::Snapshot;
@@ -49,6 +54,8 @@ pub const MAX_ADDRESS_LEN: usize = 255;
 /// heartbeat on two cores share a few lock words with the other core and with
 /// the loop's removals; 128 shards cost ~10 KiB and spread both.
 const LIVE_SHARDS: usize = 128;
+/// Longest owner identity, in bytes.
+pub const MAX_OWNER_LEN: usize = 1024;
 /// Capacity of the command channel to the membership loop.
 const COMMAND_QUEUE: usize = 65_536;
 
@@ -77,6 +84,9 @@ pub struct RegistryConfig {
     /// Most executors live (and being registered) at once; registrations
     /// beyond it are refused with `ResourceExhausted`.
     pub max_executors: usize,
+    /// The mass-expiry guard (None: off, the default); its rule is in
+    /// `registry/guard.rs` and the README.
+    pub expiry_guard: Option<ExpiryGuardConfig>,
 }
 
 impl Default for RegistryConfig {
@@ -91,6 +101,7 @@ impl Default for RegistryConfig {
             watch_buffer: 4096,
             stall_threshold: Duration::from_secs(1),
             max_executors: 2_000_000,
+            expiry_guard: None,
         }
     }
 }
@@ -104,6 +115,10 @@ pub struct Registration {
     pub address: String,
     /// Labels for selectors.
     pub labels: Vec<(String, String)>,
+    /// The identity registering it (see [`Caller::owner`]); None: unowned.
+    /// Only this identity may heartbeat or deregister it (admins may
+    /// deregister it too).
+    pub owner: Option<String>,
 }
 
 /// A registration that passed validation.
@@ -112,6 +127,7 @@ pub(crate) struct ValidRegistration {
     pub name: String,
     pub address: String,
     pub labels: Labels,
+    pub owner: Option<Arc<str>>,
 }
 
 impl Registration {
@@ -120,10 +136,22 @@ impl Registration {
         check_name(&self.name)?;
         check_address(&self.address)?;
         let labels = Labels::new(self.labels)?;
+        if let Some(owner) = &self.owner
+            && (owner.is_empty() || owner.len() > MAX_OWNER_LEN)
+        {
+            return Err(RegistryError::invalid(
+                "owner",
+                format!(
+                    "identity is {} bytes; it must be 1 to {MAX_OWNER_LEN}",
+                    owner.len()
+                ),
+            ));
+        }
         Ok(ValidRegistration {
             name: self.name,
             address: self.address,
             labels,
+            owner: self.owner.map(Arc::from),
         })
     }
 }
@@ -246,6 +274,15 @@ impl Registry {
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (rearm_tx, rearm_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(config.watch_buffer.max(1));
+        let guard = match config.expiry_guard {
+            Some(guard) => ExpiryGuardStatus {
+                enabled: true,
+                fraction: guard.fraction,
+                max_hold: guard.max_hold,
+                ..ExpiryGuardStatus::OFF
+            },
+            None => ExpiryGuardStatus::OFF,
+        };
         let shared = Arc::new(Shared {
             config,
             clock: Clock::start(),
@@ -258,6 +295,7 @@ impl Registry {
             live_count: Default::default(),
             observer,
             rearm: rearm_tx,
+            guard: ArcSwap::from_pointee(guard),
         });
         let stop = CancellationToken::new();
         let membership = MembershipLoop::new(
@@ -313,7 +351,18 @@ impl Registry {
     /// Renews an executor's lease. `ttl_ms` = 0 keeps its current TTL.
     /// Returns the suggested heartbeat interval. Never leaves the live table.
     pub fn heartbeat(&self, id: &str, ttl_ms: u64) -> Result<Duration, RegistryError> {
-        let result = self.heartbeat_inner(id, ttl_ms);
+        self.heartbeat_as(id, ttl_ms, &Caller::Trusted)
+    }
+
+    /// [`heartbeat`](Self::heartbeat) on behalf of `caller`: refused with
+    /// [`RegistryError::PermissionDenied`] unless [`allowed`].
+    pub fn heartbeat_as(
+        &self,
+        id: &str,
+        ttl_ms: u64,
+        caller: &Caller,
+    ) -> Result<Duration, RegistryError> {
+        let result = self.heartbeat_inner(id, ttl_ms, caller);
         let observed = match &result {
             Ok(_) => HeartbeatResult::Ok,
             Err(RegistryError::NotFound(_)) => HeartbeatResult::Unknown,
@@ -324,7 +373,7 @@ impl Registry {
         result.map(|()| self.suggested_interval())
     }
 
-    fn heartbeat_inner(&self, id: &str, ttl_ms: u64) -> Result<(), RegistryError> {
+    fn heartbeat_inner(&self, id: &str, ttl_ms: u64, caller: &Caller) -> Result<(), RegistryError> {
         let ttl = self.check_ttl(ttl_ms)?;
         if id.is_empty() {
             return Err(RegistryError::invalid("executor_id", "is required"));
@@ -337,6 +386,14 @@ impl Registry {
                 RegistryError::NotFound(id.to_owned())
             });
         };
+        if entry.status() == Status::Tombstone {
+            // Expired in a mass pass and not yet moved to the tombstone set:
+            // the same answer as from the set, for any caller.
+            return Err(RegistryError::Tombstone(id.to_owned()));
+        }
+        if !allowed(caller, entry.owner(), Action::Heartbeat) {
+            return Err(RegistryError::not_owner(id));
+        }
         match entry.heartbeat(shared.clock.now_ms(), ttl) {
             Beat::Renewed {
                 deadline_ms,
@@ -375,11 +432,25 @@ impl Registry {
 
     /// Graceful leave: removed at once, OFFLINE with reason DEREGISTERED.
     pub async fn deregister(&self, id: &str) -> Result<(), RegistryError> {
+        self.deregister_as(id, &Caller::Trusted).await
+    }
+
+    /// [`deregister`](Self::deregister) on behalf of `caller`: refused with
+    /// [`RegistryError::PermissionDenied`] unless [`allowed`].
+    pub async fn deregister_as(&self, id: &str, caller: &Caller) -> Result<(), RegistryError> {
         if id.is_empty() {
             return Err(RegistryError::invalid("executor_id", "is required"));
         }
-        if !self.shared.live.contains_key(id) {
-            return Err(RegistryError::NotFound(id.to_owned()));
+        match self.shared.live.get(id) {
+            None => return Err(RegistryError::NotFound(id.to_owned())),
+            // Tombstoned but not yet moved out of the live table (a mass pass).
+            Some(entry) if entry.status() == Status::Tombstone => {
+                return Err(RegistryError::NotFound(id.to_owned()));
+            }
+            Some(entry) if !allowed(caller, entry.owner(), Action::Deregister) => {
+                return Err(RegistryError::not_owner(id));
+            }
+            Some(_) => {}
         }
         let (reply, answer) = oneshot::channel();
         let command = Command::Deregister {
@@ -392,6 +463,32 @@ impl Registry {
         answer.await.unwrap_or(Err(RegistryError::ShuttingDown))
     }
 
+    /// The mass-expiry guard's state (lock-free; held counts are at most
+    /// one 100 ms review old).
+    pub fn expiry_guard(&self) -> ExpiryGuardStatus {
+        **self.shared.guard.load()
+    }
+
+    /// Operator release of the mass-expiry guard: every executor it holds
+    /// that has not heartbeated since expires now, in one pass (consecutive
+    /// revisions), and the guard judges from the fleet as it is after that.
+    /// Returns how many expired (0 when it held nothing).
+    pub async fn release_expiry_guard(&self) -> Result<u64, RegistryError> {
+        if self.shared.config.expiry_guard.is_none() {
+            return Err(RegistryError::ExpiryGuardOff);
+        }
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::ReleaseGuard { reply })
+            .await
+            .is_err()
+        {
+            return Err(RegistryError::ShuttingDown);
+        }
+        answer.await.map_err(|_| RegistryError::ShuttingDown)
+    }
+
     /// One live executor.
     pub fn get(&self, id: &str) -> Result<Arc<Entry>, RegistryError> {
         if id.is_empty() {
@@ -401,6 +498,12 @@ impl Registry {
             Some(entry) if entry.status() != Status::Tombstone => Ok(entry.value().clone()),
             _ => Err(RegistryError::NotFound(id.to_owned())),
         }
+    }
+
+    /// The observer this registry reports to (adapters report their own
+    /// events, e.g. refused calls, through it too).
+    pub fn observer(&self) -> &Arc<dyn Observer> {
+        &self.shared.observer
     }
 
     /// The current snapshot (lock-free).

@@ -53,8 +53,17 @@ pub trait Observer: Send + Sync + 'static {
     /// The registry itself was stalled for about `duration` (deadlines that
     /// fell in it are compensated).
     fn stalled(&self, _duration: Duration) {}
+    /// The mass-expiry guard started (`active`) or stopped holding
+    /// expirations, or the number it holds changed.
+    fn expiry_guard(&self, _active: bool, _held: u64) {}
+    /// `count` executors the mass-expiry guard had held expired (released).
+    /// They are expirations, but not late ones: no lag is reported for them.
+    fn released(&self, _count: u64) {}
     /// A store operation finished after `elapsed`; `ok` = false on error.
     fn store_operation(&self, _op: &'static str, _elapsed: Duration, _ok: bool) {}
+    /// A connection or call was refused by authentication or authorization;
+    /// `reason` is `handshake`, `unauthenticated`, `not_owner` or `not_admin`.
+    fn auth_denied(&self, _reason: &'static str) {}
 }
 
 /// The observer that observes nothing.

@@ -18,6 +18,9 @@ use tokio::time::{Instant, sleep, sleep_until};
 use super::*;
 use crate::store::{Batch, MembershipStore, MemoryStore, StoredExecutor};
 
+/// The mass-expiry guard (`tests/guard.rs`).
+mod guard;
+
 const MS: Duration = Duration::from_millis(1);
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -79,6 +82,7 @@ fn registration(name: &str, address: &str) -> Registration {
         name: name.into(),
         address: address.into(),
         labels: Vec::new(),
+        owner: None,
     }
 }
 
@@ -90,6 +94,7 @@ fn labelled(name: &str, labels: &[(&str, &str)]) -> Registration {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        owner: None,
     }
 }
 
@@ -802,6 +807,7 @@ async fn invalid_registrations_are_refused_naming_the_field_and_register_nothing
                 name: "w".into(),
                 address: "h:1".into(),
                 labels,
+                owner: None,
             })
             .await;
         assert_invalid(refused, "labels");
@@ -1097,6 +1103,7 @@ fn stored(i: usize) -> StoredExecutor {
             ),
         ],
         registered_unix_ms: 1_600_000_000_000 + i as u64,
+        owner: None,
     }
 }
 
@@ -1243,6 +1250,7 @@ async fn new_ids_skip_stored_tombstoned_and_reserved_ones() {
         address: "10.0.2.1:9000".into(),
         labels: vec![("stored".into(), "yes".into())],
         registered_unix_ms: 1,
+        owner: None,
     };
     let store = store_holding([row(0xa), row(0xb)]);
     let config = RegistryConfig {
@@ -1331,6 +1339,7 @@ async fn a_new_id_skips_a_stored_id_whose_delete_has_not_landed() {
                 address: "10.0.3.1:9000".into(),
                 labels: Vec::new(),
                 registered_unix_ms: 1,
+                owner: None,
             }],
             deletes: Vec::new(),
         })
@@ -1401,4 +1410,77 @@ async fn a_new_id_skips_a_stored_id_whose_delete_has_not_landed() {
         rows_in_file(),
         [(id(&new).to_owned(), "10.0.3.2:9000".to_owned())]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_owner_heartbeats_or_deregisters_and_an_admin_may_deregister() {
+    let store = MemoryStore::new();
+    let (registry, task) = start_on(RegistryConfig::default(), &store);
+    let owned = |owner: &str| Registration {
+        owner: Some(owner.into()),
+        ..registration("w", "10.0.0.1:9000")
+    };
+    let a = still(registry.register(owned("exec-a"))).await.expect("a");
+    let b = still(registry.register(owned("exec-b"))).await.expect("b");
+    assert_eq!(a.owner(), Some("exec-a"));
+    let (a_id, b_id) = (a.id().as_str(), b.id().as_str());
+    let caller_a = Caller::identity("exec-a");
+
+    assert!(registry.heartbeat_as(a_id, 0, &caller_a).is_ok());
+    let denied = RegistryError::PermissionDenied(b_id.to_owned());
+    assert_eq!(
+        registry.heartbeat_as(b_id, 0, &caller_a),
+        Err(denied.clone())
+    );
+    assert_eq!(registry.deregister_as(b_id, &caller_a).await, Err(denied));
+    assert_eq!(
+        b.status(),
+        Status::Initing,
+        "the refused heartbeat changed nothing"
+    );
+    // The message never names the owner.
+    assert!(
+        !RegistryError::not_owner(b_id)
+            .to_string()
+            .contains("exec-b")
+    );
+
+    // Unknown ids stay NOT_FOUND whoever asks (no ownership oracle).
+    assert_eq!(
+        registry.heartbeat_as("nobody-0000000000000000", 0, &caller_a),
+        Err(RegistryError::NotFound("nobody-0000000000000000".into()))
+    );
+    still(registry.deregister_as(b_id, &Caller::admin("ops")))
+        .await
+        .expect("an admin deregisters b");
+    still(registry.deregister_as(a_id, &caller_a))
+        .await
+        .expect("a deregisters itself");
+
+    // The owner survives a restart.
+    let c = still(registry.register(owned("exec-c"))).await.expect("c");
+    let c_id = c.id().as_str().to_owned();
+    task.stop().await;
+    let (again, _task) = start_on(RegistryConfig::default(), &store);
+    assert_eq!(again.get(&c_id).expect("reloaded").owner(), Some("exec-c"));
+    assert!(again.heartbeat_as(&c_id, 0, &caller_a).is_err());
+    assert!(
+        again
+            .heartbeat_as(&c_id, 0, &Caller::identity("exec-c"))
+            .is_ok()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_or_oversized_owner_is_refused_naming_owner() {
+    let (registry, _task, _) = start(RegistryConfig::default());
+    for owner in [String::new(), "x".repeat(MAX_OWNER_LEN + 1)] {
+        let refused = registry
+            .register(Registration {
+                owner: Some(owner),
+                ..registration("w", "10.0.0.1:9000")
+            })
+            .await;
+        assert_invalid(refused, "owner");
+    }
 }

@@ -18,9 +18,10 @@ pub fn to_status(error: RegistryError) -> Status {
     let code = match &error {
         RegistryError::InvalidArgument { .. } => Code::InvalidArgument,
         RegistryError::NotFound(_) => Code::NotFound,
-        RegistryError::Tombstone(_) => Code::FailedPrecondition,
+        RegistryError::Tombstone(_) | RegistryError::ExpiryGuardOff => Code::FailedPrecondition,
         RegistryError::Unavailable(_) | RegistryError::ShuttingDown => Code::Unavailable,
         RegistryError::ResourceExhausted(_) => Code::ResourceExhausted,
+        RegistryError::PermissionDenied(_) => Code::PermissionDenied,
     };
     let mut message = error.to_string();
     if message.len() > MAX_MESSAGE_BYTES {
@@ -71,6 +72,8 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (RegistryError::ShuttingDown, Code::Unavailable),
+            (RegistryError::ExpiryGuardOff, Code::FailedPrecondition),
+            (RegistryError::not_owner("x-1"), Code::PermissionDenied),
         ];
         for (error, code) in cases {
             let message = error.to_string();
@@ -111,6 +114,11 @@ mod tests {
         assert_eq!(
             item(RegistryError::invalid("ttl_ms", "x")),
             HeartbeatStatus::Invalid
+        );
+        assert_eq!(
+            item(RegistryError::not_owner("a")),
+            HeartbeatStatus::Invalid,
+            "another identity's executor is never a silent success"
         );
     }
 }

@@ -1,16 +1,24 @@
 //! The gRPC transport around the core.
 //!
-//! Owns: the tonic server — the `registry.v1.Registry` service, standard
-//! health (`grpc.health.v1.Health`) and reflection — message size limits,
+//! Owns: the tonic server — the `registry.v1.Registry` service, the
+//! operator service `registry.admin.v1.Admin`, standard health
+//! (`grpc.health.v1.Health`) and reflection — message size limits,
 //! and graceful shutdown: health NOT_SERVING, streams ended, in-flight calls
-//! finished, all within a grace period. It holds no membership state.
+//! finished, all within a grace period — and the security around them: TLS
+//! and mutual TLS on the listener ([`tls`]), authentication and admin-only
+//! paths ([`auth`]). It holds no membership state.
 
+mod admin;
+pub mod auth;
 mod convert;
 mod error;
 mod limits;
 mod service;
+pub mod tls;
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -18,11 +26,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+pub use admin::AdminService;
+pub use auth::{ADMIN_PREFIX, AdminToken, Auth};
 pub use error::{to_heartbeat_status, to_status};
 pub use limits::{Admission, Limits};
 pub use service::RegistryService;
 
 use crate::proto;
+use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::registry_server::RegistryServer;
 use crate::registry::Registry;
 
@@ -30,6 +41,9 @@ use crate::registry::Registry;
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Fully qualified service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "registry.v1.Registry";
+/// Fully qualified name of the operator service; every method path under
+/// `/registry.admin.v1.Admin/` is for admins.
+pub const ADMIN_SERVICE_NAME: &str = "registry.admin.v1.Admin";
 
 /// Accepted connections, with Nagle's algorithm off: heartbeats are small
 /// messages that must not wait for a delayed ACK. (tonic's own `tcp_nodelay`
@@ -74,6 +88,18 @@ impl Default for ServeOptions {
     }
 }
 
+/// Who may connect and what they may do. The default is plaintext with no
+/// authentication (every caller trusted).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// TLS on the listener (with a client verifier for mutual TLS): see
+    /// [`tls::server_config`]. None: plaintext.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// How callers are authenticated. [`Auth::Mutual`] needs `tls` with a
+    /// client verifier.
+    pub auth: Auth,
+}
+
 /// Serves `registry` on `listener` until `shutdown` resolves, then drains
 /// for at most `grace`; default limits.
 pub async fn serve(
@@ -97,7 +123,21 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: ServeOptions,
 ) -> Result<Stopped, tonic::transport::Error> {
+    serve_secure(listener, registry, shutdown, options, Security::default()).await
+}
+
+/// [`serve_with`], with `security`: TLS on the listener and authentication
+/// of every call. Refused handshakes and calls are counted through the
+/// registry's observer.
+pub async fn serve_secure(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
+    security: Security,
+) -> Result<Stopped, tonic::transport::Error> {
     let grace = options.grace;
+    let observer = registry.observer().clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -116,6 +156,8 @@ pub async fn serve_with(
 
     let streams_stop = CancellationToken::new();
     let admission = Admission::new(options.limits);
+    let admin = AdminServer::new(AdminService::new(registry.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let service = RegistryServer::new(RegistryService::new(
         registry,
         streams_stop.clone(),
@@ -141,15 +183,22 @@ pub async fn serve_with(
         }
     };
 
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(auth::AuthLayer::new(security.auth, observer.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), signal);
-    tokio::pin!(server);
+        .add_service(admin);
+    type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+    let mut server: Serving = match security.tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
+        Some(config) => Box::pin(
+            router.serve_with_incoming_shutdown(tls::incoming(listener, config, observer), signal),
+        ),
+    };
     tokio::select! {
         result = &mut server => result.map(|()| Stopped::Drained),
         () = streams_stop.cancelled() => {

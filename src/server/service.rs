@@ -2,8 +2,9 @@
 //!
 //! Owns: request validation at the wire level (sizes, enums), conversion,
 //! and the per-call stream plumbing. Each handler validates, converts, calls
-//! the core, and maps errors through [`super::error`] — nothing else. The
-//! service holds no membership state of its own.
+//! the core on behalf of the caller the auth layer recorded
+//! ([`super::auth`]), and maps errors through [`super::error`] — nothing
+//! else. The service holds no membership state of its own.
 
 use std::pin::Pin;
 
@@ -11,12 +12,15 @@ use futures_util::{Stream, StreamExt, stream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::authenticated;
 use super::convert;
 use super::error::{to_heartbeat_status, to_status};
 use super::limits::Admission;
 use crate::proto;
 use crate::proto::registry_server::Registry as RegistryRpc;
-use crate::registry::{MAX_BATCH, Registration, Registry, RegistryError, Watch, WatchError};
+use crate::registry::{
+    Caller, MAX_BATCH, Registration, Registry, RegistryError, Watch, WatchError,
+};
 
 /// A boxed response stream.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -43,9 +47,24 @@ impl RegistryService {
         }
     }
 
+    /// Counts a refusal of the ownership rule (an executor acting on
+    /// another's registration).
+    fn count_denial<T>(&self, result: &Result<T, RegistryError>) {
+        if let Err(RegistryError::PermissionDenied(_)) = result {
+            self.registry.observer().auth_denied("not_owner");
+        }
+    }
+
     /// One heartbeat's per-item result; the request's id moves into it.
-    fn heartbeat_result(&self, req: proto::HeartbeatRequest) -> proto::HeartbeatResult {
-        let result = self.registry.heartbeat(&req.executor_id, req.ttl_ms);
+    fn heartbeat_result(
+        &self,
+        req: proto::HeartbeatRequest,
+        caller: &Caller,
+    ) -> proto::HeartbeatResult {
+        let result = self
+            .registry
+            .heartbeat_as(&req.executor_id, req.ttl_ms, caller);
+        self.count_denial(&result);
         let status = to_heartbeat_status(&result) as i32;
         let interval = result.unwrap_or_else(|_| self.registry.suggested_interval());
         proto::HeartbeatResult {
@@ -69,11 +88,13 @@ impl RegistryRpc for RegistryService {
         request: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterResponse>, Status> {
         let _permit = self.admission.call()?;
+        let owner = authenticated(&request).caller.owner();
         let req = request.into_inner();
         let registration = Registration {
             name: req.name,
             address: req.address,
             labels: req.labels.into_iter().collect(),
+            owner: owner.as_deref().map(str::to_owned),
         };
         let entry = self
             .registry
@@ -90,11 +111,13 @@ impl RegistryRpc for RegistryService {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let caller = authenticated(&request).heartbeat_caller();
         let req = request.into_inner();
-        let interval = self
+        let result = self
             .registry
-            .heartbeat(&req.executor_id, req.ttl_ms)
-            .map_err(to_status)?;
+            .heartbeat_as(&req.executor_id, req.ttl_ms, &caller);
+        self.count_denial(&result);
+        let interval = result.map_err(to_status)?;
         Ok(Response::new(proto::HeartbeatResponse {
             heartbeat_interval_ms: convert::millis(interval),
         }))
@@ -107,11 +130,12 @@ impl RegistryRpc for RegistryService {
         request: Request<Streaming<proto::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStreamStream>, Status> {
         let this = self.clone();
+        let caller = authenticated(&request).heartbeat_caller();
         let stop = self.streams_stop.clone().cancelled_owned();
         let results = request
             .into_inner()
             .take_until(stop)
-            .map(move |item| item.map(|req| this.heartbeat_result(req)));
+            .map(move |item| item.map(|req| this.heartbeat_result(req, &caller)));
         Ok(Response::new(Box::pin(results)))
     }
 
@@ -119,6 +143,7 @@ impl RegistryRpc for RegistryService {
         &self,
         request: Request<proto::HeartbeatBatchRequest>,
     ) -> Result<Response<proto::HeartbeatBatchResponse>, Status> {
+        let caller = authenticated(&request).heartbeat_caller();
         let req = request.into_inner();
         if req.heartbeats.len() > MAX_BATCH {
             return Err(to_status(RegistryError::invalid(
@@ -132,7 +157,7 @@ impl RegistryRpc for RegistryService {
         let results = req
             .heartbeats
             .into_iter()
-            .map(|hb| self.heartbeat_result(hb))
+            .map(|hb| self.heartbeat_result(hb, &caller))
             .collect();
         Ok(Response::new(proto::HeartbeatBatchResponse { results }))
     }
@@ -142,11 +167,25 @@ impl RegistryRpc for RegistryService {
         request: Request<proto::DeregisterRequest>,
     ) -> Result<Response<proto::DeregisterResponse>, Status> {
         let _permit = self.admission.call()?;
+        let auth = authenticated(&request);
         let req = request.into_inner();
-        self.registry
-            .deregister(&req.executor_id)
-            .await
-            .map_err(to_status)?;
+        let result = self
+            .registry
+            .deregister_as(&req.executor_id, &auth.caller)
+            .await;
+        match result {
+            Err(e @ RegistryError::PermissionDenied(_)) if auth.token_mode => {
+                self.registry.observer().auth_denied("unauthenticated");
+                return Err(Status::unauthenticated(format!(
+                    "{}: deregistering it needs the admin token (`authorization: Bearer <token>`)",
+                    to_status(e).message()
+                )));
+            }
+            result => {
+                self.count_denial(&result);
+                result.map_err(to_status)?;
+            }
+        }
         Ok(Response::new(proto::DeregisterResponse {}))
     }
 

@@ -90,6 +90,7 @@ mod tests {
             address: "127.0.0.1:1".into(),
             labels: vec![("zone".into(), "a".into())],
             registered_unix_ms: 1,
+            owner: Some("team-a".into()),
         }
     }
 

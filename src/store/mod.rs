@@ -32,6 +32,8 @@ pub struct StoredExecutor {
     pub labels: Vec<(String, String)>,
     /// Wall-clock registration time.
     pub registered_unix_ms: u64,
+    /// The identity that registered it (None: unowned).
+    pub owner: Option<String>,
 }
 
 /// One transaction: all of it is durable, or none of it.

@@ -91,16 +91,20 @@ const MIGRATIONS: &[&str] = &[
         SELECT id, name, address, labels, registered_unix_ms FROM executors ORDER BY id;
     DROP TABLE executors;
     ALTER TABLE executors_v2 RENAME TO executors;",
+    // 3: the identity that registered each executor (NULL: unowned, as
+    // every row written by an older binary is).
+    "ALTER TABLE executors ADD COLUMN owner TEXT;",
 ];
 
-const INSERT: &str = "INSERT INTO executors (id, name, address, labels, registered_unix_ms) \
-                      VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT: &str = "INSERT INTO executors (id, name, address, labels, registered_unix_ms, owner) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 /// By row, and only if the row is that id's: a hash collision in the
 /// [`RowIndex`] can never delete another executor.
 const DELETE: &str = "DELETE FROM executors WHERE seq = ?1 AND id = ?2";
 const SELECT_ID: &str = "SELECT id FROM executors WHERE seq = ?1";
 const SELECT_IDS: &str = "SELECT seq, id FROM executors";
-const SELECT_ALL: &str = "SELECT seq, id, name, address, labels, registered_unix_ms FROM executors";
+const SELECT_ALL: &str =
+    "SELECT seq, id, name, address, labels, registered_unix_ms, owner FROM executors";
 
 /// The hash of an id the [`RowIndex`] keys on.
 fn id_hash(id: &str) -> u64 {
@@ -371,7 +375,14 @@ impl SqliteStore {
                     ))
                 })?;
                 insert
-                    .execute(params![row.id, row.name, row.address, labels, registered])
+                    .execute(params![
+                        row.id,
+                        row.name,
+                        row.address,
+                        labels,
+                        registered,
+                        row.owner
+                    ])
                     .map_err(|e| fail(format!("insert {:?}: {}", row.id, explain(&e))))?;
                 added.insert(&row.id, tx.last_insert_rowid());
             }
@@ -449,6 +460,7 @@ impl MembershipStore for SqliteStore {
             let registered: i64 = row.get(5).map_err(|e| bad("registered_unix_ms", &e))?;
             let registered_unix_ms = u64::try_from(registered)
                 .map_err(|_| bad("registered_unix_ms", &format!("{registered} is negative")))?;
+            let owner: Option<String> = row.get(6).map_err(|e| bad("owner", &e))?;
             seqs.push(seq);
             out.push(StoredExecutor {
                 id,
@@ -456,6 +468,7 @@ impl MembershipStore for SqliteStore {
                 address,
                 labels,
                 registered_unix_ms,
+                owner,
             });
         }
         let mut index = RowIndex::default();
@@ -651,6 +664,7 @@ mod tests {
                 ("zone".to_owned(), "eu-west-1a".to_owned()),
             ],
             registered_unix_ms: 1_700_000_000_123,
+            owner: Some(format!("spiffe://fleet/{id}")),
         }
     }
 
@@ -979,7 +993,7 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
     }
 
     #[test]
@@ -1027,7 +1041,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         store.commit(&inserts(&["a"])).unwrap();
         assert_eq!(ids(&mut store), ["a"]);
     }
@@ -1080,6 +1094,54 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_database_opens_with_its_rows_unowned_and_owners_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir);
+        {
+            // What a version-2 binary left: no owner column.
+            let mut conn = Connection::open(&path).unwrap();
+            migrate(&mut conn, &MIGRATIONS[..2]).unwrap();
+            conn.execute(
+                "INSERT INTO executors (id, name, address, labels, registered_unix_ms) \
+                 VALUES ('old', 'n', '10.0.0.1:1', 'zone=a', 7)",
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(
+            (loaded[0].id.as_str(), loaded[0].owner.as_deref()),
+            ("old", None)
+        );
+        let mut unowned = executor("new-unowned");
+        unowned.owner = None;
+        store
+            .commit(&Batch {
+                inserts: vec![executor("new-owned"), unowned],
+                deletes: Vec::new(),
+            })
+            .unwrap();
+        drop(store);
+        let owners: Vec<(String, Option<String>)> = SqliteStore::open(dir.path())
+            .unwrap()
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.owner))
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("new-owned".into(), Some("spiffe://fleet/new-owned".into())),
+                ("new-unowned".into(), None),
+                ("old".into(), None),
+            ]
+        );
+    }
+
+    #[test]
     fn a_version_1_database_is_migrated_to_rows_in_insertion_order_without_an_id_index() {
         let dir = tempfile::tempdir().unwrap();
         let path = db_path(&dir);
@@ -1100,7 +1162,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         let loaded = store.load_all().unwrap();
         assert_eq!(
             loaded
@@ -1514,6 +1576,7 @@ mod disk_full {
             address: "10.0.0.7:9000".into(),
             labels: vec![("zone".into(), "a".into())],
             registered_unix_ms: 1,
+            owner: None,
         };
         let batch = |range: std::ops::Range<usize>| Batch {
             inserts: range.map(row).collect(),

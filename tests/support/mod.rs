@@ -2,6 +2,7 @@
 //! server on `127.0.0.1:0`, and clients connected to it.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -372,4 +373,41 @@ impl MembershipStore for GatedStore {
         self.gate.wait();
         self.inner.commit(batch)
     }
+}
+
+/// GETs `path` from `addr` over HTTP/1.0 (no chunking, the server closes):
+/// the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    use std::io::{Read as _, Write as _};
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8(response)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let malformed = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("malformed HTTP response: {response:?}"),
+        )
+    };
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_owned()))
+}
+
+/// The value of the sample line `series` (name and labels exactly as rendered).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.parse().ok()
+    })
 }

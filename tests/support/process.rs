@@ -13,6 +13,18 @@ use tonic::transport::{Channel, Endpoint};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_executor-registry");
 
+/// Runs `executor-registry ctl --endpoint <endpoint> <args…>` to its end.
+pub async fn ctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(BIN)
+        .arg("ctl")
+        .args(["--endpoint", endpoint])
+        .args(args)
+        .env_remove("EXECUTOR_REGISTRY_ENDPOINT")
+        .output()
+        .await
+        .expect("run ctl")
+}
+
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -96,6 +108,27 @@ impl RegistryProcess {
     /// A client with no decoding limit (snapshots can be large).
     pub async fn client(&self) -> RegistryClient<Channel> {
         RegistryClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+    }
+
+    /// The value of one sample on `/metrics` (e.g. `registry_revision`),
+    /// None if the scrape fails or does not have it.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&self.metrics, Duration::from_secs(5)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: registry\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.lines().find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     /// Sends `signal` (e.g. `-STOP`, `-TERM`) with kill(1).
