@@ -22,11 +22,17 @@
 //! pass is published; reference: the scan that removed them released the
 //! lock), and the latency of heartbeats on the live fleet from 250 ms before
 //! the deadline until 750 ms after it (or 50 ms after the last removal, if
-//! later). That load is paced at one heartbeat per 10 µs and each latency
+//! later). That load is paced at one heartbeat per 100 µs and each latency
 //! counts from the heartbeat's scheduled time, so a stall counts for every
-//! heartbeat it delayed (no coordinated omission).
+//! heartbeat it delayed (no coordinated omission). Each heartbeat later
+//! than 50 µs is also checked against the pacer thread's run-queue wait
+//! (`/proc/thread-self/schedstat`): when that wait is at least half its
+//! lateness, the thread was preempted — the box's scheduler, not a lock,
+//! made it late.
 //!
-//! Run: `cargo bench --bench reference`.
+//! Run: `cargo bench --bench reference`; with `REFERENCE_SCENARIO=1m` only
+//! the 1M goals run: the paired heartbeats and the 100k expiry (ours, then
+//! the reference's 500 ms tick).
 
 mod support;
 
@@ -77,6 +83,19 @@ fn main() {
         .without_plots()
         .configure_from_args();
     support::report_machine("start");
+    if std::env::var("REFERENCE_SCENARIO").is_ok_and(|s| s == "1m") {
+        // Only the 1M goals, both designs: paired heartbeats, the 100k expiry.
+        let ours = Fleet::start(1_000_000);
+        ours.refresh();
+        let reference = RefFleet::start(1_000_000);
+        ours.refresh();
+        paired_1m(&ours, &reference, 5);
+        expiry_ours(&ours, 3);
+        drop(ours);
+        expiry_reference(&reference, Duration::from_millis(500), 2);
+        support::report_machine("end");
+        return;
+    }
 
     for (label, n) in [("10k", 10_000), ("100k", 100_000)] {
         {
@@ -539,20 +558,60 @@ fn paired_1m(ours: &Fleet, reference: &RefFleet, rounds: usize) {
 
 /// Paced heartbeats on `ids` from `from` until `stop`; each latency counts
 /// from the heartbeat's scheduled time.
+/// A heartbeat later than this counts as late (the p99.9 goal).
+const LATE: Duration = Duration::from_micros(50);
+
+/// Time this thread spent runnable but waiting for a CPU (ns), from
+/// `/proc/thread-self/schedstat` (0 where it cannot be read).
+struct RunDelay(Option<std::fs::File>);
+
+impl RunDelay {
+    fn open() -> Self {
+        Self(std::fs::File::open("/proc/thread-self/schedstat").ok())
+    }
+
+    fn read(&mut self) -> u64 {
+        use std::io::{Read, Seek};
+        let Some(file) = self.0.as_mut() else {
+            return 0;
+        };
+        let mut text = String::new();
+        if file.rewind().is_err() || file.read_to_string(&mut text).is_err() {
+            return 0;
+        }
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Late heartbeats of a paced run, and how many of them the pacer thread
+/// spent mostly runnable but off the CPU (preempted: the box's scheduler,
+/// not a lock, made them late).
+#[derive(Default, Clone, Copy)]
+struct Lateness {
+    late: u64,
+    starved: u64,
+}
+
 fn paced(
     ids: &[String],
     from: Instant,
     stop: &AtomicBool,
     beat: &(dyn Fn(&str) -> bool + Sync),
-) -> (Histogram<u64>, u64) {
+) -> (Histogram<u64>, u64, Lateness) {
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds");
     let mut rng = XorShift::new(99);
     let mut failed = 0;
+    let mut lateness = Lateness::default();
+    let mut run_delay = RunDelay::open();
     while Instant::now() < from {
         std::thread::sleep(Duration::from_micros(500));
     }
     let mut scheduled = from;
+    let mut delay_before = run_delay.read();
     while !stop.load(Ordering::Relaxed) {
         while Instant::now() < scheduled {
             std::thread::yield_now();
@@ -562,9 +621,19 @@ fn paced(
         }
         let latency = Instant::now().saturating_duration_since(scheduled);
         histogram.saturating_record(latency.as_nanos() as u64);
+        // Read after the latency is taken (and before the next scheduled
+        // time), so the read's own cost is not in any latency.
+        let delay_after = run_delay.read();
+        if latency > LATE {
+            lateness.late += 1;
+            if delay_after - delay_before >= latency.as_nanos() as u64 / 2 {
+                lateness.starved += 1;
+            }
+        }
+        delay_before = delay_after;
         scheduled += PACE;
     }
-    (histogram, failed)
+    (histogram, failed, lateness)
 }
 
 struct Outcome {
@@ -574,6 +643,7 @@ struct Outcome {
     /// expiring: what the machine and the design give in steady state.
     baseline: Histogram<u64>,
     failed: u64,
+    lateness: Lateness,
 }
 
 /// The paced load for one second from now, nothing expiring.
@@ -605,12 +675,13 @@ fn around_deadline(
             std::thread::sleep(Duration::from_millis(1));
         }
         stop.store(true, Ordering::Relaxed);
-        let (histogram, failed) = pacer.join().expect("the pacer thread");
+        let (histogram, failed, lateness) = pacer.join().expect("the pacer thread");
         Outcome {
             deadline_to_last: last.saturating_duration_since(deadline),
             histogram,
             baseline,
             failed,
+            lateness,
         }
     })
 }
@@ -624,7 +695,7 @@ fn report_outcomes(design: &str, outcomes: &[Outcome]) {
         report(
             &format!("{design}: 100k expiry #{}", i + 1),
             format!(
-                "deadline→last removal {}; heartbeat latency p50 {} p99 {} p99.9 {} max {} ({} beats, {} failed); steady state before: p50 {} p99 {} p99.9 {} max {}",
+                "deadline→last removal {}; heartbeat latency p50 {} p99 {} p99.9 {} max {} ({} beats, {} failed; {} later than 50 µs, {} of them mostly waiting for a CPU); steady state before: p50 {} p99 {} p99.9 {} max {}",
                 ms(o.deadline_to_last),
                 us(h.value_at_quantile(0.5)),
                 us(h.value_at_quantile(0.99)),
@@ -632,6 +703,8 @@ fn report_outcomes(design: &str, outcomes: &[Outcome]) {
                 us(h.max()),
                 h.len(),
                 o.failed,
+                o.lateness.late,
+                o.lateness.starved,
                 us(b.value_at_quantile(0.5)),
                 us(b.value_at_quantile(0.99)),
                 us(b.value_at_quantile(0.999)),

@@ -76,7 +76,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return serve_replica(args, config, endpoints).await;
     }
     let store: Box<dyn MembershipStore> = match args.store_kind()? {
-        StoreKind::Memory => Box::new(MemoryStore::new()),
+        StoreKind::Memory => Box::new(MemoryStore::volatile()),
         StoreKind::Etcd(_) => unreachable!("handled above"),
         StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
             format!(

@@ -148,8 +148,9 @@ pub enum Expiry {
 /// A registered executor. Identity is immutable; liveness lives in atomics.
 pub struct Entry {
     id: ExecutorId,
-    name: Box<str>,
-    address: Box<str>,
+    /// The name, then the address: one allocation for both.
+    text: Box<str>,
+    name_len: usize,
     labels: Labels,
     registered_unix_ms: u64,
     /// The identity that registered it (None: unowned).
@@ -171,10 +172,21 @@ impl Entry {
         ttl_ms: u64,
         deadline_ms: u64,
     ) -> Self {
+        let name_len = name.len();
+        let text = if address.is_empty() {
+            name
+        } else if name.is_empty() {
+            address
+        } else {
+            let mut text = String::with_capacity(name.len() + address.len());
+            text.push_str(&name);
+            text.push_str(&address);
+            text.into_boxed_str()
+        };
         Self {
             id,
-            name,
-            address,
+            text,
+            name_len,
             labels,
             registered_unix_ms,
             owner: None,
@@ -203,12 +215,12 @@ impl Entry {
 
     /// The name given at registration (may be empty).
     pub fn name(&self) -> &str {
-        &self.name
+        &self.text[..self.name_len]
     }
 
     /// The `host:port` given at registration.
     pub fn address(&self) -> &str {
-        &self.address
+        &self.text[self.name_len..]
     }
 
     /// Validated labels.
@@ -341,7 +353,7 @@ impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry")
             .field("id", &self.id)
-            .field("address", &self.address)
+            .field("address", &self.address())
             .field("state", &self.state())
             .finish()
     }
@@ -361,6 +373,22 @@ mod tests {
             100,
             deadline,
         )
+    }
+
+    #[test]
+    fn name_and_address_share_one_allocation_and_read_back() {
+        for (name, address) in [("e", "127.0.0.1:1"), ("", "h:2"), ("worker", "")] {
+            let e = Entry::new(
+                ExecutorId::new("e-0000000000000001"),
+                name.into(),
+                address.into(),
+                Labels::default(),
+                0,
+                100,
+                100,
+            );
+            assert_eq!((e.name(), e.address()), (name, address));
+        }
     }
 
     #[test]

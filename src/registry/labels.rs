@@ -45,8 +45,21 @@ pub fn check_label_part(s: &str) -> Result<(), String> {
 }
 
 /// A validated label set, sorted by key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Labels(Box<[(Box<str>, Box<str>)]>);
+///
+/// One allocation for the whole set (a million executors with two labels
+/// each would otherwise hold five allocations apiece): the count, then each
+/// pair's key and value lengths, one byte each, then the keys and values
+/// back to back. Counts (≤ 64) and lengths (≤ 63) are below 128, so the
+/// header is ASCII and the whole buffer a `str`; keys and values are ASCII
+/// too, so every slice is on a character boundary. Empty: no allocation.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Labels(Box<str>);
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
 
 impl Labels {
     /// Validates and sorts labels; the error names the offending key.
@@ -83,30 +96,53 @@ impl Labels {
                 format!("key {:?} appears twice", w[0].0),
             ));
         }
-        Ok(Self(out.into_boxed_slice()))
+        if out.is_empty() {
+            return Ok(Self::default());
+        }
+        let data: usize = out.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let mut encoded = String::with_capacity(1 + 2 * out.len() + data);
+        // Validated above: count ≤ MAX_LABELS and lengths ≤ MAX_LABEL_LEN,
+        // all below 128, so each is one ASCII character.
+        encoded.push(char::from(out.len() as u8));
+        for (k, v) in &out {
+            encoded.push(char::from(k.len() as u8));
+            encoded.push(char::from(v.len() as u8));
+        }
+        for (k, v) in &out {
+            encoded.push_str(k);
+            encoded.push_str(v);
+        }
+        Ok(Self(encoded.into_boxed_str()))
     }
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|i| &*self.0[i].1)
+        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
     /// Pairs in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+        let bytes = self.0.as_bytes();
+        let n = self.len();
+        let mut at = 1 + 2 * n;
+        (0..n).map(move |i| {
+            let key_len = usize::from(bytes[1 + 2 * i]);
+            let value_len = usize::from(bytes[2 + 2 * i]);
+            let key = &self.0[at..at + key_len];
+            let value = &self.0[at + key_len..at + key_len + value_len];
+            at += key_len + value_len;
+            (key, value)
+        })
     }
 
     /// Number of pairs.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.as_bytes().first().map_or(0, |&n| usize::from(n))
     }
 
     /// True when there are no labels.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     /// The labels as an owned map (for the wire format).
@@ -270,8 +306,21 @@ mod tests {
                 .to_string()
                 .contains("more than 64")
         );
-        let max: Vec<(String, String)> = (0..64).map(|i| (format!("k{i}"), "v".into())).collect();
-        assert_eq!(Labels::new(max).unwrap().len(), 64);
+        let max: Vec<(String, String)> = (0..64)
+            .map(|i| (format!("k{i:02}"), "v".repeat(63)))
+            .collect();
+        let labels = Labels::new(max.clone()).unwrap();
+        assert_eq!(labels.len(), 64);
+        let back: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(back, max, "the longest set round-trips");
+        assert_eq!(labels.get("k63"), Some(&*"v".repeat(63)));
+        let empty = Labels::new(Vec::<(String, String)>::new()).unwrap();
+        assert!(empty.is_empty() && empty.iter().next().is_none());
+        assert_eq!(empty, Labels::default());
+        assert_eq!(empty.get("k"), None);
     }
 
     #[test]

@@ -28,6 +28,20 @@
 //! eviction the same way). Those that really died still expire, at most one
 //! stall + grace later. Each deadline is compensated at most once.
 //!
+//! Mass changes: a turn that removes at least [`BULK_REMOVALS`] members (a
+//! mass expiry) leaves them in the ordered map — tombstoned, so every reader
+//! already skips them — instead of copying one path of the shared tree per
+//! removal (100k removals in a 1M tree copy nearly all of it). A purge then
+//! rebuilds the map without tombstones on a blocking thread, from a clone of
+//! it; registrations made meanwhile are replayed onto the result. In such a
+//! turn the live table keeps the tombstoned entries too (a heartbeat finds
+//! the tombstone in them, as it would in the tombstone set): the following
+//! turns move them to the tombstone set [`UNLINK_PER_TURN`] at a time,
+//! yielding in between, so heartbeats meet the loop's shard write locks in
+//! short slices rather than a 100k-removal burst. Replaced
+//! snapshots and maps of a large fleet are dropped on a blocking thread too,
+//! not on the loop. Revisions and events are unaffected: one pass is still
+//! one turn.
 //! Mass-expiry guard (when configured): executors whose deadline passed are
 //! collected for the whole pass and [`ExpiryGuard`] decides whether they
 //! expire now or are held; held ones are reviewed on every housekeeping
@@ -70,6 +84,18 @@ const MAX_COMMANDS_PER_TURN: usize = 8192;
 const MAX_DELETES_PER_COMMIT: usize = 8192;
 /// Wait before retrying deletes after a store failure.
 const DELETE_RETRY: Duration = Duration::from_secs(1);
+/// A turn removing at least this many members leaves them in the ordered map
+/// (tombstoned) for a background purge.
+pub(crate) const BULK_REMOVALS: usize = 1024;
+/// Entries a mass change left in the live table moved out per turn.
+const UNLINK_PER_TURN: usize = 4096;
+/// A purge starts when at least this many tombstoned entries, and at least
+/// 1/16 of the map, are left in the ordered map.
+const PURGE_MIN: usize = 1024;
+/// Replaced snapshots and maps are dropped off the loop thread from this
+/// many members on (dropping the old copy of a path costs an atomic
+/// decrement per member it holds, on random cache lines).
+const OFFLOAD_DROP_MIN: usize = 1 << 14;
 /// The loop wakes at least this often (stall detection, and forgetting
 /// tombstones past their retention).
 pub(crate) const TICK: Duration = Duration::from_millis(100);
@@ -177,20 +203,26 @@ fn commit_outcome(
 #[derive(Default)]
 struct Turn {
     expired: Vec<(Arc<Entry>, u64)>,
+    /// A background purge finished (`None` inside: it failed).
+    purged: Option<Option<Members>>,
     commands: Vec<Command>,
     rearm: Vec<Arc<Entry>>,
     committed: Option<(Submitted, Result<(), String>, Duration)>,
     housekeeping: bool,
+    /// Entries left in the live table by a mass change wait to be moved out.
+    unlink: bool,
     stop: bool,
 }
 
 impl Turn {
     fn is_empty(&self) -> bool {
         self.expired.is_empty()
+            && self.purged.is_none()
             && self.commands.is_empty()
             && self.rearm.is_empty()
             && self.committed.is_none()
             && !self.housekeeping
+            && !self.unlink
             && !self.stop
     }
 }
@@ -212,17 +244,36 @@ struct Changes {
     guard_releases: Vec<(oneshot::Sender<u64>, u64)>,
 }
 
+/// The ordered member map behind snapshots.
+type Members = OrdMap<ExecutorId, Arc<Entry>>;
+
+/// A purge in flight: the map without tombstones, built on a blocking
+/// thread, and what was inserted since it started.
+struct Purge {
+    done: oneshot::Receiver<Members>,
+    inserted: Vec<Arc<Entry>>,
+}
+
 /// The loop's private state.
 pub(crate) struct MembershipLoop {
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
     rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
     queue: DelayQueue<(Arc<Entry>, u64)>,
-    members: OrdMap<ExecutorId, Arc<Entry>>,
+    /// Every live member, plus tombstoned ones a mass change left in it.
+    members: Members,
+    /// Live members (the rest of `members` is tombstones left for a purge).
+    live: usize,
+    /// This turn leaves removed members in `members` (see [`BULK_REMOVALS`]).
+    defer_removals: bool,
+    purge: Option<Purge>,
+    /// Tombstoned entries a mass change left in the live table, to be moved
+    /// to the tombstone set by the following turns.
+    unlinked: VecDeque<Arc<Entry>>,
     revision: u64,
     tombstone_queue: VecDeque<(u64, ExecutorId)>,
     /// Ids handed out but not yet visible (registration being committed).
-    reserved: HashSet<ExecutorId>,
+    reserved: HashSet<ExecutorId, IdHasher>,
     pending_registrations: Vec<PendingRegistration>,
     pending_deletes: Vec<ExecutorId>,
     /// Ids removed from membership whose store delete has not committed
@@ -230,7 +281,7 @@ pub(crate) struct MembershipLoop {
     /// registration must not take one: its insert would collide with the
     /// row and fail the whole batch. Usually empty within milliseconds; it
     /// outlives the tombstone retention only while the store is failing.
-    undeleted: HashSet<ExecutorId>,
+    undeleted: HashSet<ExecutorId, IdHasher>,
     in_flight: Option<InFlight>,
     retry_deletes_at_ms: u64,
     /// When the previous turn ran (registry ms), for stall detection.
@@ -263,12 +314,16 @@ impl MembershipLoop {
             rearm,
             queue: DelayQueue::new(),
             members: OrdMap::new(),
+            live: 0,
+            defer_removals: false,
+            purge: None,
+            unlinked: VecDeque::new(),
             revision: 0,
             tombstone_queue: VecDeque::new(),
-            reserved: HashSet::new(),
+            reserved: HashSet::default(),
             pending_registrations: Vec::new(),
             pending_deletes: Vec::new(),
-            undeleted: HashSet::new(),
+            undeleted: HashSet::default(),
             in_flight: None,
             retry_deletes_at_ms: 0,
             last_turn_ms: 0,
@@ -319,7 +374,7 @@ impl MembershipLoop {
             self.insert_live(entry);
         }
         self.publish();
-        tracing::info!(executors = self.members.len(), "loaded stored membership");
+        tracing::info!(executors = self.live, "loaded stored membership");
     }
 
     /// Runs until stopped, then flushes pending store work.
@@ -351,6 +406,11 @@ impl MembershipLoop {
             let (entry, armed) = expired.into_inner();
             turn.expired.push((entry, armed));
         }
+        if let Some(purge) = self.purge.as_mut()
+            && let Poll::Ready(result) = Pin::new(&mut purge.done).poll(cx)
+        {
+            turn.purged = Some(result.ok());
+        }
         if let Some(in_flight) = self.in_flight.as_mut()
             && let Poll::Ready(result) = Pin::new(&mut in_flight.commit).poll(cx)
         {
@@ -377,6 +437,7 @@ impl MembershipLoop {
         if self.housekeeping.poll_tick(cx).is_ready() {
             turn.housekeeping = true;
         }
+        turn.unlink = !self.unlinked.is_empty();
         if self.stop.as_mut().poll(cx).is_ready() {
             turn.stop = true;
         }
@@ -391,6 +452,10 @@ impl MembershipLoop {
         let now = self.shared.clock.now_ms();
         self.detect_stall(now);
         let mut changes = Changes::default();
+        if let Some(result) = turn.purged {
+            self.purged(result);
+        }
+        self.defer_removals = turn.expired.len() >= BULK_REMOVALS;
         if let Some((in_flight, result, elapsed)) = turn.committed {
             self.committed(in_flight, result, elapsed, now, &mut changes);
         }
@@ -415,7 +480,7 @@ impl MembershipLoop {
                         continue;
                     }
                     let max = self.shared.config.max_executors;
-                    if self.members.len() + self.reserved.len() >= max {
+                    if self.live + self.reserved.len() >= max {
                         self.shared
                             .observer
                             .registration(RegistrationResult::Unavailable);
@@ -454,6 +519,9 @@ impl MembershipLoop {
                 }
             }
         }
+        if turn.unlink {
+            self.unlink_some();
+        }
         if turn.housekeeping {
             self.forget_tombstones(now);
         }
@@ -462,6 +530,75 @@ impl MembershipLoop {
         self.publish_guard();
         for (reply, released) in guard_releases {
             let _ = reply.send(released);
+        }
+        self.defer_removals = false;
+        self.start_purge();
+    }
+
+    /// Moves up to [`UNLINK_PER_TURN`] entries left in the live table by a
+    /// mass change into the tombstone set (tombstone first, so a heartbeat
+    /// always finds one or the other).
+    fn unlink_some(&mut self) {
+        let n = self.unlinked.len().min(UNLINK_PER_TURN);
+        for entry in self.unlinked.drain(..n) {
+            let id = entry.id();
+            self.shared.tombstones.insert(id.clone());
+            self.shared
+                .live
+                .remove_if(id, |_, live| Arc::ptr_eq(live, &entry));
+        }
+    }
+
+    /// Starts a background purge when enough tombstones were left in the
+    /// map: a clone (O(1)) rebuilt without them on a blocking thread.
+    fn start_purge(&mut self) {
+        let dead = self.members.len() - self.live;
+        if self.purge.is_some() || dead < PURGE_MIN || dead * 16 < self.members.len() {
+            return;
+        }
+        let members = self.members.clone();
+        let (done, result) = oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let purged: Members = members
+                .iter()
+                .filter(|(_, entry)| entry.status() != Status::Tombstone)
+                .map(|(id, entry)| (id.clone(), entry.clone()))
+                .collect();
+            drop(members);
+            let _ = done.send(purged);
+        });
+        self.purge = Some(Purge {
+            done: result,
+            inserted: Vec::new(),
+        });
+    }
+
+    /// A purge finished: its map, plus what was inserted since, becomes the
+    /// members (tombstoned meanwhile or not: `live` stays exact, and what
+    /// the purge kept is left for the next one). Republished at the same
+    /// revision: readers skip tombstones, so they see no difference.
+    fn purged(&mut self, result: Option<Members>) {
+        let Some(purge) = self.purge.take() else {
+            return;
+        };
+        let Some(mut purged) = result else {
+            tracing::warn!("purging expired members failed; retrying later");
+            return;
+        };
+        for entry in purge.inserted {
+            if entry.status() != Status::Tombstone {
+                purged.insert(entry.id().clone(), entry);
+            }
+        }
+        let old = std::mem::replace(&mut self.members, purged);
+        self.release(old);
+        self.store_snapshot();
+    }
+
+    /// Drops a replaced map or snapshot: on a blocking thread when large.
+    fn release<T: Send + 'static>(&self, old: T) {
+        if self.members.len() >= OFFLOAD_DROP_MIN {
+            tokio::task::spawn_blocking(move || drop(old));
         }
     }
 
@@ -610,6 +747,10 @@ impl MembershipLoop {
         self.shared.initing.fetch_add(1, Ordering::Relaxed);
         self.shared.live.insert(id.clone(), entry.clone());
         self.members.insert(id, entry.clone());
+        self.live += 1;
+        if let Some(purge) = self.purge.as_mut() {
+            purge.inserted.push(entry.clone());
+        }
         let deadline = entry.state().deadline_ms();
         self.arm(entry, deadline);
     }
@@ -618,14 +759,22 @@ impl MembershipLoop {
     /// as a tombstone for the retention, and deleted from the store.
     fn remove_live(&mut self, entry: &Arc<Entry>, now: u64) {
         let id = entry.id().clone();
-        // Tombstone first, so a heartbeat that misses the live table finds it.
-        self.shared.tombstones.insert(id.clone());
         self.tombstone_queue.push_back((
             now + duration_ms(self.shared.config.tombstone_retention),
             id.clone(),
         ));
-        self.shared.live.remove(&id);
-        self.members.remove(&id);
+        self.live -= 1;
+        if self.defer_removals {
+            // The tombstoned entry answers heartbeats where it is; the next
+            // turns move it out of the live table, a purge out of `members`.
+            self.unlinked.push_back(entry.clone());
+        } else {
+            // Tombstone first, so a heartbeat that misses the live table
+            // finds it.
+            self.shared.tombstones.insert(id.clone());
+            self.shared.live.remove(&id);
+            self.members.remove(&id);
+        }
         self.undeleted.insert(id.clone());
         self.pending_deletes.push(id);
     }
@@ -676,7 +825,11 @@ impl MembershipLoop {
     }
 
     fn forget_tombstones(&mut self, now: u64) {
-        while let Some((forget_at, _)) = self.tombstone_queue.front() {
+        // An id still waiting to be unlinked is not in the tombstone set
+        // yet: forgetting waits for the (few) turns that move it there.
+        while let Some((forget_at, _)) = self.tombstone_queue.front()
+            && self.unlinked.is_empty()
+        {
             if *forget_at > now {
                 break;
             }
@@ -697,7 +850,7 @@ impl MembershipLoop {
         let Some(guard) = self.guard.as_mut() else {
             return;
         };
-        let live = self.members.len() as u64;
+        let live = self.live as u64;
         let due: Vec<_> = changes
             .due
             .drain(..)
@@ -718,6 +871,9 @@ impl MembershipLoop {
         for entry in review.revived {
             let deadline = entry.state().deadline_ms();
             self.arm(entry, deadline);
+        }
+        if review.released.len() >= BULK_REMOVALS {
+            self.defer_removals = true;
         }
         for entry in review.released {
             self.expire(entry, now, true, changes);
@@ -812,18 +968,23 @@ impl MembershipLoop {
     }
 
     fn publish(&mut self) {
+        self.store_snapshot();
         let shared = &self.shared;
-        shared
-            .snapshot
-            .store(Arc::new(Snapshot::new(self.revision, self.members.clone())));
-        shared
-            .live_count
-            .store(self.members.len() as u64, Ordering::Relaxed);
         shared.observer.membership(
             self.revision,
             shared.count_of(Status::Initing),
             shared.count_of(Status::Running),
         );
+    }
+
+    /// Replaces the snapshot with the current members and revision.
+    fn store_snapshot(&mut self) {
+        let snapshot = Snapshot::new(self.revision, self.members.clone(), self.live);
+        let old = self.shared.snapshot.swap(Arc::new(snapshot));
+        self.shared
+            .live_count
+            .store(self.live as u64, Ordering::Relaxed);
+        self.release(old);
     }
 
     /// Sends the next store batch if none is in flight: every pending

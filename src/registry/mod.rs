@@ -50,6 +50,10 @@ pub const MAX_BATCH: usize = 10_000;
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest address, in bytes.
 pub const MAX_ADDRESS_LEN: usize = 255;
+/// Shards of the id maps. DashMap's default (4 × cores, 8 here) makes every
+/// heartbeat on two cores share a few lock words with the other core and with
+/// the loop's removals; 128 shards cost ~10 KiB and spread both.
+const LIVE_SHARDS: usize = 128;
 /// Longest owner identity, in bytes.
 pub const MAX_OWNER_LEN: usize = 1024;
 /// Capacity of the command channel to the membership loop.
@@ -254,10 +258,15 @@ impl RegistryTask {
 }
 
 impl Registry {
-    /// Starts a registry on an in-memory store (nothing is durable).
+    /// Starts a registry on a volatile in-memory store (nothing is durable,
+    /// nothing is copied).
     pub fn start_in_memory(config: RegistryConfig) -> (Registry, RegistryTask) {
-        Self::start(config, Box::new(MemoryStore::new()), Arc::new(NoopObserver))
-            .expect("the in-memory store cannot fail to load")
+        Self::start(
+            config,
+            Box::new(MemoryStore::volatile()),
+            Arc::new(NoopObserver),
+        )
+        .expect("the in-memory store cannot fail to load")
     }
 
     /// Loads membership from `store` and starts the membership loop on the
@@ -299,7 +308,7 @@ impl Registry {
         let shared = Arc::new(Shared {
             config,
             clock: Clock::start(),
-            live: DashMap::with_hasher(Default::default()),
+            live: DashMap::with_hasher_and_shard_amount(Default::default(), LIVE_SHARDS),
             tombstones: DashSet::with_hasher(Default::default()),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             events,
@@ -400,6 +409,11 @@ impl Registry {
                 RegistryError::NotFound(id.to_owned())
             });
         };
+        if entry.status() == Status::Tombstone {
+            // Expired in a mass pass and not yet moved to the tombstone set:
+            // the same answer as from the set, for any caller.
+            return Err(RegistryError::Tombstone(id.to_owned()));
+        }
         if !allowed(caller, entry.owner(), Action::Heartbeat) {
             return Err(RegistryError::not_owner(id));
         }
@@ -452,6 +466,10 @@ impl Registry {
         }
         match self.shared.live.get(id) {
             None => return Err(RegistryError::NotFound(id.to_owned())),
+            // Tombstoned but not yet moved out of the live table (a mass pass).
+            Some(entry) if entry.status() == Status::Tombstone => {
+                return Err(RegistryError::NotFound(id.to_owned()));
+            }
             Some(entry) if !allowed(caller, entry.owner(), Action::Deregister) => {
                 return Err(RegistryError::not_owner(id));
             }

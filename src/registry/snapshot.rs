@@ -6,8 +6,11 @@
 //!
 //! Status and deadline are not copied into the snapshot: members are
 //! `Arc<Entry>` and readers see their state words live. Tombstoned entries
-//! that a snapshot still holds (the loop removes them in the same turn) are
-//! skipped by every reader.
+//! that a snapshot still holds are skipped by every reader: the loop removes
+//! a few in the turn that ends them, but leaves a mass expiry's in the map
+//! (copying the tree's paths for 100k removals would cost a copy of the whole
+//! tree) and purges them later in the background; the snapshot's `len` counts
+//! live members only.
 //!
 //! Must not touch: anything mutable. Only the membership loop builds these.
 
@@ -22,12 +25,24 @@ use super::labels::{Selector, matches_all};
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     revision: u64,
+    /// Live members (the map may also hold tombstoned entries).
+    len: usize,
     members: OrdMap<ExecutorId, Arc<Entry>>,
 }
 
 impl Snapshot {
-    pub(crate) fn new(revision: u64, members: OrdMap<ExecutorId, Arc<Entry>>) -> Self {
-        Self { revision, members }
+    pub(crate) fn new(revision: u64, members: OrdMap<ExecutorId, Arc<Entry>>, len: usize) -> Self {
+        Self {
+            revision,
+            len,
+            members,
+        }
+    }
+
+    /// Entries the map holds, tombstones left for a purge included.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.members.len()
     }
 
     /// Revision of the last membership change included.
@@ -37,12 +52,12 @@ impl Snapshot {
 
     /// Number of live members (INITING and RUNNING).
     pub fn len(&self) -> usize {
-        self.members.len()
+        self.len
     }
 
     /// True when nobody is registered.
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.len == 0
     }
 
     /// One member by id.

@@ -529,6 +529,73 @@ async fn a_deregistered_executor_is_removed_at_once_and_its_heartbeats_meet_a_to
 // ----------------------------------------------------------------- watch
 
 /// Applies events to a set of ids, checking each makes sense for it.
+/// A mass expiry (at least `BULK_REMOVALS` in one pass) leaves its
+/// tombstoned entries in the snapshot's map for a background purge: readers
+/// never see them, counts and `len` are exact at once, a registration made
+/// around the purge is kept, and the purge takes the tombstones out.
+#[tokio::test(start_paused = true)]
+async fn a_mass_expiry_leaves_no_visible_trace_and_its_tombstones_are_purged() {
+    let n = super::membership::BULK_REMOVALS * 3;
+    let (registry, _task, recorder) = start(RegistryConfig::default());
+    let dying = register_many(&registry, "dying", n).await;
+    let kept = register_many(&registry, "kept", 100).await;
+    for entry in &kept {
+        registry
+            .heartbeat(id(entry), 60_000)
+            .expect("a live executor");
+    }
+    let deadline = dying[0].state().deadline_ms();
+    assert!(dying.iter().all(|e| e.state().deadline_ms() == deadline));
+
+    sleep_until(at(&registry, deadline) + MS).await;
+    let sizes: Vec<usize> = recorder.passes().iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![n], "one pass");
+    // Expired is expired wherever the entry still sits.
+    assert!(matches!(
+        registry.heartbeat(id(&dying[0]), 0),
+        Err(RegistryError::Tombstone(_))
+    ));
+    assert!(matches!(
+        registry.get(id(&dying[1])),
+        Err(RegistryError::NotFound(_))
+    ));
+    let late = register(&registry, "late").await;
+    let mut expected: HashSet<String> = ids(&kept).into_iter().collect();
+    expected.insert(id(&late).to_owned());
+    let snapshot = registry.snapshot();
+    assert_eq!(snapshot.len(), kept.len() + 1);
+    assert_eq!(snapshot_ids(&snapshot), expected);
+    assert_eq!(registry.count(None), kept.len() as u64 + 1);
+    assert_eq!(registry.list(None, &[]).0.len(), kept.len() + 1);
+
+    // The purge runs on a blocking thread; virtual time waits for it.
+    let mut waited = 0;
+    while registry.snapshot().held() != kept.len() + 1 {
+        waited += 1;
+        assert!(waited < 1_000, "tombstones never purged");
+        sleep(10 * MS).await;
+    }
+    let snapshot = registry.snapshot();
+    assert_eq!(snapshot.len(), kept.len() + 1);
+    assert_eq!(snapshot_ids(&snapshot), expected);
+    // The live table has moved them all to the tombstone set.
+    assert_eq!(registry.shared.live.len(), kept.len() + 1);
+    assert!(
+        dying
+            .iter()
+            .all(|e| registry.shared.tombstones.contains(id(e)))
+    );
+    assert!(matches!(
+        registry.heartbeat(id(&dying[2]), 0),
+        Err(RegistryError::Tombstone(_))
+    ));
+    assert_eq!(
+        registry.snapshot().get(id(&late)).map(|e| id(e).to_owned()),
+        Some(id(&late).to_owned())
+    );
+    assert!(registry.snapshot().get(id(&dying[0])).is_none());
+}
+
 fn replay(view: &mut HashSet<String>, events: &[Event]) {
     for event in events {
         let id = id(&event.entry).to_owned();

@@ -3,39 +3,68 @@
 //!
 //! Owns: its rows, behind a mutex that clones share — like two connections to
 //! one database, so a test can keep a handle on what a registry committed,
-//! or start a second registry on the same rows (a restart).
+//! or start a second registry on the same rows (a restart). A
+//! [`MemoryStore::volatile`] store keeps no rows at all: when nobody can ever
+//! load them again (`--store memory`, [`crate::registry::Registry::start_in_memory`]),
+//! a copy of every executor would only double the registry's memory.
+//!
+//! Must not touch: registry state.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{Batch, MembershipStore, StoreError, StoredExecutor};
 
+type Rows = BTreeMap<String, StoredExecutor>;
+
 /// In-memory [`MembershipStore`]. Clones share the same rows.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
-    rows: Arc<Mutex<BTreeMap<String, StoredExecutor>>>,
+    /// `None`: volatile, commits are accepted and forgotten.
+    rows: Option<Arc<Mutex<Rows>>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            rows: Some(Arc::default()),
+        }
+    }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store that keeps what is committed to it.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StoredExecutor>> {
+    /// A store that keeps nothing: every commit succeeds and `load_all` is
+    /// always empty. For a registry whose store is never loaded again.
+    pub fn volatile() -> Self {
+        Self { rows: None }
+    }
+
+    fn rows(&self) -> Option<std::sync::MutexGuard<'_, Rows>> {
         // Nothing that can panic runs under the lock (clones and map
         // updates), and a map poisoned anyway is still a valid map.
-        self.rows.lock().unwrap_or_else(PoisonError::into_inner)
+        self.rows
+            .as_ref()
+            .map(|rows| rows.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
 impl MembershipStore for MemoryStore {
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
-        Ok(self.rows().values().cloned().collect())
+        Ok(self
+            .rows()
+            .map(|rows| rows.values().cloned().collect())
+            .unwrap_or_default())
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let mut rows = self.rows();
+        let Some(mut rows) = self.rows() else {
+            return Ok(());
+        };
         for row in &batch.inserts {
             rows.insert(row.id.clone(), row.clone());
         }
@@ -47,5 +76,50 @@ impl MembershipStore for MemoryStore {
 
     fn blocks(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str) -> StoredExecutor {
+        StoredExecutor {
+            id: id.into(),
+            name: "e".into(),
+            address: "127.0.0.1:1".into(),
+            labels: vec![("zone".into(), "a".into())],
+            registered_unix_ms: 1,
+            owner: Some("team-a".into()),
+        }
+    }
+
+    #[test]
+    fn clones_share_rows_and_deletes_apply() {
+        let mut store = MemoryStore::new();
+        let mut other = store.clone();
+        let batch = Batch {
+            inserts: vec![row("a"), row("b")],
+            deletes: vec![],
+        };
+        store.commit(&batch).expect("commit");
+        let delete = Batch {
+            inserts: vec![],
+            deletes: vec!["a".into(), "missing".into()],
+        };
+        store.commit(&delete).expect("commit");
+        assert_eq!(other.load_all().expect("load"), vec![row("b")]);
+    }
+
+    #[test]
+    fn a_volatile_store_accepts_commits_and_keeps_nothing() {
+        let mut store = MemoryStore::volatile();
+        let batch = Batch {
+            inserts: vec![row("a")],
+            deletes: vec!["x".into()],
+        };
+        store.commit(&batch).expect("commit");
+        assert!(store.load_all().expect("load").is_empty());
+        assert!(store.clone().load_all().expect("load").is_empty());
     }
 }
