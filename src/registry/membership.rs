@@ -291,9 +291,20 @@ pub(crate) struct MembershipLoop {
     stalls: VecDeque<(u64, u64)>,
     /// The mass-expiry guard, when configured.
     guard: Option<ExpiryGuard<Arc<Entry>>>,
+    /// When set, expiries wait while it answers false (a replica whose
+    /// leader lease is not confirmed).
+    authority: Option<super::Authority>,
     store: StoreWorker,
     housekeeping: Interval,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+/// What a loop starts from: the stored executors, how some of them resume
+/// (after a leader failover), and who may decide expiries.
+pub(crate) struct Start {
+    pub(crate) loaded: Vec<StoredExecutor>,
+    pub(crate) resume: std::collections::HashMap<String, super::Resume>,
+    pub(crate) authority: Option<super::Authority>,
 }
 
 impl MembershipLoop {
@@ -302,10 +313,14 @@ impl MembershipLoop {
         commands: mpsc::Receiver<Command>,
         rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
         store: StoreWorker,
-        loaded: Vec<StoredExecutor>,
-        resume: std::collections::HashMap<String, super::Resume>,
+        start: Start,
         stop: CancellationToken,
     ) -> Self {
+        let Start {
+            loaded,
+            resume,
+            authority,
+        } = start;
         let mut housekeeping = tokio::time::interval(TICK);
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut this = Self {
@@ -329,6 +344,7 @@ impl MembershipLoop {
             last_turn_ms: 0,
             stalls: VecDeque::new(),
             guard: shared.config.expiry_guard.map(ExpiryGuard::new),
+            authority,
             store,
             housekeeping,
             stop: Box::pin(stop.cancelled_owned()),
@@ -401,8 +417,11 @@ impl MembershipLoop {
 
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Turn> {
         let mut turn = Turn::default();
-        // Expired queue entries first, all of them: one pass.
-        while let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
+        // Expired queue entries first, all of them: one pass. Without the
+        // authority to decide expiries they stay queued (the housekeeping
+        // tick brings the next turn).
+        let may_expire = self.authority.as_ref().is_none_or(|may| may());
+        while may_expire && let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
             let (entry, armed) = expired.into_inner();
             turn.expired.push((entry, armed));
         }

@@ -106,6 +106,11 @@ impl Default for RegistryConfig {
     }
 }
 
+/// Whether this process may decide expiries now. A replica answers true only
+/// while its leader lease is confirmed, so a leader woken from a pause past
+/// its lease expires nothing, not even in memory, before it steps down.
+pub type Authority = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// How a loaded executor resumes (after a leader failover): the TTL it last
 /// asked for and the time it has left, instead of a fresh init TTL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,17 +282,20 @@ impl Registry {
         store: Box<dyn MembershipStore>,
         observer: Arc<dyn Observer>,
     ) -> Result<(Registry, RegistryTask), StoreError> {
-        Self::start_resumed(config, store, observer, Default::default())
+        Self::start_resumed(config, store, observer, Default::default(), None)
     }
 
     /// Like [`Registry::start`], but a stored executor with an entry in
     /// `resume` comes back with that TTL and time left (a new leader resuming
-    /// from last-seen watermarks); the others get a fresh init TTL.
+    /// from last-seen watermarks); the others get a fresh init TTL. With an
+    /// `authority`, expiries are decided only while it answers true (due
+    /// executors wait, still live, until it does).
     pub fn start_resumed(
         config: RegistryConfig,
         store: Box<dyn MembershipStore>,
         observer: Arc<dyn Observer>,
         resume: std::collections::HashMap<String, Resume>,
+        authority: Option<Authority>,
     ) -> Result<(Registry, RegistryTask), StoreError> {
         let started = std::time::Instant::now();
         let started_worker = StoreWorker::start(store);
@@ -325,8 +333,11 @@ impl Registry {
             commands_rx,
             rearm_rx,
             worker,
-            loaded,
-            resume,
+            membership::Start {
+                loaded,
+                resume,
+                authority,
+            },
             stop.clone(),
         );
         let handle = tokio::spawn(membership.run());

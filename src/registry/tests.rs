@@ -1484,3 +1484,41 @@ async fn an_empty_or_oversized_owner_is_refused_naming_owner() {
         assert_invalid(refused, "owner");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn without_the_authority_to_decide_nothing_expires_and_with_it_all_due_go_in_one_pass() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let leading = Arc::new(AtomicBool::new(true));
+    let recorder = Arc::new(Recorder::default());
+    let authority: Authority = {
+        let leading = leading.clone();
+        Arc::new(move || leading.load(Ordering::SeqCst))
+    };
+    let (registry, _task) = Registry::start_resumed(
+        RegistryConfig::default(),
+        Box::new(MemoryStore::new()),
+        recorder.clone(),
+        Default::default(),
+        Some(authority),
+    )
+    .expect("the in-memory store loads");
+    let entries = register_many(&registry, "worker", 100).await;
+    for entry in &entries {
+        registry.heartbeat(id(entry), 1_000).expect("live");
+    }
+    let deadline = entries[0].state().deadline_ms();
+
+    // The lease is lost: deadlines pass, nobody is expired, not even in memory.
+    leading.store(false, Ordering::SeqCst);
+    sleep_until(at(&registry, deadline) + Duration::from_secs(5)).await;
+    assert_eq!(registry.count(None), 100);
+    assert!(recorder.passes().is_empty());
+    assert!(entries.iter().all(|e| e.status() == Status::Running));
+
+    // Authority back: every due executor goes, in one pass.
+    leading.store(true, Ordering::SeqCst);
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(registry.count(None), 0);
+    assert_eq!(recorder.passes().len(), 1, "one pass");
+    assert_eq!(recorder.passes()[0].len(), 100);
+}

@@ -284,11 +284,18 @@ impl Controller {
             tokio::runtime::Handle::current(),
         );
         let observer: Arc<dyn crate::registry::Observer> = self.metrics.clone();
+        // Expiries only while the lease is confirmed: woken from a pause
+        // past it, this leader decides none before it notices and steps down.
+        let authority: crate::registry::Authority = {
+            let valid = valid.clone();
+            Arc::new(move || Instant::now() < *valid.borrow())
+        };
         let (registry, task) = match Registry::start_resumed(
             options.config.clone(),
             Box::new(store),
             observer,
             resume,
+            Some(authority),
         ) {
             Ok(started) => started,
             Err(e) => {
