@@ -191,6 +191,35 @@ pub fn services(
     )
 }
 
+/// A gRPC service the server can mount (what tonic's router asks of one).
+pub trait Mountable:
+    tonic::codegen::Service<
+        tonic::codegen::http::Request<tonic::body::Body>,
+        Response = tonic::codegen::http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + tonic::server::NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Mountable for T where
+    T: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// How [`serve_service`] runs its services.
 pub struct Serving {
     /// Cancelled at shutdown: the services end their streams on it.
@@ -220,26 +249,8 @@ pub async fn serve_service<S, A>(
     serving: Serving,
 ) -> Result<Stopped, tonic::transport::Error>
 where
-    S: tonic::codegen::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    A: tonic::codegen::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    A::Future: Send + 'static,
+    S: Mountable,
+    A: Mountable,
 {
     let Serving {
         streams_stop,
