@@ -503,8 +503,11 @@ impl MembershipStore for SqliteStore {
     }
 }
 
+/// How long an open waits for a data dir's lock before refusing.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Takes the exclusive lock of `data_dir` (an advisory `flock` on
-/// [`LOCK_FILE_NAME`]) without waiting, and writes this process's id into
+/// [`LOCK_FILE_NAME`]), waiting at most [`LOCK_PATIENCE`], and writes this process's id into
 /// the file so that a refused opener can say who holds it. `db` is named in
 /// errors other than "in use".
 fn lock_data_dir(data_dir: &Path, db: &Path) -> Result<File, StoreError> {
@@ -523,7 +526,17 @@ fn lock_data_dir(data_dir: &Path, db: &Path) -> Result<File, StoreError> {
         .truncate(false)
         .open(&lock_path)
         .map_err(|e| fail("cannot open the lock file", &e))?;
-    match file.try_lock() {
+    // A holder that is going away (a store of this process being dropped on
+    // its worker thread, or a child process between fork and exec that
+    // inherited the descriptor) lets go within moments: retry briefly before
+    // calling the data dir taken.
+    let patience = std::time::Instant::now() + LOCK_PATIENCE;
+    let mut locked = file.try_lock();
+    while matches!(locked, Err(TryLockError::WouldBlock)) && std::time::Instant::now() < patience {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        locked = file.try_lock();
+    }
+    match locked {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
