@@ -114,7 +114,17 @@ async fn overload_sheds_other_calls_but_never_heartbeats() {
     for i in 0..4u16 {
         let mut c = c.clone();
         stuck.push(tokio::spawn(async move {
-            register(&mut c, "stuck", 10 + i).await
+            // The probe below holds a permit while it is in flight: a stuck
+            // registration that arrives then is shed itself, and retries.
+            loop {
+                match c.register(register_request("stuck", 10 + i, &[])).await {
+                    Err(s) if s.code() == Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(s) => panic!("register: {s:?}"),
+                    Ok(r) => break r.into_inner().executor.expect("executor in response").id,
+                }
+            }
         }));
     }
     // Wait until all four hold a permit: a fifth call is then shed.

@@ -338,17 +338,31 @@ pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
 impl Gate {
     /// Lets every waiting and later commit through.
     pub fn open(&self) {
+        self.open_even_if_poisoned();
+    }
+
+    fn open_even_if_poisoned(&self) {
         let (open, changed) = &*self.0;
-        *open.lock().expect("gate lock") = true;
+        *open.lock().unwrap_or_else(|e| e.into_inner()) = true;
         changed.notify_all();
     }
 
     fn wait(&self) {
         let (open, changed) = &*self.0;
-        let mut guard = open.lock().expect("gate lock");
+        let mut guard = open.lock().unwrap_or_else(|e| e.into_inner());
         while !*guard {
-            guard = changed.wait(guard).expect("gate lock");
+            guard = changed.wait(guard).unwrap_or_else(|e| e.into_inner());
         }
+    }
+}
+
+/// The test's handle opens the gate when it goes away, also when a test
+/// fails before opening it: otherwise the store thread would wait forever
+/// and the registry, flushing it at shutdown, would hang the test instead
+/// of letting it report its failure.
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.open_even_if_poisoned();
     }
 }
 
