@@ -873,7 +873,10 @@ impl MembershipLoop {
         let due: Vec<_> = changes
             .due
             .drain(..)
-            .map(|e| (e.clone(), e.ttl_ms()))
+            .map(|e| {
+                let ttl_ms = e.ttl_ms();
+                (e, ttl_ms)
+            })
             .collect();
         let expire = match guard.pass(due, live, now) {
             Pass::Expire(entries) => entries,
