@@ -67,6 +67,31 @@ const STREAM_REOPEN_DELAY: Duration = Duration::from_millis(200);
 const EXPIRY_SLACK: Duration = Duration::from_millis(1_500);
 /// A killed executor must be OFFLINE within TTL + this.
 pub const EXPIRY_ALLOWANCE: Duration = Duration::from_secs(1);
+
+/// The verdict on killed executors, shared by the fleet run and the soak:
+/// every one OFFLINE, none later than TTL + [`EXPIRY_ALLOWANCE`], none
+/// before its last heartbeat + TTL. Appends a line per breach.
+pub(crate) fn kill_failures(
+    not_offline: u64,
+    late: u64,
+    premature: u64,
+    failures: &mut Vec<String>,
+) {
+    if not_offline > 0 {
+        failures.push(format!("{not_offline} killed executors never went OFFLINE"));
+    }
+    if late > 0 {
+        failures.push(format!(
+            "{late} killed executors went OFFLINE later than TTL + {} s",
+            EXPIRY_ALLOWANCE.as_secs()
+        ));
+    }
+    if premature > 0 {
+        failures.push(format!(
+            "{premature} killed executors went OFFLINE before last heartbeat + TTL"
+        ));
+    }
+}
 /// The registry's clock counts whole milliseconds (a deadline is the
 /// truncated `now` + TTL), so an expiry up to 1 ms before send + TTL is on
 /// time; earlier than this is premature.
@@ -1216,25 +1241,12 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
             beat_latency.value_at_quantile(0.999) / 1_000
         ));
     }
-    if expiry.killed_not_offline > 0 {
-        failures.push(format!(
-            "{} killed executors never went OFFLINE",
-            expiry.killed_not_offline
-        ));
-    }
-    if expiry.killed_late > 0 {
-        failures.push(format!(
-            "{} killed executors went OFFLINE later than TTL + {} s",
-            expiry.killed_late,
-            EXPIRY_ALLOWANCE.as_secs()
-        ));
-    }
-    if expiry.killed_premature > 0 {
-        failures.push(format!(
-            "{} killed executors went OFFLINE before last heartbeat + TTL",
-            expiry.killed_premature
-        ));
-    }
+    kill_failures(
+        expiry.killed_not_offline,
+        expiry.killed_late,
+        expiry.killed_premature,
+        &mut failures,
+    );
     Ok(FleetReport {
         endpoint: config.endpoint.clone(),
         mode: config.mode,

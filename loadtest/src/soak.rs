@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::client::{self, Client};
-use crate::fleet::{CLOCK_GRANULARITY, EXPIRY_ALLOWANCE};
+use crate::fleet::{CLOCK_GRANULARITY, EXPIRY_ALLOWANCE, kill_failures};
 use crate::prom;
 use crate::stats::{self, Latency, Tally};
 use crate::watch;
@@ -976,25 +976,12 @@ pub async fn run(config: &SoakConfig) -> anyhow::Result<SoakReport> {
             churn.expired_after_late_send
         ));
     }
-    if churn.killed_not_offline > 0 {
-        failures.push(format!(
-            "{} killed executors never went OFFLINE",
-            churn.killed_not_offline
-        ));
-    }
-    if churn.killed_late > 0 {
-        failures.push(format!(
-            "{} killed executors went OFFLINE later than TTL + {} s",
-            churn.killed_late,
-            EXPIRY_ALLOWANCE.as_secs()
-        ));
-    }
-    if churn.killed_premature > 0 {
-        failures.push(format!(
-            "{} killed executors went OFFLINE before last heartbeat + TTL",
-            churn.killed_premature
-        ));
-    }
+    kill_failures(
+        churn.killed_not_offline,
+        churn.killed_late,
+        churn.killed_premature,
+        &mut failures,
+    );
     if churn.deregistered_not_offline > 0 {
         failures.push(format!(
             "{} deregistered executors never went OFFLINE",
