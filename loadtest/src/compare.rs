@@ -24,13 +24,10 @@ pub const RATIO_GOAL: f64 = 0.9;
 /// Goal: executors per second through `HeartbeatBatch` of 1,000.
 pub const BATCH_GOAL: f64 = 2_000_000.0;
 
-/// What to compare.
+/// How a comparison measures, the same for both of its targets (the echo
+/// and the registry here; plaintext and TLS in [`crate::tls_compare`]).
 #[derive(Debug, Clone)]
-pub struct CompareConfig {
-    /// The registry's gRPC endpoint.
-    pub registry: String,
-    /// The echo's gRPC endpoint.
-    pub echo: String,
+pub struct Plan {
     /// Modes to measure, in order.
     pub modes: Vec<Mode>,
     /// Connections per target.
@@ -45,6 +42,17 @@ pub struct CompareConfig {
     pub ttl: Duration,
     /// Print a line per measurement on stderr.
     pub progress: bool,
+}
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// The registry's gRPC endpoint.
+    pub registry: String,
+    /// The echo's gRPC endpoint.
+    pub echo: String,
+    /// How both are measured.
+    pub plan: Plan,
 }
 
 /// One mode, both targets.
@@ -93,65 +101,47 @@ pub struct CompareReport {
 
 /// Runs the comparison.
 pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
-    let echo = throughput::prepare(
-        &config.echo,
-        config.connections,
-        config.executors,
-        config.ttl,
-    )
-    .await
-    .context("preparing the echo")?;
-    let registry = throughput::prepare(
-        &config.registry,
-        config.connections,
-        config.executors,
-        config.ttl,
-    )
-    .await
-    .context("preparing the registry")?;
-    let runs = alternate(
-        [("echo", &echo), ("registry", &registry)],
-        &config.modes,
-        &config.load,
-        config.rounds,
-        config.progress,
-    )
-    .await;
+    let plan = &config.plan;
+    let echo = throughput::prepare(&config.echo, plan.connections, plan.executors, plan.ttl)
+        .await
+        .context("preparing the echo")?;
+    let registry =
+        throughput::prepare(&config.registry, plan.connections, plan.executors, plan.ttl)
+            .await
+            .context("preparing the registry")?;
+    let runs = alternate([("echo", &echo), ("registry", &registry)], plan).await;
     let modes = runs
         .into_iter()
         .map(|(mode, [echo_runs, registry_runs])| summarise(mode, &echo_runs, &registry_runs))
         .collect();
     Ok(CompareReport {
-        connections: config.connections,
-        load: config.load.clone(),
-        rounds: config.rounds.max(1),
+        connections: plan.connections,
+        load: plan.load.clone(),
+        rounds: plan.rounds.max(1),
         modes,
     })
 }
 
-/// Measures both pools `rounds` times per mode, alternating which goes
+/// Measures both pools `plan.rounds` times per mode, alternating which goes
 /// first each round (drift from other work falls on both); per mode, the
 /// runs of each pool in round order.
 pub async fn alternate(
     pools: [(&str, &Pool); 2],
-    modes: &[Mode],
-    load: &Load,
-    rounds: usize,
-    progress: bool,
+    plan: &Plan,
 ) -> Vec<(Mode, [Vec<ThroughputReport>; 2])> {
     let mut out = Vec::new();
-    for &mode in modes {
+    for &mode in &plan.modes {
         let load = Load {
             mode,
-            ..load.clone()
+            ..plan.load.clone()
         };
         let mut runs: [Vec<ThroughputReport>; 2] = [Vec::new(), Vec::new()];
-        for round in 0..rounds.max(1) {
+        for round in 0..plan.rounds.max(1) {
             let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
                 let (name, pool) = pools[i];
                 let report = throughput::measure(pool, &load).await;
-                if progress {
+                if plan.progress {
                     eprintln!(
                         "compare {mode:>6} round {} {name:>9}: {:>12.0} heartbeats/s  p50 {} µs  p99 {} µs  errors {}",
                         round + 1,

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use loadtest::compare::{self, CompareConfig};
+use loadtest::compare::{self, CompareConfig, Plan};
 use loadtest::fleet::{self, FleetConfig};
 use loadtest::soak::{self, SoakConfig};
 use loadtest::throughput::{self, Load};
@@ -248,6 +248,25 @@ struct CompareArgs {
     /// Echo endpoint [default: start `loadtest echo-server` as a child].
     #[arg(long)]
     echo_endpoint: Option<String>,
+    #[command(flatten)]
+    plan: PlanArgs,
+}
+
+#[derive(Debug, Args)]
+struct TlsCompareArgs {
+    /// The `executor-registry` binary [default: next to this one].
+    #[arg(long)]
+    registry_bin: Option<std::path::PathBuf>,
+    /// Server TLS only (no client certificates) instead of mutual TLS.
+    #[arg(long)]
+    server_only: bool,
+    #[command(flatten)]
+    plan: PlanArgs,
+}
+
+/// How `compare` and `tls-compare` measure both of their targets.
+#[derive(Debug, Args)]
+struct PlanArgs {
     /// Modes to compare.
     #[arg(
         long,
@@ -263,27 +282,18 @@ struct CompareArgs {
     load: LoadArgs,
 }
 
-#[derive(Debug, Args)]
-struct TlsCompareArgs {
-    /// The `executor-registry` binary [default: next to this one].
-    #[arg(long)]
-    registry_bin: Option<std::path::PathBuf>,
-    /// Server TLS only (no client certificates) instead of mutual TLS.
-    #[arg(long)]
-    server_only: bool,
-    /// Modes to compare.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "unary,stream,batch"
-    )]
-    modes: Vec<Mode>,
-    /// Measurements per registry and mode (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    #[command(flatten)]
-    load: LoadArgs,
+impl PlanArgs {
+    fn plan(&self) -> Plan {
+        Plan {
+            modes: self.modes.clone(),
+            connections: self.load.connections,
+            load: self.load.load(Mode::Unary),
+            rounds: self.rounds,
+            executors: self.load.executors,
+            ttl: self.load.ttl,
+            progress: true,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -431,17 +441,11 @@ async fn run_compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     let config = CompareConfig {
         registry: args.endpoint,
         echo,
-        modes: args.modes,
-        connections: args.load.connections,
-        load: args.load.load(Mode::Unary),
-        rounds: args.rounds,
-        executors: args.load.executors,
-        ttl: args.load.ttl,
-        progress: true,
+        plan: args.plan.plan(),
     };
     let report = compare::run(&config).await?;
     drop(child);
-    if args.load.json {
+    if args.plan.load.json {
         print_json(&report)?;
     } else {
         print!("{}", report::compare(&report));
@@ -459,16 +463,10 @@ async fn run_tls_compare(args: TlsCompareArgs) -> anyhow::Result<ExitCode> {
     let config = TlsCompareConfig {
         registry_bin,
         mutual: !args.server_only,
-        modes: args.modes,
-        connections: args.load.connections,
-        load: args.load.load(Mode::Unary),
-        rounds: args.rounds,
-        executors: args.load.executors,
-        ttl: args.load.ttl,
-        progress: true,
+        plan: args.plan.plan(),
     };
     let report = tls_compare::run(&config).await?;
-    if args.load.json {
+    if args.plan.load.json {
         print_json(&report)?;
     } else {
         print!("{}", report::tls_compare(&report));

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::Mode;
-use crate::compare::{Side, alternate};
+use crate::compare::{Plan, Side, alternate};
 use crate::stats::{Latency, Tally};
 use crate::throughput::{self, Load, ThroughputReport};
 
@@ -35,20 +35,8 @@ pub struct TlsCompareConfig {
     pub registry_bin: PathBuf,
     /// Client certificates too (mutual TLS), not only server TLS.
     pub mutual: bool,
-    /// Modes to measure, in order.
-    pub modes: Vec<Mode>,
-    /// Connections per registry.
-    pub connections: usize,
-    /// Shape of each measurement (its `mode` is overridden per mode).
-    pub load: Load,
-    /// Measurements per registry and mode.
-    pub rounds: usize,
-    /// Executors registered per registry.
-    pub executors: usize,
-    /// TTL of their heartbeats.
-    pub ttl: Duration,
-    /// Print a line per measurement on stderr.
-    pub progress: bool,
+    /// How both registries are measured.
+    pub plan: Plan,
 }
 
 /// One mode, both registries.
@@ -174,14 +162,9 @@ async fn prepare_when_up(
 ) -> anyhow::Result<throughput::Pool> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match throughput::prepare_with(
-            endpoint,
-            config.connections,
-            config.executors,
-            config.ttl,
-            tls,
-        )
-        .await
+        let plan = &config.plan;
+        match throughput::prepare_with(endpoint, plan.connections, plan.executors, plan.ttl, tls)
+            .await
         {
             Ok(pool) => return Ok(pool),
             Err(e) if tokio::time::Instant::now() > deadline => {
@@ -233,23 +216,17 @@ pub async fn run(config: &TlsCompareConfig) -> anyhow::Result<TlsCompareReport> 
     let secure = prepare_when_up(&format!("https://{tls_addr}"), config, Some(&tls))
         .await
         .context("preparing the TLS registry")?;
-    let runs = alternate(
-        [("plaintext", &plain), ("tls", &secure)],
-        &config.modes,
-        &config.load,
-        config.rounds,
-        config.progress,
-    )
-    .await;
+    let plan = &config.plan;
+    let runs = alternate([("plaintext", &plain), ("tls", &secure)], plan).await;
     let modes = runs
         .into_iter()
         .map(|(mode, [plain, tls])| summarise(mode, &plain, &tls))
         .collect();
     Ok(TlsCompareReport {
         mutual: config.mutual,
-        connections: config.connections,
-        load: config.load.clone(),
-        rounds: config.rounds.max(1),
+        connections: plan.connections,
+        load: plan.load.clone(),
+        rounds: plan.rounds.max(1),
         modes,
     })
 }
