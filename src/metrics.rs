@@ -68,6 +68,11 @@ pub const AUTH_DENIED: &str = "registry_auth_denied_total";
 /// `registry_expiry_guard_active` gauge: 1 while the mass-expiry guard holds
 /// expirations, else 0 (also when the guard is off).
 pub const EXPIRY_GUARD_ACTIVE: &str = "registry_expiry_guard_active";
+/// `registry_tombstones` gauge: tombstones remembered (expired or
+/// deregistered within `--tombstone-retention`).
+pub const TOMBSTONES: &str = "registry_tombstones";
+/// `registry_timing_wheel_entries` gauge: entries in the expiry timing wheel.
+pub const TIMING_WHEEL_ENTRIES: &str = "registry_timing_wheel_entries";
 
 /// `process_cpu_seconds_total` counter, rendered by [`Metrics::render`] as a float.
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
@@ -364,6 +369,8 @@ pub struct Metrics {
     store: ByLabel<StoreHandles>,
     revision: Gauge,
     expiry_guard_active: Gauge,
+    tombstones: Gauge,
+    timing_wheel: Gauge,
     leader: AtomicBool,
     is_leader: Gauge,
     leader_changes: Counter,
@@ -468,6 +475,16 @@ fn describe(recorder: &dyn Recorder) {
             "1 if this replica runs the membership loop, else 0.",
         ),
         (
+            TOMBSTONES,
+            None,
+            "Tombstones remembered: executors expired or deregistered within the tombstone retention.",
+        ),
+        (
+            TIMING_WHEEL_ENTRIES,
+            None,
+            "Entries in the expiry timing wheel: one per live executor, plus departed ones until their deadline.",
+        ),
+        (
             PROCESS_RESIDENT_MEMORY,
             Some(Unit::Bytes),
             "Resident memory size in bytes.",
@@ -545,6 +562,8 @@ impl Metrics {
             }),
             revision: gauge(recorder, REVISION, None),
             expiry_guard_active: gauge(recorder, EXPIRY_GUARD_ACTIVE, None),
+            tombstones: gauge(recorder, TOMBSTONES, None),
+            timing_wheel: gauge(recorder, TIMING_WHEEL_ENTRIES, None),
             leader: AtomicBool::new(true),
             is_leader: gauge(recorder, IS_LEADER, None),
             leader_changes: counter(recorder, LEADER_CHANGES, None),
@@ -569,6 +588,8 @@ impl Metrics {
             &metrics.watchers,
             &metrics.revision,
             &metrics.expiry_guard_active,
+            &metrics.tombstones,
+            &metrics.timing_wheel,
         ] {
             g.set(0.0);
         }
@@ -670,6 +691,11 @@ impl Observer for Metrics {
 
     fn expiry_guard(&self, active: bool, _held: u64) {
         self.expiry_guard_active.set(if active { 1.0 } else { 0.0 });
+    }
+
+    fn tables(&self, tombstones: u64, wheel: u64) {
+        self.tombstones.set(tombstones as f64);
+        self.timing_wheel.set(wheel as f64);
     }
 
     fn released(&self, count: u64) {
@@ -774,6 +800,8 @@ mod tests {
             REVISION,
             LEADER_CHANGES,
             EXPIRY_GUARD_ACTIVE,
+            TOMBSTONES,
+            TIMING_WHEEL_ENTRIES,
         ] {
             assert_sample(&text, name, 0.0);
         }

@@ -77,6 +77,9 @@ const SPEC_METRICS: &[(&str, &str)] = &[
     ("registry_auth_denied_total", "counter"),
     // Issue 7 (mass-expiry guard), beside SPEC §4.
     ("registry_expiry_guard_active", "gauge"),
+    // Issue 7 (soak: what outlives departures is bounded), beside SPEC §4.
+    ("registry_tombstones", "gauge"),
+    ("registry_timing_wheel_entries", "gauge"),
     ("process_cpu_seconds_total", "counter"),
     ("process_resident_memory_bytes", "gauge"),
     ("process_virtual_memory_bytes", "gauge"),

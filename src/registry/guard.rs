@@ -198,6 +198,11 @@ impl<T> ExpiryGuard<T> {
         }
     }
 
+    /// Whether it holds anything now.
+    pub(crate) fn holding(&self) -> bool {
+        self.since_ms.is_some()
+    }
+
     /// The current counts.
     #[cfg(test)]
     pub(crate) fn counts(&self) -> Counts {

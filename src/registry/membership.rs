@@ -59,7 +59,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dashmap::{DashMap, DashSet};
+use dashmap::DashMap;
 use imbl::OrdMap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::{Interval, MissedTickBehavior};
@@ -73,6 +73,7 @@ use super::guard::{ExpiryGuard, ExpiryGuardStatus, Held, Pass};
 use super::labels::Labels;
 use super::observer::{Observer, RegistrationResult};
 use super::snapshot::Snapshot;
+use super::tombstones::{Retention, Tombstones, oversized};
 use super::watch::{Event, EventKind, OfflineReason};
 use super::{RegistryConfig, ValidRegistration};
 use crate::store::{Batch, Commit, StoreError, StoreWorker, StoredExecutor};
@@ -99,6 +100,8 @@ const OFFLOAD_DROP_MIN: usize = 1 << 14;
 /// The loop wakes at least this often (stall detection, and forgetting
 /// tombstones past their retention).
 pub(crate) const TICK: Duration = Duration::from_millis(100);
+/// Housekeeping ticks between two looks at the tables' spare capacity.
+const COMPACT_EVERY_TICKS: u32 = 100;
 /// After a stall, deadlines this soon after the resume are compensated too:
 /// the heartbeats queued during the stall are still being read.
 pub(crate) const RESUME_GRACE: Duration = Duration::from_secs(1);
@@ -116,7 +119,7 @@ pub(crate) struct Shared {
     /// Live executors; heartbeats CAS their state words here.
     pub live: DashMap<ExecutorId, Arc<Entry>, IdHasher>,
     /// Ids expired or deregistered within the retention.
-    pub tombstones: DashSet<ExecutorId, IdHasher>,
+    pub tombstones: Tombstones,
     pub snapshot: ArcSwap<Snapshot>,
     pub events: broadcast::Sender<Event>,
     /// Live executors by status. Signed: a heartbeat moves INITING→RUNNING
@@ -271,7 +274,10 @@ pub(crate) struct MembershipLoop {
     /// to the tombstone set by the following turns.
     unlinked: VecDeque<Arc<Entry>>,
     revision: u64,
-    tombstone_queue: VecDeque<(u64, ExecutorId)>,
+    /// When each tombstone is forgotten.
+    retention: Retention,
+    /// Housekeeping ticks until the next [`Self::compact_tables`].
+    ticks_to_compaction: u32,
     /// Ids handed out but not yet visible (registration being committed).
     reserved: HashSet<ExecutorId, IdHasher>,
     pending_registrations: Vec<PendingRegistration>,
@@ -334,7 +340,8 @@ impl MembershipLoop {
             purge: None,
             unlinked: VecDeque::new(),
             revision: 0,
-            tombstone_queue: VecDeque::new(),
+            retention: Retention::default(),
+            ticks_to_compaction: COMPACT_EVERY_TICKS,
             reserved: HashSet::default(),
             pending_registrations: Vec::new(),
             pending_deletes: Vec::new(),
@@ -561,7 +568,7 @@ impl MembershipLoop {
         let n = self.unlinked.len().min(UNLINK_PER_TURN);
         for entry in self.unlinked.drain(..n) {
             let id = entry.id();
-            self.shared.tombstones.insert(id.clone());
+            self.shared.tombstones.insert(id.as_str());
             self.shared
                 .live
                 .remove_if(id, |_, live| Arc::ptr_eq(live, &entry));
@@ -778,10 +785,10 @@ impl MembershipLoop {
     /// as a tombstone for the retention, and deleted from the store.
     fn remove_live(&mut self, entry: &Arc<Entry>, now: u64) {
         let id = entry.id().clone();
-        self.tombstone_queue.push_back((
+        self.retention.push(
             now + duration_ms(self.shared.config.tombstone_retention),
-            id.clone(),
-        ));
+            self.shared.tombstones.fingerprint(id.as_str()),
+        );
         self.live -= 1;
         if self.defer_removals {
             // The tombstoned entry answers heartbeats where it is; the next
@@ -790,7 +797,7 @@ impl MembershipLoop {
         } else {
             // Tombstone first, so a heartbeat that misses the live table
             // finds it.
-            self.shared.tombstones.insert(id.clone());
+            self.shared.tombstones.insert(id.as_str());
             self.shared.live.remove(&id);
             self.members.remove(&id);
         }
@@ -846,20 +853,69 @@ impl MembershipLoop {
     fn forget_tombstones(&mut self, now: u64) {
         // An id still waiting to be unlinked is not in the tombstone set
         // yet: forgetting waits for the (few) turns that move it there.
-        while let Some((forget_at, _)) = self.tombstone_queue.front()
-            && self.unlinked.is_empty()
+        if self.unlinked.is_empty() {
+            self.retention.forget_due(now, &self.shared.tombstones);
+        }
+        self.shared
+            .observer
+            .tables(self.retention.len() as u64, self.queue.len() as u64);
+        self.ticks_to_compaction = self.ticks_to_compaction.saturating_sub(1);
+        if self.ticks_to_compaction == 0 {
+            self.ticks_to_compaction = COMPACT_EVERY_TICKS;
+            self.compact_tables();
+        }
+    }
+
+    /// Gives back the capacity a burst (a mass expiry or deregistration, a
+    /// fleet that shrank) left in the tables: each is compacted only when it
+    /// is several times larger than what it holds (see
+    /// [`super::tombstones::oversized`]), so steady churn never compacts.
+    fn compact_tables(&mut self) {
+        self.retention.compact(&self.shared.tombstones);
+        let live = &self.shared.live;
+        if oversized(live.capacity(), live.len()) {
+            live.shrink_to_fit();
+        }
+        if oversized(self.undeleted.capacity(), self.undeleted.len()) {
+            self.undeleted.shrink_to_fit();
+        }
+        if oversized(self.reserved.capacity(), self.reserved.len()) {
+            self.reserved.shrink_to_fit();
+        }
+        if oversized(self.unlinked.capacity(), self.unlinked.len()) {
+            self.unlinked.shrink_to_fit();
+        }
+        self.compact_wheel();
+    }
+
+    /// Rebuilds the timing wheel when its slab is several times larger than
+    /// the live set. The slab keeps the capacity of its peak (its entries
+    /// cannot move), and a deregistered entry stays queued until its
+    /// deadline, so a burst of departures would otherwise keep its memory.
+    /// The new wheel holds each live member once, at the deadline it is armed
+    /// for (the one queue entry [`Self::expire_or_rearm`] acts on); what the
+    /// old one held besides — departed entries, superseded re-arms — needs
+    /// no timer. Not while the guard holds executors (they are live but out
+    /// of the wheel, and go back to it on their own).
+    fn compact_wheel(&mut self) {
+        if !oversized(self.queue.capacity(), self.live)
+            || self.guard.as_ref().is_some_and(|g| g.holding())
         {
-            if *forget_at > now {
-                break;
+            return;
+        }
+        // Room for half as many again, so the churn that follows does not
+        // double the new slab at once.
+        let mut queue = DelayQueue::with_capacity(self.live + self.live / 2);
+        for entry in self.members.values() {
+            if entry.status() == Status::Tombstone {
+                continue;
             }
-            let (_, id) = self.tombstone_queue.pop_front().expect("front was Some");
-            self.shared.tombstones.remove(&id);
+            let deadline = entry.armed_ms();
+            let at = self.shared.clock.instant_at(deadline);
+            queue.insert_at((entry.clone(), deadline), at);
         }
-        // The queue's slab never shrinks on its own; give memory back after a
-        // mass expiry.
-        if self.queue.capacity() > 1024 && self.queue.len() < self.queue.capacity() / 4 {
-            self.queue.shrink_to_fit();
-        }
+        let old = std::mem::replace(&mut self.queue, queue);
+        self.release(old);
     }
 
     /// The guard's part of a turn: the pass's due executors expire or are
@@ -935,7 +991,7 @@ impl MembershipLoop {
         loop {
             let id = ExecutorId::new(&format!("{name}-{:016x}", id_suffix()));
             if !self.shared.live.contains_key(&id)
-                && !self.shared.tombstones.contains(&id)
+                && !self.shared.tombstones.contains(id.as_str())
                 && !self.reserved.contains(&id)
                 && !self.undeleted.contains(&id)
             {

@@ -19,6 +19,7 @@ mod labels;
 mod membership;
 mod observer;
 mod snapshot;
+mod tombstones;
 mod watch;
 
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dashmap::{DashMap, DashSet};
+use dashmap::DashMap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -317,7 +318,7 @@ impl Registry {
             config,
             clock: Clock::start(),
             live: DashMap::with_hasher_and_shard_amount(Default::default(), LIVE_SHARDS),
-            tombstones: DashSet::with_hasher(Default::default()),
+            tombstones: Default::default(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             events,
             initing: Default::default(),

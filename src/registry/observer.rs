@@ -59,6 +59,11 @@ pub trait Observer: Send + Sync + 'static {
     /// `count` executors the mass-expiry guard had held expired (released).
     /// They are expirations, but not late ones: no lag is reported for them.
     fn released(&self, _count: u64) {}
+    /// The sizes of the tables that outlive departures, reported on every
+    /// housekeeping tick: `tombstones` remembered, `wheel` entries in the
+    /// expiry timing wheel (one per live executor, plus departed ones until
+    /// their deadline or the next compaction).
+    fn tables(&self, _tombstones: u64, _wheel: u64) {}
     /// A store operation finished after `elapsed`; `ok` = false on error.
     fn store_operation(&self, _op: &'static str, _elapsed: Duration, _ok: bool) {}
     /// A connection or call was refused by authentication or authorization;

@@ -35,6 +35,8 @@ struct Recorder {
     passes: Mutex<Vec<Vec<Duration>>>,
     /// The revision of every published snapshot, in order.
     revisions: Mutex<Vec<u64>>,
+    /// The last `tables` report: (tombstones, timing-wheel entries).
+    tables: Mutex<(u64, u64)>,
 }
 
 impl Recorder {
@@ -44,6 +46,10 @@ impl Recorder {
 
     fn revisions(&self) -> Vec<u64> {
         self.revisions.lock().expect("recorder lock").clone()
+    }
+
+    fn tables(&self) -> (u64, u64) {
+        *self.tables.lock().expect("recorder lock")
     }
 }
 
@@ -57,6 +63,10 @@ impl Observer for Recorder {
 
     fn membership(&self, revision: u64, _initing: u64, _running: u64) {
         self.revisions.lock().expect("recorder lock").push(revision);
+    }
+
+    fn tables(&self, tombstones: u64, wheel: u64) {
+        *self.tables.lock().expect("recorder lock") = (tombstones, wheel);
     }
 }
 
@@ -1521,4 +1531,74 @@ async fn without_the_authority_to_decide_nothing_expires_and_with_it_all_due_go_
     assert_eq!(registry.count(None), 0);
     assert_eq!(recorder.passes().len(), 1, "one pass");
     assert_eq!(recorder.passes()[0].len(), 100);
+}
+
+/// A burst of departures leaves one timing-wheel entry per departed executor
+/// until its deadline, and a tombstone per id until the retention ends. The
+/// housekeeping compaction rebuilds the wheel from the live members long
+/// before those deadlines; the survivors keep theirs (none early, none late)
+/// and the departed stay tombstones for the retention, then are forgotten.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_departures_gives_the_timing_wheel_back_and_survivors_keep_their_deadlines() {
+    const N: usize = 20_000;
+    const STAYING: usize = 1_000;
+    let retention = Duration::from_secs(15);
+    let config = RegistryConfig {
+        tombstone_retention: retention,
+        ..RegistryConfig::default()
+    };
+    let init_ttl = config.init_ttl;
+    let (registry, _task, recorder) = start(config);
+    let entries = register_many(&registry, "worker", N).await;
+    let (leaving, staying) = entries.split_at(N - STAYING);
+    // Survivors: half heartbeat with a TTL longer than the init TTL, half
+    // stay INITING (their queued deadline is the init one).
+    for entry in &staying[..STAYING / 2] {
+        registry.heartbeat(id(entry), 40_000).expect("live");
+    }
+    still(async {
+        for entry in leaving {
+            registry.deregister(id(entry)).await.expect("live");
+        }
+    })
+    .await;
+    sleep(SECOND).await;
+    assert_eq!(recorder.tables(), ((N - STAYING) as u64, N as u64));
+
+    // Compaction runs within every 100 housekeeping ticks (10 s), well
+    // before the departed entries' deadlines (the init TTL, 20 s).
+    sleep(Duration::from_secs(11)).await;
+    assert!(registry.clock().now_ms() < init_ttl.as_millis() as u64);
+    assert_eq!(recorder.tables(), ((N - STAYING) as u64, STAYING as u64));
+    assert!(matches!(
+        registry.heartbeat(id(&leaving[0]), 0),
+        Err(RegistryError::Tombstone(_))
+    ));
+
+    // The INITING half expires at the init TTL, the others 40 s after their
+    // heartbeat: each in one pass, on time.
+    let initing_deadline = staying[STAYING - 1].state().deadline_ms();
+    let running_deadline = staying[0].state().deadline_ms();
+    sleep_until(at(&registry, initing_deadline) - MS).await;
+    assert_eq!(registry.count(None), STAYING as u64);
+    sleep_until(at(&registry, running_deadline) - MS).await;
+    assert_eq!(registry.count(None), (STAYING / 2) as u64);
+    sleep(MS * (MAX_LAG_MS as u32 + 1)).await;
+    assert_eq!(registry.count(None), 0);
+    let sizes: Vec<usize> = recorder.passes().iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![STAYING / 2, STAYING / 2]);
+    assert!(
+        recorder
+            .passes()
+            .iter()
+            .flatten()
+            .all(|lag| *lag <= Duration::from_millis(MAX_LAG_MS))
+    );
+    // Past the retention every tombstone is forgotten: "not found".
+    sleep(retention).await;
+    assert_eq!(recorder.tables(), (0, 0));
+    assert!(matches!(
+        registry.heartbeat(id(&leaving[0]), 0),
+        Err(RegistryError::NotFound(_))
+    ));
 }
