@@ -372,13 +372,22 @@ pub fn soak(r: &crate::soak::SoakReport) -> String {
     let _ = writeln!(out, "  memory curve:");
     let _ = writeln!(
         out,
-        "  {:>8}  {:<11} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9}",
-        "t (s)", "phase", "live", "server", "RSS MiB", "CPU s", "killed", "dereg"
+        "  {:>8}  {:<11} {:>9} {:>9} {:>10} {:>8} {:>9} {:>9} {:>10} {:>9}",
+        "t (s)",
+        "phase",
+        "live",
+        "server",
+        "RSS MiB",
+        "CPU s",
+        "killed",
+        "dereg",
+        "tombstones",
+        "wheel"
     );
     for s in &r.samples {
         let _ = writeln!(
             out,
-            "  {:>8.0}  {:<11} {:>9} {:>9} {:>10.1} {:>8.1} {:>9} {:>9}",
+            "  {:>8.0}  {:<11} {:>9} {:>9} {:>10.1} {:>8.1} {:>9} {:>9} {:>10} {:>9}",
             s.t_s,
             s.phase,
             s.live,
@@ -386,7 +395,9 @@ pub fn soak(r: &crate::soak::SoakReport) -> String {
             s.rss_bytes / 1_048_576.0,
             s.cpu_seconds,
             s.killed,
-            s.deregistered
+            s.deregistered,
+            s.tombstones,
+            s.timing_wheel
         );
     }
     let m = &r.memory;

@@ -560,6 +560,10 @@ pub struct MemorySample {
     pub server_executors: f64,
     /// `registry_watchers`.
     pub watchers: f64,
+    /// `registry_tombstones` (absent from older servers: 0).
+    pub tombstones: f64,
+    /// `registry_timing_wheel_entries` (absent from older servers: 0).
+    pub timing_wheel: f64,
     /// `process_resident_memory_bytes`.
     pub rss_bytes: f64,
     /// `process_cpu_seconds_total`.
@@ -578,6 +582,8 @@ async fn sample(url: &str, shared: &Shared, phase: &'static str) -> anyhow::Resu
         live: shared.live.load(Ordering::Relaxed),
         server_executors: prom::sum(&text, "registry_executors").unwrap_or(0.0),
         watchers: prom::sum(&text, "registry_watchers").unwrap_or(0.0),
+        tombstones: prom::sum(&text, "registry_tombstones").unwrap_or(0.0),
+        timing_wheel: prom::sum(&text, "registry_timing_wheel_entries").unwrap_or(0.0),
         rss_bytes: prom::sum(&text, "process_resident_memory_bytes")
             .context("no process_resident_memory_bytes in /metrics")?,
         cpu_seconds: prom::sum(&text, "process_cpu_seconds_total").unwrap_or(0.0),
