@@ -414,13 +414,14 @@ impl Registry {
             return Err(RegistryError::invalid("executor_id", "is required"));
         }
         let shared = &*self.shared;
-        let Some(entry) = shared.live.get(id) else {
+        let Some(slot) = shared.live.get(id) else {
             return Err(if shared.tombstones.contains(id) {
                 RegistryError::Tombstone(id.to_owned())
             } else {
                 RegistryError::NotFound(id.to_owned())
             });
         };
+        let entry = slot.key();
         if entry.status() == Status::Tombstone {
             // Expired in a mass pass and not yet moved to the tombstone set:
             // the same answer as from the set, for any caller.
@@ -441,7 +442,7 @@ impl Registry {
                 if deadline_ms < entry.armed_ms() {
                     // Rare: a smaller TTL moved the deadline before the queued
                     // time. Tell the loop, or it would expire this one late.
-                    let _ = shared.rearm.send(entry.value().clone());
+                    let _ = shared.rearm.send(entry.0.clone());
                 }
                 Ok(())
             }
@@ -476,7 +477,7 @@ impl Registry {
         if id.is_empty() {
             return Err(RegistryError::invalid("executor_id", "is required"));
         }
-        match self.shared.live.get(id) {
+        match self.shared.live.get(id).as_ref().map(|slot| slot.key()) {
             None => return Err(RegistryError::NotFound(id.to_owned())),
             // Tombstoned but not yet moved out of the live table (a mass pass).
             Some(entry) if entry.status() == Status::Tombstone => {
@@ -530,7 +531,7 @@ impl Registry {
             return Err(RegistryError::invalid("executor_id", "is required"));
         }
         match self.shared.live.get(id) {
-            Some(entry) if entry.status() != Status::Tombstone => Ok(entry.value().clone()),
+            Some(slot) if slot.key().status() != Status::Tombstone => Ok(slot.key().0.clone()),
             _ => Err(RegistryError::NotFound(id.to_owned())),
         }
     }
