@@ -60,6 +60,9 @@ impl Batch {
 #[error("{0}")]
 pub struct StoreError(pub String);
 
+/// Quiet time after which a blocking store is told it is idle.
+pub const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A place membership survives restarts. Calls block; the registry runs them
 /// on the store's own thread.
 pub trait MembershipStore: Send + 'static {
@@ -67,6 +70,11 @@ pub trait MembershipStore: Send + 'static {
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError>;
     /// Applies a batch atomically and durably.
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
+    /// No batch came for [`IDLE_AFTER`] since the last one (or since the
+    /// load): a chance to give back memory a burst of work took. Called
+    /// once per quiet spell, on the store's thread; not for a store that
+    /// does not block.
+    fn idle(&mut self) {}
     /// Whether calls block (disk, network). A store that never blocks is
     /// called inline by the membership loop instead of on a thread of its own,
     /// which also keeps paused-time tests exact (tokio cannot see a thread).

@@ -63,8 +63,18 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 /// Size the WAL file is truncated back to after a checkpoint.
 const JOURNAL_SIZE_LIMIT_BYTES: i64 = 64 << 20;
-/// Page cache bound; negative means KiB (64 MiB).
-const CACHE_SIZE: i64 = -65_536;
+/// Page cache bound while large batches are written (a registration storm,
+/// the load at start); negative means KiB (64 MiB): a batch of thousands of
+/// rows at random places in the id index does not spill dirty pages to the
+/// WAL mid-transaction.
+const BATCH_CACHE_KIB: i64 = -65_536;
+/// Page cache bound otherwise (8 MiB). Steady churn writes a few rows per
+/// commit; a page it misses is read back from the OS's file cache. Without
+/// this bound the cache grows towards the file's size as churn touches page
+/// after page, and the process's memory with it, whatever the live set.
+const STEADY_CACHE_KIB: i64 = -8_192;
+/// A batch of at least this many rows (inserts + deletes) is large.
+const LARGE_BATCH_ROWS: usize = 1_024;
 
 /// Schema migrations, in order: entry `i` takes the schema from version `i`
 /// to `i + 1`. Append only; never edit one that has shipped.
@@ -164,6 +174,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Rows by id; built by the first `load_all` (or commit).
     index: Option<RowIndex>,
+    /// The page cache bound in force (`PRAGMA cache_size`).
+    cache_kib: i64,
     /// The data directory's lock, held while the store lives. Declared after
     /// `conn` so it is released only once the connection is closed.
     _lock: File,
@@ -261,12 +273,14 @@ impl SqliteStore {
         // checkpoint ran every few batches and cost more than the fsyncs:
         // 10,000 pages (~40 MiB of WAL) about doubled durable registrations
         // per second at 300 a batch. The size limit truncates the WAL back
-        // after a checkpoint; the page cache (64 MiB at most, grown on
-        // demand) keeps a batch from spilling pages mid-transaction.
+        // after a checkpoint; the page cache (64 MiB at most while large
+        // batches come, grown on demand, 8 MiB once the store is idle: see
+        // `BATCH_CACHE_KIB`) keeps a batch from spilling pages
+        // mid-transaction.
         for (pragma, value) in [
             ("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES),
             ("journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES),
-            ("cache_size", CACHE_SIZE),
+            ("cache_size", BATCH_CACHE_KIB),
         ] {
             conn.pragma_update(None, pragma, value)
                 .map_err(|e| sql(&format!("set {pragma}"), e))?;
@@ -292,6 +306,7 @@ impl SqliteStore {
             conn,
             path,
             index: None,
+            cache_kib: BATCH_CACHE_KIB,
             _lock: lock,
         })
     }
@@ -299,6 +314,20 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Sets the page cache bound; lowering it frees the pages over it at
+    /// once. A failure only costs memory or speed: logged, not returned.
+    fn set_cache(&mut self, kib: i64) {
+        if self.cache_kib == kib {
+            return;
+        }
+        match self.conn.pragma_update(None, "cache_size", kib) {
+            Ok(()) => self.cache_kib = kib,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "set the page cache size")
+            }
+        }
     }
 
     fn error(&self, op: &str, e: &rusqlite::Error) -> StoreError {
@@ -486,9 +515,17 @@ impl MembershipStore for SqliteStore {
         Ok(out)
     }
 
+    /// Back to the steady page cache once large batches stopped coming.
+    fn idle(&mut self) {
+        self.set_cache(STEADY_CACHE_KIB);
+    }
+
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
+        }
+        if batch.inserts.len() + batch.deletes.len() >= LARGE_BATCH_ROWS {
+            self.set_cache(BATCH_CACHE_KIB);
         }
         let result = self.write(batch);
         // The transaction's drop rolls back; if SQLite refused even that,
@@ -778,6 +815,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_page_cache_is_large_only_while_large_batches_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let bound = |store: &SqliteStore| -> i64 {
+            store
+                .conn
+                .pragma_query_value(None, "cache_size", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(bound(&store), BATCH_CACHE_KIB, "large for the load");
+        store.idle();
+        assert_eq!(bound(&store), STEADY_CACHE_KIB);
+        for round in 0..3 {
+            let batch = Batch {
+                inserts: (round * LARGE_BATCH_ROWS..(round + 1) * LARGE_BATCH_ROWS)
+                    .map(|i| executor(&format!("big-{i:05}")))
+                    .collect(),
+                deletes: Vec::new(),
+            };
+            store.commit(&batch).unwrap();
+            assert_eq!(bound(&store), BATCH_CACHE_KIB, "large during a storm");
+        }
+        // A small batch does not shrink it (a storm may go on)...
+        store.commit(&inserts(&["small"])).unwrap();
+        assert_eq!(bound(&store), BATCH_CACHE_KIB);
+        // ...a quiet spell does (SQLite frees the pages over a lowered
+        // bound at once).
+        store.idle();
+        assert_eq!(bound(&store), STEADY_CACHE_KIB);
+        store.commit(&inserts(&["small-2"])).unwrap();
+        assert_eq!(bound(&store), STEADY_CACHE_KIB);
+        // Nothing was lost with the pages.
+        assert_eq!(store.load_all().unwrap().len(), 3 * LARGE_BATCH_ROWS + 2);
     }
 
     #[test]

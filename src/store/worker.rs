@@ -3,7 +3,9 @@
 //! Owns: the boxed `MembershipStore` and the OS thread that calls it, so that
 //! blocking writes (fsync) never run on the async runtime. Commits are
 //! executed one at a time in submission order. A store that does not block
-//! (`MembershipStore::blocks` is false) is called inline instead.
+//! (`MembershipStore::blocks` is false) is called inline instead. After
+//! [`IDLE_AFTER`] without a job the store is told it is idle, once per quiet
+//! spell.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Batch, MembershipStore, StoreError, StoredExecutor};
+use super::{Batch, IDLE_AFTER, MembershipStore, StoreError, StoredExecutor};
 
 struct Job {
     batch: Batch,
@@ -49,7 +51,19 @@ impl StoreWorker {
         let thread = std::thread::Builder::new()
             .name("registry-store".into())
             .spawn(move || {
-                for job in rx {
+                let mut busy = true;
+                loop {
+                    let job = match rx.recv_timeout(IDLE_AFTER) {
+                        Ok(job) => job,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            if std::mem::take(&mut busy) {
+                                store.idle();
+                            }
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
+                    busy = true;
                     let started = Instant::now();
                     let result = store.commit(&job.batch);
                     // The loop may have stopped waiting; nothing to do then.
@@ -106,5 +120,57 @@ impl StoreWorker {
 impl Drop for StoreWorker {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A blocking store that counts its commits and idle calls.
+    struct Counting {
+        commits: Arc<AtomicUsize>,
+        idles: Arc<AtomicUsize>,
+    }
+
+    impl MembershipStore for Counting {
+        fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
+            Ok(Vec::new())
+        }
+
+        fn commit(&mut self, _batch: &Batch) -> Result<(), StoreError> {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        fn idle(&mut self) {
+            self.idles.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_store_is_told_it_is_idle_once_per_quiet_spell() {
+        let (commits, idles) = (Arc::default(), Arc::<AtomicUsize>::default());
+        let store = Counting {
+            commits: Arc::clone(&commits),
+            idles: Arc::clone(&idles),
+        };
+        let (mut worker, _) = StoreWorker::start(Box::new(store)).unwrap();
+        let spell = IDLE_AFTER + IDLE_AFTER / 2;
+        std::thread::sleep(spell);
+        assert_eq!(idles.load(Ordering::SeqCst), 1, "idle after the load");
+        std::thread::sleep(spell);
+        assert_eq!(idles.load(Ordering::SeqCst), 1, "once per quiet spell");
+        let done = worker.submit(Batch::default());
+        let (result, _) = done.blocking_recv().unwrap();
+        result.unwrap();
+        assert_eq!(idles.load(Ordering::SeqCst), 1, "not while working");
+        std::thread::sleep(spell);
+        assert_eq!(idles.load(Ordering::SeqCst), 2, "idle after the commit");
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+        worker.close();
     }
 }
