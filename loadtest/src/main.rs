@@ -337,11 +337,26 @@ async fn main() -> ExitCode {
     }
 }
 
-fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
+/// Prints `report` on stdout: one JSON document with `--json`, else its
+/// table.
+fn emit<R: Serialize>(report: &R, json: bool, table: fn(&R) -> String) -> anyhow::Result<()> {
+    if json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        print!("{}", table(report));
+    }
     Ok(())
+}
+
+/// The exit code of a run with a verdict: 2 when it failed.
+fn verdict(passed: bool) -> ExitCode {
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
 }
 
 async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
@@ -358,16 +373,8 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
     config.progress_every = args.progress_every;
     config.tls = args.tls.client_tls()?;
     let report = fleet::run(&config).await?;
-    if args.json {
-        print_json(&report)?;
-    } else {
-        print!("{}", report::fleet(&report));
-    }
-    Ok(if report.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    emit(&report, args.json, report::fleet)?;
+    Ok(verdict(report.passed))
 }
 
 async fn run_soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
@@ -385,16 +392,8 @@ async fn run_soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
     config.batch_size = args.batch_size;
     config.progress = true;
     let report = soak::run(&config).await?;
-    if args.json {
-        print_json(&report)?;
-    } else {
-        print!("{}", report::soak(&report));
-    }
-    Ok(if report.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    emit(&report, args.json, report::soak)?;
+    Ok(verdict(report.passed))
 }
 
 /// The echo endpoint, starting a child echo server if none is given.
@@ -428,11 +427,7 @@ async fn run_throughput(args: ThroughputArgs) -> anyhow::Result<ExitCode> {
     .await?;
     let report = throughput::measure(&pool, &load).await;
     drop(child);
-    if args.load.json {
-        print_json(&report)?;
-    } else {
-        print!("{}", report::throughput(&report));
-    }
+    emit(&report, args.load.json, report::throughput)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -445,11 +440,7 @@ async fn run_compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     };
     let report = compare::run(&config).await?;
     drop(child);
-    if args.plan.load.json {
-        print_json(&report)?;
-    } else {
-        print!("{}", report::compare(&report));
-    }
+    emit(&report, args.plan.load.json, report::compare)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -466,11 +457,7 @@ async fn run_tls_compare(args: TlsCompareArgs) -> anyhow::Result<ExitCode> {
         plan: args.plan.plan(),
     };
     let report = tls_compare::run(&config).await?;
-    if args.plan.load.json {
-        print_json(&report)?;
-    } else {
-        print!("{}", report::tls_compare(&report));
-    }
+    emit(&report, args.plan.load.json, report::tls_compare)?;
     Ok(ExitCode::SUCCESS)
 }
 
