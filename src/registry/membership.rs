@@ -584,7 +584,7 @@ impl MembershipLoop {
             self.unlink_some();
         }
         if turn.housekeeping {
-            self.forget_tombstones(now);
+            self.housekeeping(now);
         }
         let guard_releases = std::mem::take(&mut changes.guard_releases);
         self.finish_turn(changes);
@@ -820,22 +820,24 @@ impl MembershipLoop {
     /// as a tombstone for the retention, and deleted from the store.
     fn remove_live(&mut self, entry: &Arc<Entry>, now: u64) {
         let id = entry.id().clone();
-        self.retention.push(
-            now + duration_ms(self.shared.config.tombstone_retention),
-            self.shared.tombstones.fingerprint(id.as_str()),
-        );
         self.live -= 1;
-        if self.defer_removals {
+        let fingerprint = if self.defer_removals {
             // The tombstoned entry answers heartbeats where it is; the next
             // turns move it out of the live table, a purge out of `members`.
             self.unlinked.push_back(entry.clone());
+            self.shared.tombstones.fingerprint(id.as_str())
         } else {
             // Tombstone first, so a heartbeat that misses the live table
             // finds it.
-            self.shared.tombstones.insert(id.as_str());
+            let fingerprint = self.shared.tombstones.insert(id.as_str());
             self.shared.live.remove(id.as_str());
             self.members.remove(&id);
-        }
+            fingerprint
+        };
+        self.retention.push(
+            now + duration_ms(self.shared.config.tombstone_retention),
+            fingerprint,
+        );
         self.undeleted.insert(id.clone());
         self.pending_deletes.push(id);
     }
@@ -885,7 +887,9 @@ impl MembershipLoop {
             .map(|&(start, end)| (deadline_ms + (end - start)).max(end + grace))
     }
 
-    fn forget_tombstones(&mut self, now: u64) {
+    /// Every [`TICK`]: tombstones past their retention are forgotten, the
+    /// table sizes reported, and now and then the tables compacted.
+    fn housekeeping(&mut self, now: u64) {
         // An id still waiting to be unlinked is not in the tombstone set
         // yet: forgetting waits for the (few) turns that move it there.
         if self.unlinked.is_empty() {

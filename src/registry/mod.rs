@@ -440,8 +440,10 @@ impl Registry {
                     shared.running.fetch_add(1, Ordering::Relaxed);
                 }
                 if deadline_ms < entry.armed_ms() {
-                    // Rare: a smaller TTL moved the deadline before the queued
-                    // time. Tell the loop, or it would expire this one late.
+                    // A smaller TTL moved the deadline before the queued time
+                    // (each new executor's first heartbeat when its TTL is
+                    // below the init TTL; rare after). Tell the loop, or it
+                    // would expire this one late.
                     let _ = shared.rearm.send(entry.0.clone());
                 }
                 Ok(())
