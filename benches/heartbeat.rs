@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use executor_registry::registry::Registration;
-use support::{Fleet, HEARTBEAT_TTL_MS, KeepAlive, XorShift, address, labels, report, selector};
+use support::{Fleet, HEARTBEAT_TTL, KeepAlive, XorShift, address, labels, report, selector};
 
 const FLEET_SMALL: usize = 1_000;
 const FLEET_LARGE: usize = 1_000_000;
@@ -72,7 +72,7 @@ fn bench_heartbeat(c: &mut Criterion, fleet: &Fleet, label: &str) {
     group.bench_function(label, |b| {
         b.iter(|| {
             let id = &ids[rng.below(ids.len())];
-            black_box(registry.heartbeat(black_box(id), HEARTBEAT_TTL_MS)).is_ok()
+            black_box(registry.heartbeat(black_box(id), HEARTBEAT_TTL)).is_ok()
         })
     });
     group.finish();
@@ -186,7 +186,7 @@ fn check_alive(fleet: &Fleet) {
     let failed = fleet
         .ids
         .iter()
-        .filter(|id| fleet.registry.heartbeat(id, HEARTBEAT_TTL_MS).is_err())
+        .filter(|id| fleet.registry.heartbeat(id, HEARTBEAT_TTL).is_err())
         .count();
     report(
         &format!(

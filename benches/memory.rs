@@ -34,8 +34,8 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use executor_registry::registry::{Batch, MembershipStore, MemoryStore, StoredExecutor};
 use executor_registry::registry::{Entry, ExecutorId, Labels, Registry};
-use executor_registry::store::{Batch, MembershipStore, MemoryStore, StoredExecutor};
 use support::reference::RefRegistry;
 use support::{HEARTBEAT_TTL_MS, REGISTER_CHUNK, address, config, labels, register_many, report};
 
@@ -284,7 +284,7 @@ fn parts() {
                 address(i).into(),
                 labels,
                 0,
-                HEARTBEAT_TTL_MS,
+                Duration::from_millis(HEARTBEAT_TTL_MS),
                 HEARTBEAT_TTL_MS,
             ))
         })

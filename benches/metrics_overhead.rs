@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use executor_registry::metrics::{Metrics, builder};
+use executor_registry::registry::MemoryStore;
 use executor_registry::registry::{NoopObserver, Observer, Registration, Registry, RegistryConfig};
-use executor_registry::store::MemoryStore;
 
 const FLEET: usize = 100_000;
 
@@ -53,7 +53,9 @@ fn fleet(
             }
         }
         for id in &ids {
-            registry.heartbeat(id, 600_000).expect("first heartbeat");
+            registry
+                .heartbeat(id, Some(Duration::from_secs(600)))
+                .expect("first heartbeat");
         }
         (registry, ids)
     })
@@ -76,14 +78,14 @@ fn heartbeat_with_and_without_metrics(c: &mut Criterion) {
     group.bench_function("metrics_off", |b| {
         b.iter(|| {
             i = (i + 7919) % FLEET;
-            black_box(off.heartbeat(&off_ids[i], 0)).expect("alive")
+            black_box(off.heartbeat(&off_ids[i], None)).expect("alive")
         })
     });
     let mut i = 0usize;
     group.bench_function("metrics_on", |b| {
         b.iter(|| {
             i = (i + 7919) % FLEET;
-            black_box(on.heartbeat(&on_ids[i], 0)).expect("alive")
+            black_box(on.heartbeat(&on_ids[i], None)).expect("alive")
         })
     });
     group.finish();

@@ -44,7 +44,8 @@ use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement
 use hdrhistogram::Histogram;
 use support::reference::{Checker, RefRegistry};
 use support::{
-    Fleet, HEARTBEAT_TTL_MS, KeepAlive, XorShift, address, config, labels, report, selector,
+    Fleet, HEARTBEAT_TTL, HEARTBEAT_TTL_MS, KeepAlive, XorShift, address, config, labels, report,
+    selector,
 };
 
 const EXPIRING: usize = 100_000;
@@ -282,7 +283,7 @@ fn throughput_group<'a>(c: &'a mut Criterion, label: &str) -> BenchmarkGroup<'a,
 fn heartbeats_ours(c: &mut Criterion, fleet: &Fleet, label: &str) {
     fleet.refresh();
     let registry = &fleet.registry;
-    let beat = |id: &str| registry.heartbeat(id, HEARTBEAT_TTL_MS).is_ok();
+    let beat = |id: &str| registry.heartbeat(id, HEARTBEAT_TTL).is_ok();
     let mut keep = KeepAlive::new();
     let mut group = throughput_group(c, label);
     for threads in [1, 2] {
@@ -501,7 +502,7 @@ fn hammer_for(
 /// the per-round ratios.
 fn paired_1m(ours: &Fleet, reference: &RefFleet, rounds: usize) {
     const SPAN: Duration = Duration::from_millis(1_500);
-    let beat_ours = |id: &str| ours.registry.heartbeat(id, HEARTBEAT_TTL_MS).is_ok();
+    let beat_ours = |id: &str| ours.registry.heartbeat(id, HEARTBEAT_TTL).is_ok();
     let beat_ref = |id: &str| reference.registry.heartbeat(id, HEARTBEAT_TTL_MS).is_ok();
     let configs = ["registry", "reference_100ms", "reference_500ms"];
     // rates[config][threads - 1][round]
@@ -748,7 +749,7 @@ fn report_outcomes(design: &str, outcomes: &[Outcome]) {
 fn expiry_ours(fleet: &Fleet, reps: usize) {
     let registry = &fleet.registry;
     let clock = registry.clock();
-    let beat = |id: &str| registry.heartbeat(id, HEARTBEAT_TTL_MS).is_ok();
+    let beat = |id: &str| registry.heartbeat(id, HEARTBEAT_TTL).is_ok();
     let mut outcomes = Vec::new();
     let mut next = fleet.ids.len() + 10_000_000;
     for _ in 0..reps {
@@ -759,7 +760,9 @@ fn expiry_ours(fleet: &Fleet, reps: usize) {
         let deadline_ms = clock.now_ms() + DEADLINE_AHEAD.as_millis() as u64;
         for id in &victims {
             let ttl = deadline_ms.saturating_sub(clock.now_ms());
-            registry.heartbeat(id, ttl).expect("a victim is alive");
+            registry
+                .heartbeat(id, Some(Duration::from_millis(ttl)))
+                .expect("a victim is alive");
         }
         let deadline = clock.instant_at(deadline_ms).into_std();
         let steady = baseline(&fleet.ids, &beat);

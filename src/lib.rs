@@ -9,8 +9,11 @@
 //!
 //! - [`registry`] — the core: live table, state words, the single membership
 //!   writer (timing wheel, revisions, snapshots, events). No I/O.
-//! - [`store`] — the `MembershipStore` trait the membership loop commits to,
-//!   and its worker thread.
+//!   It owns its store port (`MembershipStore`), the in-memory store and
+//!   the thread that runs a blocking store; it imports no adapter.
+//! - [`store`] — the store adapters: SQLite (the default) and etcd.
+//! - [`etcd`] — the etcd client and the registry's key layout in etcd, used
+//!   by the etcd store and by the replicas.
 //! - [`replica`] — several replicas on etcd: election, fencing, forwarding
 //!   to the leader, last-seen watermarks and failover.
 //! - [`server`] — the gRPC adapter: validation of wire types, error mapping,
@@ -32,6 +35,8 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
+//! use std::time::Duration;
+//!
 //! use executor_registry::registry::{Registration, Registry, RegistryConfig};
 //!
 //! let (registry, task) = Registry::start_in_memory(RegistryConfig::default());
@@ -44,7 +49,9 @@
 //!     })
 //!     .await
 //!     .unwrap();
-//! registry.heartbeat(entry.id().as_str(), 3_000).unwrap();
+//! registry
+//!     .heartbeat(entry.id().as_str(), Some(Duration::from_secs(3)))
+//!     .unwrap();
 //! assert_eq!(registry.schedulable(&[]).len(), 1);
 //! task.stop().await;
 //! # }
@@ -55,6 +62,7 @@
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod etcd;
 pub mod logging;
 pub mod metrics;
 pub mod registry;

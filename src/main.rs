@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use executor_registry::config::{ServeArgs, StoreKind};
 use executor_registry::registry::Registry;
+use executor_registry::registry::{MembershipStore, MemoryStore};
 use executor_registry::replica::ReplicaOptions;
 use executor_registry::server;
-use executor_registry::store::{MembershipStore, MemoryStore, SqliteStore};
+use executor_registry::store::SqliteStore;
 
 /// Membership and liveness registry for a fleet of executors.
 #[derive(Debug, Parser)]

@@ -17,8 +17,8 @@ use executor_registry::client::{
 use executor_registry::proto::{
     self, DeregisterRequest, HeartbeatBatchRequest, HeartbeatRequest, ListExecutorsRequest,
 };
+use executor_registry::registry::MemoryStore;
 use executor_registry::registry::{RegistryConfig, Status};
-use executor_registry::store::MemoryStore;
 use support::{
     FlakyStore, SharedStore, TestServer, WatcherGauge, eventually, fast_config, register,
     register_request,
@@ -90,7 +90,11 @@ async fn a_membership_keeps_its_id_through_a_restart_with_the_store() {
     let states = record(membership.state());
     wait_running(&server, &id).await;
     let before = server.registry.get(&id).unwrap();
-    assert_eq!(before.ttl_ms(), 300, "3 × the suggested 100 ms");
+    assert_eq!(
+        before.ttl(),
+        Duration::from_millis(300),
+        "3 × the suggested 100 ms"
+    );
 
     server.stop().await;
     // Down for longer than the TTL the client asked for: only the store
@@ -233,7 +237,7 @@ async fn the_ttl_is_three_suggested_intervals_and_follows_the_interval_both_ways
         .unwrap();
     let id = membership.id().unwrap();
     wait_running(&server, &id).await;
-    let ttl = |server: &TestServer| server.registry.get(&id).unwrap().ttl_ms();
+    let ttl = |server: &TestServer| server.registry.get(&id).unwrap().ttl().as_millis();
     assert_eq!(ttl(&server), 300);
 
     let mut c = server.client().await;
@@ -288,7 +292,11 @@ async fn a_ttl_the_registry_refuses_falls_back_to_the_ttl_it_gave() {
     let id = membership.id().unwrap();
     let states = record(membership.state());
     wait_running(&server, &id).await;
-    assert_eq!(server.registry.get(&id).unwrap().ttl_ms(), 2_000, "kept");
+    assert_eq!(
+        server.registry.get(&id).unwrap().ttl(),
+        Duration::from_millis(2_000),
+        "kept"
+    );
     // Past the init TTL: the fallback heartbeats keep renewing it.
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     assert_eq!(status(&server, &id), Some(Status::Running));

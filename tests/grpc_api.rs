@@ -369,7 +369,7 @@ async fn every_error_code_of_the_spec() {
 
 #[tokio::test]
 async fn unavailable_store_answers_unavailable_and_nothing_is_visible() {
-    use executor_registry::store::{Batch, MembershipStore, StoreError, StoredExecutor};
+    use executor_registry::registry::{Batch, MembershipStore, StoreError, StoredExecutor};
     /// A store whose disk is gone: every commit fails.
     struct BrokenDisk;
     impl MembershipStore for BrokenDisk {
@@ -377,7 +377,7 @@ async fn unavailable_store_answers_unavailable_and_nothing_is_visible() {
             Ok(vec![])
         }
         fn commit(&mut self, _: &Batch) -> Result<(), StoreError> {
-            Err(StoreError("disk I/O error".into()))
+            Err(StoreError::Failed("disk I/O error".into()))
         }
     }
     let server = TestServer::start_with_store(fast_config(), Box::new(BrokenDisk)).await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut};
 use executor_registry::proto::{self, HeartbeatRequest, ListExecutorsRequest};
-use executor_registry::store::MemoryStore;
+use executor_registry::registry::MemoryStore;
 use support::process::RegistryProcess;
 use support::*;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};

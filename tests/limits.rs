@@ -10,9 +10,9 @@ use executor_registry::proto::{
     CountExecutorsRequest, HeartbeatBatchRequest, HeartbeatRequest, HeartbeatStatus,
     ListExecutorsRequest, WatchExecutorsRequest,
 };
+use executor_registry::registry::MemoryStore;
 use executor_registry::registry::RegistryConfig;
 use executor_registry::server::Limits;
-use executor_registry::store::MemoryStore;
 use support::*;
 use tonic::Code;
 

@@ -190,7 +190,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let id = ids[n % ids.len()].clone();
                     let ttl_ms = if ttl == 0 { 0 } else { ttl * 10 + 5 };
                     let got = registry
-                        .heartbeat(&id, ttl_ms)
+                        .heartbeat(&id, (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms)))
                         .map(|_| ())
                         .map_err(|e| kind(&e));
                     let want = model.heartbeat(&id, ttl_ms, now(&registry));

@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use executor_registry::client::{FleetView, Membership, MembershipOptions, MembershipState};
+use executor_registry::etcd::Etcd;
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{
     HeartbeatBatchRequest, HeartbeatRequest, HeartbeatStatus, ListExecutorsRequest,
 };
-use executor_registry::replica::etcd::Etcd;
 use support::process::{RegistryProcess, free_addr};
 use tonic::transport::Channel;
 

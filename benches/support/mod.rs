@@ -12,15 +12,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use executor_registry::registry::MemoryStore;
 use executor_registry::registry::{
     Observer, Registration, Registry, RegistryConfig, RegistryTask, Selector, SelectorOp,
 };
-use executor_registry::store::MemoryStore;
 use tokio::runtime::Runtime;
 
 /// TTL every bench executor heartbeats with: a realistic 30 s, so entries pop
 /// from the timing wheel and are re-armed while the benches run.
 pub const HEARTBEAT_TTL_MS: u64 = 30_000;
+/// The same TTL as our registry takes it.
+pub const HEARTBEAT_TTL: Option<std::time::Duration> =
+    Some(std::time::Duration::from_millis(HEARTBEAT_TTL_MS));
 
 /// Registrations in flight at once when registering a fleet.
 pub const REGISTER_CONCURRENCY: usize = 4096;
@@ -266,7 +269,7 @@ pub fn try_refresh(registry: &Registry, ids: &[String]) -> usize {
             .map(|part| {
                 s.spawn(move || {
                     part.iter()
-                        .filter(|id| registry.heartbeat(id, HEARTBEAT_TTL_MS).is_err())
+                        .filter(|id| registry.heartbeat(id, HEARTBEAT_TTL).is_err())
                         .count()
                 })
             })
@@ -286,7 +289,7 @@ pub fn refresh(registry: &Registry, ids: &[String]) {
             s.spawn(move || {
                 for id in part {
                     registry
-                        .heartbeat(id, HEARTBEAT_TTL_MS)
+                        .heartbeat(id, HEARTBEAT_TTL)
                         .expect("a fleet executor is alive");
                 }
             });

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::ClientError;
+use super::error::ClientError;
 use crate::proto::registry_client::RegistryClient;
 
 /// The registry's default gRPC address (`serve --listen`'s default).

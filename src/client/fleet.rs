@@ -50,7 +50,7 @@ use tonic::{Code, Streaming};
 
 use super::backoff::{Backoff, Retry};
 use super::endpoints::{ChannelOptions, DEFAULT_ENDPOINT, Endpoints};
-use super::{Attempt, ClientError, retryable, status_text};
+use super::error::{Attempt, ClientError, retryable, status_text};
 use crate::proto::{self, WatchExecutorsRequest, WatchExecutorsResponse, watch_executors_response};
 
 /// A live executor as the view knows it: what the watch carries.

@@ -40,7 +40,7 @@ use tonic::{Code, Streaming};
 
 use super::backoff::{Backoff, Retry, jittered};
 use super::endpoints::{ChannelOptions, DEFAULT_ENDPOINT, Endpoints};
-use super::{Attempt, ClientError, retryable, status_text};
+use super::error::{Attempt, ClientError, retryable, status_text};
 use crate::proto::registry_client::RegistryClient;
 use crate::proto::{
     DeregisterRequest, HeartbeatRequest, HeartbeatResult, HeartbeatStatus, RegisterRequest,

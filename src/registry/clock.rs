@@ -1,6 +1,6 @@
 //! The registry clock.
 //!
-//! Owns: the mapping between tokio's monotonic clock (pausable in tests) and
+//! Owns: the mapping between tokio's steady clock (pausable in tests) and
 //! the millisecond counters stored in state words, and between that and the
 //! wall clock shown to clients.
 //!
@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-/// Monotonic milliseconds since start, plus a wall-clock anchor.
+/// Steady milliseconds since start (they never go backwards), plus a
+/// wall-clock anchor.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     base: Instant,
@@ -54,4 +55,10 @@ pub fn unix_now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Whole milliseconds of a duration (saturating): the unit of state words
+/// and of the timing wheel.
+pub(crate) fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

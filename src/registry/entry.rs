@@ -17,13 +17,22 @@
 use std::sync::Arc;
 #[cfg(not(registry_loom))]
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 // Model checking: under `--cfg registry_loom` the state word uses loom's
 // atomics, and `loom_tests` below explores every interleaving.
 #[cfg(registry_loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
 
+use super::clock::duration_ms;
 use super::labels::Labels;
+
+/// Hasher of the id tables (live table, tombstones, reserved ids): foldhash,
+/// several times cheaper than SipHash on the heartbeat path. Hash flooding
+/// needs inserts, and only the registry inserts, with ids it generated (64
+/// random bits); lookups of hostile ids cannot degrade a table. Seeded
+/// randomly per process.
+pub(crate) type IdHasher = foldhash::fast::RandomState;
 
 /// Identifier of an executor: `<name>-<16 lowercase hex>`.
 ///
@@ -114,7 +123,7 @@ impl State {
 
 /// Result of a heartbeat on an entry's state word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Beat {
+pub(crate) enum Beat {
     /// The deadline was moved; `was_initing` says this was the first heartbeat.
     Renewed {
         /// The new deadline (ms on the registry clock).
@@ -128,7 +137,7 @@ pub enum Beat {
 
 /// Result of an expiry check on an entry's state word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expiry {
+pub(crate) enum Expiry {
     /// Still alive: its current deadline is later than now.
     Alive {
         /// The current deadline.
@@ -162,16 +171,19 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A new INITING entry with `ttl_ms` and deadline `deadline_ms`.
+    /// A new INITING entry with `ttl` and its deadline at `deadline_ms` on
+    /// the registry clock ([`super::Clock::now_ms`]). Not in any registry:
+    /// only the membership loop makes an entry live.
     pub fn new(
         id: ExecutorId,
         name: Box<str>,
         address: Box<str>,
         labels: Labels,
         registered_unix_ms: u64,
-        ttl_ms: u64,
+        ttl: Duration,
         deadline_ms: u64,
     ) -> Self {
+        let ttl_ms = duration_ms(ttl);
         let name_len = name.len();
         let text = if address.is_empty() {
             name
@@ -197,7 +209,7 @@ impl Entry {
     }
 
     /// The same entry, owned by `owner` (see [`super::access`]).
-    pub fn with_owner(mut self, owner: Option<Arc<str>>) -> Self {
+    pub(crate) fn with_owner(mut self, owner: Option<Arc<str>>) -> Self {
         self.owner = owner;
         self
     }
@@ -243,8 +255,13 @@ impl Entry {
         self.state().status()
     }
 
-    /// The TTL set by the last heartbeat (or the init TTL), in ms.
-    pub fn ttl_ms(&self) -> u64 {
+    /// The TTL set by the last heartbeat (or the init TTL).
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms())
+    }
+
+    /// [`Self::ttl`] in ms, the unit of the state word.
+    pub(crate) fn ttl_ms(&self) -> u64 {
         self.ttl_ms.load(Ordering::Relaxed)
     }
 
@@ -274,7 +291,7 @@ impl Entry {
 
     /// Heartbeat at `now_ms`: deadline = now + TTL (`ttl_ms` = None keeps the
     /// current TTL), status RUNNING. Fails only on a tombstone.
-    pub fn heartbeat(&self, now_ms: u64, ttl_ms: Option<u64>) -> Beat {
+    pub(crate) fn heartbeat(&self, now_ms: u64, ttl_ms: Option<u64>) -> Beat {
         let ttl = match ttl_ms {
             Some(ttl) => {
                 self.ttl_ms.store(ttl, Ordering::Relaxed);
@@ -298,7 +315,7 @@ impl Entry {
 
     /// Expiry check at `now_ms`: a deadline at or before now becomes a
     /// tombstone; a later one is reported so the caller can re-arm.
-    pub fn try_expire(&self, now_ms: u64) -> Expiry {
+    pub(crate) fn try_expire(&self, now_ms: u64) -> Expiry {
         self.transition(|state| {
             let deadline_ms = state.deadline_ms();
             if state.status() == Status::Tombstone {
@@ -317,7 +334,7 @@ impl Entry {
 
     /// Unconditional tombstone (deregistration). Returns the status before,
     /// or `None` if it already was a tombstone.
-    pub fn tombstone(&self) -> Option<Status> {
+    pub(crate) fn tombstone(&self) -> Option<Status> {
         self.transition(|state| match state.status() {
             Status::Tombstone => Err(None),
             was => Ok((
@@ -370,7 +387,7 @@ mod tests {
             "127.0.0.1:1".into(),
             Labels::default(),
             0,
-            100,
+            Duration::from_millis(100),
             deadline,
         )
     }
@@ -384,7 +401,7 @@ mod tests {
                 address.into(),
                 Labels::default(),
                 0,
-                100,
+                Duration::from_millis(100),
                 100,
             );
             assert_eq!((e.name(), e.address()), (name, address));
@@ -538,7 +555,7 @@ mod loom_tests {
             "127.0.0.1:1".into(),
             Labels::default(),
             0,
-            100,
+            Duration::from_millis(100),
             deadline_ms,
         );
         if status == Status::Running {

@@ -41,6 +41,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::clock::duration_ms;
 use super::entry::{Entry, Status};
 
 /// Settings of the guard.
@@ -368,10 +369,6 @@ impl<T> ExpiryGuard<T> {
     }
 }
 
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -585,14 +582,15 @@ mod tests {
 
     #[test]
     fn a_held_entry_is_due_revived_or_gone_by_its_state_word() {
-        use crate::registry::{ExecutorId, Labels};
+        use crate::registry::entry::ExecutorId;
+        use crate::registry::labels::Labels;
         let entry = Entry::new(
             ExecutorId::new("w-0000000000000001"),
             "w".into(),
             "127.0.0.1:1".into(),
             Labels::default(),
             0,
-            TTL,
+            Duration::from_millis(TTL),
             500,
         );
         assert_eq!(Held::of(&entry, 500), Held::Due { ttl_ms: TTL });

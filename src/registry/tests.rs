@@ -16,12 +16,16 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 
 use super::*;
-use crate::store::{Batch, MembershipStore, MemoryStore, StoredExecutor};
 
 /// The mass-expiry guard (`tests/guard.rs`).
 mod guard;
 
 const MS: Duration = Duration::from_millis(1);
+
+/// A heartbeat's TTL as the wire gives it: ms, 0 keeping the current one.
+fn ttl(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
 const SECOND: Duration = Duration::from_secs(1);
 
 /// Most a removal may trail its deadline on the virtual clock ("within a
@@ -183,7 +187,7 @@ async fn ten_thousand_coinciding_deadlines_expire_in_one_pass_with_consecutive_r
     // One virtual instant, one TTL: every deadline is the same millisecond.
     for entry in &entries {
         registry
-            .heartbeat(id(entry), 5_000)
+            .heartbeat(id(entry), ttl(5_000))
             .expect("a live executor");
     }
     let deadline = entries[0].state().deadline_ms();
@@ -269,12 +273,12 @@ async fn an_executor_heartbeating_at_a_third_of_its_ttl_survives_ten_thousand_se
         })
     };
 
-    registry.heartbeat(id(&alive), 3_000).expect("alive");
-    registry.heartbeat(id(&once), 3_000).expect("alive");
+    registry.heartbeat(id(&alive), ttl(3_000)).expect("alive");
+    registry.heartbeat(id(&once), ttl(3_000)).expect("alive");
     for second in 1..=10_000u64 {
         sleep(SECOND).await;
         registry
-            .heartbeat(id(&alive), 3_000)
+            .heartbeat(id(&alive), ttl(3_000))
             .unwrap_or_else(|e| panic!("heartbeat at {second} s refused: {e}"));
     }
     assert!(registry.clock().now_ms() - t0 >= 10_000_000);
@@ -310,7 +314,9 @@ async fn an_initing_executor_expires_after_the_init_ttl_and_not_before() {
     let initing = register(&registry, "initing").await;
     // Registered together, but heartbeated once with a longer TTL: RUNNING.
     let running = register(&registry, "running").await;
-    registry.heartbeat(id(&running), 60_000).expect("alive");
+    registry
+        .heartbeat(id(&running), ttl(60_000))
+        .expect("alive");
     let registered = registry.clock().now_ms();
     let deadline = initing.state().deadline_ms();
     assert_eq!(deadline, registered + 20_000);
@@ -334,7 +340,7 @@ async fn an_initing_executor_expires_after_the_init_ttl_and_not_before() {
         RegistryError::NotFound(id(&initing).to_owned())
     );
     assert_eq!(
-        registry.heartbeat(id(&initing), 0).unwrap_err(),
+        registry.heartbeat(id(&initing), ttl(0)).unwrap_err(),
         RegistryError::Tombstone(id(&initing).to_owned())
     );
     assert_eq!(registry.count(Some(Status::Initing)), 0);
@@ -354,14 +360,14 @@ async fn a_tombstone_answers_late_heartbeats_until_the_retention_then_is_forgott
     let gone = register(&registry, "gone").await;
     let gone = id(&gone).to_owned();
     let mut watch = registry.watch();
-    registry.heartbeat(&gone, 1_000).expect("alive");
+    registry.heartbeat(&gone, ttl(1_000)).expect("alive");
 
     let event = next_event(&mut watch).await;
     assert_eq!(event.kind, EventKind::Offline(OfflineReason::Expired));
     let expired_at = registry.clock().now_ms();
     let tombstone = Err(RegistryError::Tombstone(gone.clone()));
     let not_found = Err(RegistryError::NotFound(gone.clone()));
-    let beat = |ttl_ms| registry.heartbeat(&gone, ttl_ms).map(|_| ());
+    let beat = |ttl_ms| registry.heartbeat(&gone, ttl(ttl_ms)).map(|_| ());
     assert_eq!(beat(0), tombstone);
     assert_eq!(beat(1_000), tombstone);
     assert_eq!(registry.get(&gone).map(|_| ()), not_found);
@@ -382,7 +388,7 @@ async fn a_shorter_ttl_than_the_queued_deadline_expires_on_the_new_deadline() {
     let (registry, _task, _) = start(RegistryConfig::default());
     let entry = register(&registry, "short").await;
     let mut watch = registry.watch();
-    registry.heartbeat(id(&entry), 1_000).expect("alive");
+    registry.heartbeat(id(&entry), ttl(1_000)).expect("alive");
     let deadline = entry.state().deadline_ms();
 
     sleep_until(at(&registry, deadline) - MS).await;
@@ -400,12 +406,12 @@ async fn a_shorter_ttl_than_the_queued_deadline_expires_on_the_new_deadline() {
 async fn shortening_the_ttl_after_the_loop_re_queued_a_long_one_still_expires_on_time() {
     let (registry, _task, _) = start(RegistryConfig::default());
     let entry = register(&registry, "shrinking").await;
-    registry.heartbeat(id(&entry), 60_000).expect("alive");
+    registry.heartbeat(id(&entry), ttl(60_000)).expect("alive");
     // Past the init deadline (20 s): the loop popped it and re-queued it at
     // its 60 s deadline.
     sleep(Duration::from_secs(25)).await;
     let mut watch = registry.watch();
-    registry.heartbeat(id(&entry), 1_000).expect("alive");
+    registry.heartbeat(id(&entry), ttl(1_000)).expect("alive");
     let deadline = entry.state().deadline_ms();
 
     sleep_until(at(&registry, deadline) - MS).await;
@@ -430,7 +436,7 @@ async fn a_heartbeat_with_ttl_zero_keeps_the_current_ttl() {
     let mut watch = registry.watch();
 
     // A first heartbeat with 0 keeps the init TTL.
-    registry.heartbeat(id(&entry), 0).expect("alive");
+    registry.heartbeat(id(&entry), ttl(0)).expect("alive");
     assert_eq!(entry.status(), Status::Running);
     assert_eq!(entry.ttl_ms(), init_ttl);
     assert_eq!(
@@ -438,9 +444,9 @@ async fn a_heartbeat_with_ttl_zero_keeps_the_current_ttl() {
         registry.clock().now_ms() + init_ttl
     );
 
-    registry.heartbeat(id(&entry), 2_000).expect("alive");
+    registry.heartbeat(id(&entry), ttl(2_000)).expect("alive");
     sleep(SECOND).await;
-    registry.heartbeat(id(&entry), 0).expect("alive");
+    registry.heartbeat(id(&entry), ttl(0)).expect("alive");
     assert_eq!(entry.ttl_ms(), 2_000);
     let deadline = entry.state().deadline_ms();
     assert_eq!(deadline, registry.clock().now_ms() + 2_000);
@@ -465,25 +471,27 @@ async fn an_out_of_range_ttl_is_refused_naming_ttl_ms_and_changes_nothing() {
     };
     let (registry, _task, _) = start(config);
     let entry = register(&registry, "strict").await;
-    let (state, ttl) = (entry.state(), entry.ttl_ms());
+    let (state, ttl_before) = (entry.state(), entry.ttl_ms());
     for bad in [1, 99, 600_001, u64::MAX] {
-        assert_invalid(registry.heartbeat(id(&entry), bad), "ttl_ms");
+        assert_invalid(registry.heartbeat(id(&entry), ttl(bad)), "ttl_ms");
         assert_eq!(entry.state(), state, "ttl {bad} changed the state word");
-        assert_eq!(entry.ttl_ms(), ttl, "ttl {bad} changed the TTL");
+        assert_eq!(entry.ttl_ms(), ttl_before, "ttl {bad} changed the TTL");
         assert_eq!(registry.count(Some(Status::Initing)), 1);
     }
     // The bounds themselves are allowed.
-    registry.heartbeat(id(&entry), 100).expect("min TTL");
+    registry.heartbeat(id(&entry), ttl(100)).expect("min TTL");
     assert_eq!(entry.ttl_ms(), 100);
-    registry.heartbeat(id(&entry), 600_000).expect("max TTL");
-    let (state, ttl) = (entry.state(), entry.ttl_ms());
-    assert_invalid(registry.heartbeat(id(&entry), 600_001), "ttl_ms");
-    assert_eq!((entry.state(), entry.ttl_ms()), (state, ttl));
+    registry
+        .heartbeat(id(&entry), ttl(600_000))
+        .expect("max TTL");
+    let (state, ttl_before) = (entry.state(), entry.ttl_ms());
+    assert_invalid(registry.heartbeat(id(&entry), ttl(600_001)), "ttl_ms");
+    assert_eq!((entry.state(), entry.ttl_ms()), (state, ttl_before));
     assert_eq!(registry.count(Some(Status::Running)), 1);
     // No id, unknown id.
-    assert_invalid(registry.heartbeat("", 1_000), "executor_id");
+    assert_invalid(registry.heartbeat("", ttl(1_000)), "executor_id");
     assert_eq!(
-        registry.heartbeat("nobody-0000000000000000", 1_000),
+        registry.heartbeat("nobody-0000000000000000", ttl(1_000)),
         Err(RegistryError::NotFound("nobody-0000000000000000".into()))
     );
 }
@@ -495,8 +503,8 @@ async fn a_deregistered_executor_is_removed_at_once_and_its_heartbeats_meet_a_to
     let (registry, _task, _) = start(RegistryConfig::default());
     let leaver = register(&registry, "leaver").await;
     let stayer = register(&registry, "stayer").await;
-    registry.heartbeat(id(&leaver), 10_000).expect("alive");
-    registry.heartbeat(id(&stayer), 10_000).expect("alive");
+    registry.heartbeat(id(&leaver), ttl(10_000)).expect("alive");
+    registry.heartbeat(id(&stayer), ttl(10_000)).expect("alive");
     let mut watch = registry.watch();
     let before = watch.snapshot().revision();
     let leaver_id = id(&leaver).to_owned();
@@ -519,7 +527,7 @@ async fn a_deregistered_executor_is_removed_at_once_and_its_heartbeats_meet_a_to
     assert_eq!(id(&event.entry), leaver_id);
 
     assert_eq!(
-        registry.heartbeat(&leaver_id, 0),
+        registry.heartbeat(&leaver_id, ttl(0)),
         Err(RegistryError::Tombstone(leaver_id.clone()))
     );
     assert_eq!(
@@ -551,7 +559,7 @@ async fn a_mass_expiry_leaves_no_visible_trace_and_its_tombstones_are_purged() {
     let kept = register_many(&registry, "kept", 100).await;
     for entry in &kept {
         registry
-            .heartbeat(id(entry), 60_000)
+            .heartbeat(id(entry), ttl(60_000))
             .expect("a live executor");
     }
     let deadline = dying[0].state().deadline_ms();
@@ -562,7 +570,7 @@ async fn a_mass_expiry_leaves_no_visible_trace_and_its_tombstones_are_purged() {
     assert_eq!(sizes, vec![n], "one pass");
     // Expired is expired wherever the entry still sits.
     assert!(matches!(
-        registry.heartbeat(id(&dying[0]), 0),
+        registry.heartbeat(id(&dying[0]), ttl(0)),
         Err(RegistryError::Tombstone(_))
     ));
     assert!(matches!(
@@ -589,14 +597,14 @@ async fn a_mass_expiry_leaves_no_visible_trace_and_its_tombstones_are_purged() {
     assert_eq!(snapshot.len(), kept.len() + 1);
     assert_eq!(snapshot_ids(&snapshot), expected);
     // The live table has moved them all to the tombstone set.
-    assert_eq!(registry.shared.live.len(), kept.len() + 1);
+    assert_eq!(registry.tables.live.len(), kept.len() + 1);
     assert!(
         dying
             .iter()
-            .all(|e| registry.shared.tombstones.contains(id(e)))
+            .all(|e| registry.tables.tombstones.contains(id(e)))
     );
     assert!(matches!(
-        registry.heartbeat(id(&dying[2]), 0),
+        registry.heartbeat(id(&dying[2]), ttl(0)),
         Err(RegistryError::Tombstone(_))
     ));
     assert_eq!(
@@ -646,10 +654,10 @@ async fn a_watch_yields_the_snapshot_then_every_change_with_consecutive_revision
     registry.deregister(id(&first[0])).await.expect("live");
     registry.deregister(id(&second[1])).await.expect("live");
     for entry in [&first[1], &first[2]] {
-        registry.heartbeat(id(entry), 1_000).expect("alive");
+        registry.heartbeat(id(entry), ttl(1_000)).expect("alive");
     }
     for entry in [&first[3], &first[4], &second[0], &second[2], &second[3]] {
-        registry.heartbeat(id(entry), 60_000).expect("alive");
+        registry.heartbeat(id(entry), ttl(60_000)).expect("alive");
     }
     let mut late = registry.watch();
     let mut late_view = snapshot_ids(late.snapshot());
@@ -722,7 +730,7 @@ async fn a_watcher_that_falls_behind_its_buffer_is_told_it_lagged_and_never_sees
     assert_eq!(registry.snapshot().revision(), 150);
     assert_eq!(registry.count(None), 50);
     registry
-        .heartbeat(id(&entries[99]), 1_000)
+        .heartbeat(id(&entries[99]), ttl(1_000))
         .expect("heartbeats are unaffected");
 
     let revisions = reader.await.expect("reader");
@@ -883,8 +891,8 @@ async fn counts_and_the_scheduler_view_follow_every_transition() {
     );
     assert_eq!(revision, registry.snapshot().revision());
 
-    registry.heartbeat(id(&a), 3_000).expect("alive");
-    registry.heartbeat(id(&b), 60_000).expect("alive");
+    registry.heartbeat(id(&a), ttl(3_000)).expect("alive");
+    registry.heartbeat(id(&b), ttl(60_000)).expect("alive");
     assert_eq!(
         (
             count(None),
@@ -912,7 +920,7 @@ async fn counts_and_the_scheduler_view_follow_every_transition() {
         vec![id(&c)]
     );
 
-    registry.heartbeat(id(&c), 60_000).expect("alive");
+    registry.heartbeat(id(&c), ttl(60_000)).expect("alive");
     assert_eq!(
         (count(Some(Status::Initing)), count(Some(Status::Running))),
         (0, 3)
@@ -957,19 +965,19 @@ async fn the_suggested_interval_grows_with_the_fleet_over_the_heartbeat_budget()
     let first = register(&registry, "w").await;
     // 1 ÷ 100/s = 10 ms: the floor wins.
     assert_eq!(
-        registry.heartbeat(id(&first), 0),
+        registry.heartbeat(id(&first), ttl(0)),
         Ok(Duration::from_millis(500))
     );
     register_many(&registry, "w", 59).await;
     // 60 ÷ 100/s = 600 ms.
     assert_eq!(
-        registry.heartbeat(id(&first), 0),
+        registry.heartbeat(id(&first), ttl(0)),
         Ok(Duration::from_millis(600))
     );
     let rest = register_many(&registry, "w", 940).await;
     // 1,000 ÷ 100/s = 10 s.
     assert_eq!(
-        registry.heartbeat(id(&first), 0),
+        registry.heartbeat(id(&first), ttl(0)),
         Ok(Duration::from_secs(10))
     );
     assert_eq!(registry.suggested_interval(), Duration::from_secs(10));
@@ -978,7 +986,7 @@ async fn the_suggested_interval_grows_with_the_fleet_over_the_heartbeat_budget()
         registry.deregister(id(entry)).await.expect("live");
     }
     assert_eq!(
-        registry.heartbeat(id(&first), 0),
+        registry.heartbeat(id(&first), ttl(0)),
         Ok(Duration::from_millis(1_000))
     );
 }
@@ -997,13 +1005,17 @@ async fn executors_are_not_expired_for_heartbeats_the_registry_was_too_stalled_t
     let (registry, _task, _) = start(RegistryConfig::default());
     let alive = register(&registry, "alive").await;
     let dead = register(&registry, "dead").await;
-    registry.heartbeat(id(&alive), 1_000).expect("alive beats");
     registry
-        .heartbeat(id(&dead), 1_000)
+        .heartbeat(id(&alive), ttl(1_000))
+        .expect("alive beats");
+    registry
+        .heartbeat(id(&dead), ttl(1_000))
         .expect("dead beats once, then dies");
     let mut watch = registry.watch();
     sleep(Duration::from_millis(300)).await;
-    registry.heartbeat(id(&alive), 1_000).expect("alive beats");
+    registry
+        .heartbeat(id(&alive), ttl(1_000))
+        .expect("alive beats");
 
     // Stalled for twice the TTL: both deadlines pass while nothing runs.
     stall_registry(Duration::from_secs(2)).await;
@@ -1018,7 +1030,7 @@ async fn executors_are_not_expired_for_heartbeats_the_registry_was_too_stalled_t
         async move {
             for _ in 0..20 {
                 registry
-                    .heartbeat(&alive, 1_000)
+                    .heartbeat(&alive, ttl(1_000))
                     .expect("alive keeps beating");
                 sleep(Duration::from_millis(300)).await;
             }
@@ -1050,11 +1062,13 @@ async fn without_stall_compensation_a_stall_expires_live_executors() {
     };
     let (registry, _task, _) = start(config);
     let alive = register(&registry, "alive").await;
-    registry.heartbeat(id(&alive), 1_000).expect("alive beats");
+    registry
+        .heartbeat(id(&alive), ttl(1_000))
+        .expect("alive beats");
     stall_registry(Duration::from_secs(2)).await;
     assert_eq!(alive.status(), Status::Tombstone);
     assert_eq!(
-        registry.heartbeat(id(&alive), 1_000).unwrap_err(),
+        registry.heartbeat(id(&alive), ttl(1_000)).unwrap_err(),
         RegistryError::Tombstone(id(&alive).to_owned())
     );
 }
@@ -1064,7 +1078,9 @@ async fn without_stall_compensation_a_stall_expires_live_executors() {
 async fn a_hiccup_below_the_stall_threshold_changes_nothing() {
     let (registry, _task, _) = start(RegistryConfig::default());
     let silent = register(&registry, "silent").await;
-    registry.heartbeat(id(&silent), 1_000).expect("beats once");
+    registry
+        .heartbeat(id(&silent), ttl(1_000))
+        .expect("beats once");
     sleep(Duration::from_millis(500)).await;
     // 600 ms without the loop: late, but under tick + 1 s.
     stall_registry(Duration::from_millis(600)).await;
@@ -1196,7 +1212,7 @@ async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent
     let silent: Vec<String> = (1..N).step_by(2).map(|i| stored(i).id).collect();
     for id in &survivors {
         registry
-            .heartbeat(id, 60_000)
+            .heartbeat(id, ttl(60_000))
             .expect("a loaded executor heartbeats");
     }
     assert_eq!(
@@ -1232,7 +1248,7 @@ async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent
     for _ in 0..9 {
         sleep(Duration::from_secs(20)).await;
         for id in &survivors {
-            registry.heartbeat(id, 60_000).expect("still alive");
+            registry.heartbeat(id, ttl(60_000)).expect("still alive");
         }
     }
     assert_eq!(
@@ -1269,10 +1285,12 @@ async fn new_ids_skip_stored_tombstoned_and_reserved_ones() {
     };
     let (registry, _task) = start_on(config, &store);
     // 0xa stays (heartbeats), 0xb expires: a tombstone.
-    registry.heartbeat(&row(0xa).id, 600_000).expect("loaded");
+    registry
+        .heartbeat(&row(0xa).id, ttl(600_000))
+        .expect("loaded");
     sleep(Duration::from_secs(21)).await;
     assert_eq!(
-        registry.heartbeat(&row(0xb).id, 0),
+        registry.heartbeat(&row(0xb).id, ttl(0)),
         Err(RegistryError::Tombstone(row(0xb).id))
     );
 
@@ -1298,130 +1316,6 @@ async fn new_ids_skip_stored_tombstoned_and_reserved_ones() {
     );
 }
 
-/// Makes `path` immutable (`chattr +i`, as root) so that even descriptors
-/// already open cannot write it; undone on drop. `None` where that does not
-/// work here (not root, no `chattr`, a filesystem without attributes).
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn make(path: &std::path::Path) -> Option<Immutable> {
-        let set = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(path)
-            .output();
-        if !set.is_ok_and(|out| out.status.success()) {
-            return None;
-        }
-        let guard = Immutable(path.to_owned());
-        let refused = std::fs::OpenOptions::new().append(true).open(path).is_err();
-        refused.then_some(guard)
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Real time and a real SQLite file: the store fails (immutable WAL) while
-/// an expired executor's delete is pending, long enough for its tombstone to
-/// be forgotten. Its row is still in the file, so a new registration that
-/// drew the same id would collide with it at insert and fail the whole batch.
-#[tokio::test]
-async fn a_new_id_skips_a_stored_id_whose_delete_has_not_landed() {
-    use super::membership::FORCED_ID_SUFFIXES;
-    use crate::store::SqliteStore;
-
-    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let wal = dir.path().join("registry.db-wal");
-    let stale = "worker-000000000000000a";
-    let mut store = SqliteStore::open(dir.path()).expect("opens");
-    store
-        .commit(&Batch {
-            inserts: vec![StoredExecutor {
-                id: stale.into(),
-                name: "worker".into(),
-                address: "10.0.3.1:9000".into(),
-                labels: Vec::new(),
-                registered_unix_ms: 1,
-                owner: None,
-            }],
-            deletes: Vec::new(),
-        })
-        .expect("commits");
-    let rows_in_file = || {
-        let conn = rusqlite::Connection::open_with_flags(
-            dir.path().join("registry.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("open read-only");
-        let mut select = conn
-            .prepare("SELECT id, address FROM executors ORDER BY id")
-            .expect("prepare");
-        select
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .expect("query")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("rows")
-    };
-    let config = RegistryConfig {
-        init_ttl: Duration::from_millis(200),
-        tombstone_retention: Duration::from_millis(1),
-        ..RegistryConfig::default()
-    };
-    let (registry, _task) =
-        Registry::start(config, Box::new(store), Arc::new(NoopObserver)).expect("loads");
-    let Some(fault) = Immutable::make(&wal) else {
-        eprintln!("skipped: needs root and chattr to make the WAL immutable");
-        return;
-    };
-
-    // It expires; its delete fails; its tombstone is forgotten.
-    let mut watch = registry.watch();
-    let event = next_event(&mut watch).await;
-    assert_eq!(id(&event.entry), stale);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while registry.heartbeat(stale, 0) != Err(RegistryError::NotFound(stale.into())) {
-        assert!(
-            Instant::now() < deadline,
-            "the tombstone was never forgotten"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        rows_in_file(),
-        [(stale.to_owned(), "10.0.3.1:9000".to_owned())]
-    );
-
-    // The store works again. Nothing awaits between here and the
-    // registration, so on this single-threaded runtime the loop sees the
-    // registration and the delete retry in one turn.
-    drop(fault);
-    FORCED_ID_SUFFIXES.with_borrow_mut(|q| q.extend([0xa, 0xe]));
-    let new = registry
-        .register(registration("worker", "10.0.3.2:9000"))
-        .await
-        .expect("not refused by a collision with the stale row");
-    eprintln!("registered as {}", id(&new));
-    registry.heartbeat(id(&new), 600_000).expect("kept alive");
-
-    // The stale row is deleted, the new one stored under its own id.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rows_in_file().len() != 1 {
-        assert!(Instant::now() < deadline, "the delete never landed");
-        sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        rows_in_file(),
-        [(id(&new).to_owned(), "10.0.3.2:9000".to_owned())]
-    );
-}
-
 #[tokio::test(start_paused = true)]
 async fn only_the_owner_heartbeats_or_deregisters_and_an_admin_may_deregister() {
     let store = MemoryStore::new();
@@ -1436,10 +1330,10 @@ async fn only_the_owner_heartbeats_or_deregisters_and_an_admin_may_deregister() 
     let (a_id, b_id) = (a.id().as_str(), b.id().as_str());
     let caller_a = Caller::identity("exec-a");
 
-    assert!(registry.heartbeat_as(a_id, 0, &caller_a).is_ok());
+    assert!(registry.heartbeat_as(a_id, ttl(0), &caller_a).is_ok());
     let denied = RegistryError::PermissionDenied(b_id.to_owned());
     assert_eq!(
-        registry.heartbeat_as(b_id, 0, &caller_a),
+        registry.heartbeat_as(b_id, ttl(0), &caller_a),
         Err(denied.clone())
     );
     assert_eq!(registry.deregister_as(b_id, &caller_a).await, Err(denied));
@@ -1457,7 +1351,7 @@ async fn only_the_owner_heartbeats_or_deregisters_and_an_admin_may_deregister() 
 
     // Unknown ids stay NOT_FOUND whoever asks (no ownership oracle).
     assert_eq!(
-        registry.heartbeat_as("nobody-0000000000000000", 0, &caller_a),
+        registry.heartbeat_as("nobody-0000000000000000", ttl(0), &caller_a),
         Err(RegistryError::NotFound("nobody-0000000000000000".into()))
     );
     still(registry.deregister_as(b_id, &Caller::admin("ops")))
@@ -1473,10 +1367,10 @@ async fn only_the_owner_heartbeats_or_deregisters_and_an_admin_may_deregister() 
     task.stop().await;
     let (again, _task) = start_on(RegistryConfig::default(), &store);
     assert_eq!(again.get(&c_id).expect("reloaded").owner(), Some("exec-c"));
-    assert!(again.heartbeat_as(&c_id, 0, &caller_a).is_err());
+    assert!(again.heartbeat_as(&c_id, ttl(0), &caller_a).is_err());
     assert!(
         again
-            .heartbeat_as(&c_id, 0, &Caller::identity("exec-c"))
+            .heartbeat_as(&c_id, ttl(0), &Caller::identity("exec-c"))
             .is_ok()
     );
 }
@@ -1514,7 +1408,7 @@ async fn without_the_authority_to_decide_nothing_expires_and_with_it_all_due_go_
     .expect("the in-memory store loads");
     let entries = register_many(&registry, "worker", 100).await;
     for entry in &entries {
-        registry.heartbeat(id(entry), 1_000).expect("live");
+        registry.heartbeat(id(entry), ttl(1_000)).expect("live");
     }
     let deadline = entries[0].state().deadline_ms();
 
@@ -1554,7 +1448,7 @@ async fn a_burst_of_departures_gives_the_timing_wheel_back_and_survivors_keep_th
     // Survivors: half heartbeat with a TTL longer than the init TTL, half
     // stay INITING (their queued deadline is the init one).
     for entry in &staying[..STAYING / 2] {
-        registry.heartbeat(id(entry), 40_000).expect("live");
+        registry.heartbeat(id(entry), ttl(40_000)).expect("live");
     }
     still(async {
         for entry in leaving {
@@ -1571,7 +1465,7 @@ async fn a_burst_of_departures_gives_the_timing_wheel_back_and_survivors_keep_th
     assert!(registry.clock().now_ms() < init_ttl.as_millis() as u64);
     assert_eq!(recorder.tables(), ((N - STAYING) as u64, STAYING as u64));
     assert!(matches!(
-        registry.heartbeat(id(&leaving[0]), 0),
+        registry.heartbeat(id(&leaving[0]), ttl(0)),
         Err(RegistryError::Tombstone(_))
     ));
 
@@ -1598,7 +1492,7 @@ async fn a_burst_of_departures_gives_the_timing_wheel_back_and_survivors_keep_th
     sleep(retention).await;
     assert_eq!(recorder.tables(), (0, 0));
     assert!(matches!(
-        registry.heartbeat(id(&leaving[0]), 0),
+        registry.heartbeat(id(&leaving[0]), ttl(0)),
         Err(RegistryError::NotFound(_))
     ));
 }

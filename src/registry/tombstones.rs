@@ -20,7 +20,7 @@ use std::hash::BuildHasher;
 
 use dashmap::DashSet;
 
-use super::membership::IdHasher;
+use super::entry::IdHasher;
 
 /// Tables are compacted once their capacity exceeds this many times what
 /// they hold (plus [`SHRINK_SLACK`]): after a mass removal, not under steady

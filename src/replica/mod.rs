@@ -24,7 +24,6 @@
 //! Must not touch: the core's internals (it uses `Registry` like any
 //! embedder), the sqlite store.
 
-pub mod etcd;
 pub mod front;
 pub mod watermark;
 
@@ -36,12 +35,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::etcd::{self, Etcd, EtcdError, Fence, Keys};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig};
 use crate::server::{Admission, Limits};
 use crate::store::EtcdStore;
-use crate::store::etcd::{Keys, load};
-use etcd::{Etcd, EtcdError, Fence};
 use front::{Front, Route};
 
 /// Most concurrent HTTP/2 streams per connection a replica accepts: a
@@ -252,20 +250,32 @@ impl Controller {
     async fn lead(&self, fence: Fence, valid: &watch::Receiver<Instant>) -> TermEnd {
         let won = Instant::now();
         self.front.set(Route::Unknown);
-        let loaded = match load(&self.etcd, &self.keys, &fence).await {
-            Ok(loaded) => loaded,
+        // Both reads at once: a new leader serves only after them.
+        let read = tokio::try_join!(
+            crate::store::etcd::load(&self.etcd, &self.keys),
+            watermark::read(&self.etcd, &self.keys)
+        );
+        let (executors, seen) = match read {
+            Ok((executors, seen)) => (executors, seen),
             Err(e) => {
                 tracing::error!(error = %e, "won the election but cannot load membership");
                 return TermEnd::LoadFailed;
             }
         };
+        let seen =
+            match watermark::keep_known(&self.etcd, &self.keys, &fence, &executors, seen).await {
+                Ok(seen) => seen,
+                Err(e) => {
+                    tracing::error!(error = %e, "won the election but cannot load membership");
+                    return TermEnd::LoadFailed;
+                }
+            };
         let options = &self.options;
-        let grace = options.resume_grace(loaded.executors.len());
+        let grace = options.resume_grace(executors.len());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let resume: HashMap<_, _> = loaded
-            .seen
+        let resume: HashMap<_, _> = seen
             .iter()
             .map(|(id, seen)| {
                 let resumed = watermark::resume(*seen, now, options.watermark_interval, grace);
@@ -273,13 +283,13 @@ impl Controller {
             })
             .collect();
         let fenced = CancellationToken::new();
-        let executors = loaded.executors.len();
+        let count = executors.len();
         let resumed = resume.len();
         let store = EtcdStore::new(
             self.etcd.clone(),
             self.keys.clone(),
             fence.clone(),
-            loaded.executors,
+            executors,
             fenced.clone(),
             tokio::runtime::Handle::current(),
         );
@@ -316,7 +326,7 @@ impl Controller {
         });
         self.metrics.set_leader(true);
         tracing::info!(
-            executors,
+            executors = count,
             resumed,
             revision = fence.create_revision,
             load_ms = won.elapsed().as_millis() as u64,

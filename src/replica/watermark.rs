@@ -19,9 +19,74 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::etcd::{self as client, Etcd, EtcdError, Fence};
-use crate::registry::{Registry, Resume, Status};
-use crate::store::etcd::{Keys, Seen};
+use crate::etcd::{self as client, Etcd, EtcdError, Fence, Keys};
+use crate::registry::{Registry, Resume, Status, StoredExecutor};
+
+/// A last-seen watermark: wall-clock ms of a heartbeat, and the TTL it set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Wall-clock ms (Unix epoch) of the heartbeat.
+    pub unix_ms: u64,
+    /// The TTL that heartbeat asked for.
+    pub ttl_ms: u64,
+}
+
+impl Seen {
+    /// `"<unix_ms> <ttl_ms>"`.
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.unix_ms, self.ttl_ms)
+    }
+
+    /// Parses [`Seen::encode`]'s output.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (seen, ttl) = text.split_once(' ')?;
+        Some(Self {
+            unix_ms: seen.parse().ok()?,
+            ttl_ms: ttl.parse().ok()?,
+        })
+    }
+}
+
+/// Every watermark stored under `keys`: `(key, value)` pairs, to be sorted
+/// out by [`keep_known`] once the executors are read too.
+pub async fn read(etcd: &Etcd, keys: &Keys) -> Result<Vec<(Vec<u8>, Vec<u8>)>, EtcdError> {
+    let kvs = etcd.range_prefix(keys.seen_prefix().as_bytes()).await?;
+    Ok(kvs.into_iter().map(|kv| (kv.key, kv.value)).collect())
+}
+
+/// The watermarks of `executors` among `read`, by id; the others —
+/// watermarks of executors that are gone, or unreadable ones — are deleted
+/// (fenced).
+pub async fn keep_known(
+    etcd: &Etcd,
+    keys: &Keys,
+    fence: &Fence,
+    executors: &[StoredExecutor],
+    read: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Result<HashMap<String, Seen>, EtcdError> {
+    let prefix = keys.seen_prefix().into_bytes();
+    let known: std::collections::HashSet<&str> = executors.iter().map(|e| e.id.as_str()).collect();
+    let mut orphans = Vec::new();
+    let mut seen = HashMap::new();
+    for (key, value) in read {
+        let id = String::from_utf8_lossy(key.get(prefix.len()..).unwrap_or_default()).into_owned();
+        match Seen::decode(&value) {
+            Some(s) if known.contains(id.as_str()) => {
+                seen.insert(id, s);
+            }
+            _ => orphans.push(client::delete(key)),
+        }
+    }
+    if !orphans.is_empty() {
+        tracing::info!(
+            watermarks = orphans.len(),
+            "deleting watermarks of gone executors"
+        );
+        etcd.fenced(fence, orphans).await?;
+    }
+    Ok(seen)
+}
 
 /// How a new leader resumes an executor last seen at `seen` (by a watermark
 /// that may lag its latest heartbeat by up to `interval`): its deadline as
@@ -69,7 +134,7 @@ pub async fn write_loop(
         for entry in running {
             let seen = Seen {
                 unix_ms: registry.last_heartbeat_unix_ms(&entry),
-                ttl_ms: entry.ttl_ms(),
+                ttl_ms: u64::try_from(entry.ttl().as_millis()).unwrap_or(u64::MAX),
             };
             let id = entry.id().as_str();
             if written.get(id) != Some(&seen) {
@@ -131,5 +196,16 @@ mod tests {
         };
         let r = resume(seen, 0, S, S);
         assert!(r.left > Duration::from_secs(1_000_000));
+    }
+
+    #[test]
+    fn watermarks_round_trip_and_garbage_is_refused() {
+        let seen = Seen {
+            unix_ms: 1_700_000_000_000,
+            ttl_ms: 1_500,
+        };
+        assert_eq!(Seen::decode(seen.encode().as_bytes()), Some(seen));
+        assert_eq!(Seen::decode(b"12"), None);
+        assert_eq!(Seen::decode(b"a b"), None);
     }
 }

@@ -1,8 +1,9 @@
 //! Conversions between wire types (`proto`) and the core's types.
 //!
 //! Owns: enum decoding (an unknown or UNSPECIFIED value where one is not
-//! allowed is an INVALID_ARGUMENT naming the field) and the encoding of
-//! executors and events. No registry state is touched here.
+//! allowed is an INVALID_ARGUMENT naming the field), the encoding of
+//! executors and events, and the wire's milliseconds: the only place they
+//! meet the core's `Duration`s. No registry state is touched here.
 
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ pub fn executor(registry: &Registry, entry: &Entry) -> proto::Executor {
         labels: entry.labels().to_map(),
         status: status(entry.status()) as i32,
         last_heartbeat_unix_ms: registry.last_heartbeat_unix_ms(entry),
-        ttl_ms: entry.ttl_ms(),
+        ttl_ms: millis(entry.ttl()),
     }
 }
 
@@ -86,6 +87,11 @@ pub fn event(event: &Event) -> proto::ExecutorEvent {
         reason: reason as i32,
         labels: event.entry.labels().to_map(),
     }
+}
+
+/// A heartbeat's `ttl_ms` as the core takes it: 0 keeps the current TTL.
+pub fn ttl(ttl_ms: u64) -> Option<Duration> {
+    (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms))
 }
 
 /// Milliseconds of a duration, for the wire.

@@ -63,7 +63,7 @@ impl RegistryService {
     ) -> proto::HeartbeatResult {
         let result = self
             .registry
-            .heartbeat_as(&req.executor_id, req.ttl_ms, caller);
+            .heartbeat_as(&req.executor_id, convert::ttl(req.ttl_ms), caller);
         self.count_denial(&result);
         let status = to_heartbeat_status(&result) as i32;
         let interval = result.unwrap_or_else(|_| self.registry.suggested_interval());
@@ -113,9 +113,9 @@ impl RegistryRpc for RegistryService {
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
         let caller = authenticated(&request).heartbeat_caller();
         let req = request.into_inner();
-        let result = self
-            .registry
-            .heartbeat_as(&req.executor_id, req.ttl_ms, &caller);
+        let result =
+            self.registry
+                .heartbeat_as(&req.executor_id, convert::ttl(req.ttl_ms), &caller);
         self.count_denial(&result);
         let interval = result.map_err(to_status)?;
         Ok(Response::new(proto::HeartbeatResponse {

@@ -1,8 +1,8 @@
 //! The etcd backend of `MembershipStore`, for replicas.
 //!
-//! Owns: the key layout under `--etcd-prefix` ([`Keys`]), the encoding of a
-//! stored executor (one JSON object per key, so fields added later travel
-//! without a migration) and of a last-seen watermark, and the fenced commit:
+//! Owns: the encoding of a stored executor (one JSON object per key under
+//! [`Keys::executors`], so fields added later travel without a migration),
+//! the paged load of them, and the fenced commit:
 //! every transaction compares the leader key's create revision, so a replica
 //! that lost leadership writes nothing. A fenced commit cancels the `fenced`
 //! token so the replica steps down.
@@ -18,74 +18,8 @@
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, MembershipStore, StoreError, StoredExecutor};
-use crate::replica::etcd::{self as client, Etcd, EtcdError, Fence};
-
-/// Key layout under the prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    /// Keys under `prefix` (a trailing `/` is ignored).
-    pub fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.trim_end_matches('/').to_owned(),
-        }
-    }
-
-    /// The election key: value = the leader's advertise address.
-    pub fn leader(&self) -> String {
-        format!("{}/leader", self.prefix)
-    }
-
-    /// Prefix of the executor keys.
-    pub fn executors(&self) -> String {
-        format!("{}/executors/", self.prefix)
-    }
-
-    /// One executor's key.
-    pub fn executor(&self, id: &str) -> String {
-        format!("{}{id}", self.executors())
-    }
-
-    /// Prefix of the last-seen watermarks.
-    pub fn seen_prefix(&self) -> String {
-        format!("{}/seen/", self.prefix)
-    }
-
-    /// One executor's watermark key.
-    pub fn seen(&self, id: &str) -> String {
-        format!("{}{id}", self.seen_prefix())
-    }
-}
-
-/// A last-seen watermark: wall-clock ms of a heartbeat, and the TTL it set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Seen {
-    /// Wall-clock ms (Unix epoch) of the heartbeat.
-    pub unix_ms: u64,
-    /// The TTL that heartbeat asked for.
-    pub ttl_ms: u64,
-}
-
-impl Seen {
-    /// `"<unix_ms> <ttl_ms>"`.
-    pub fn encode(&self) -> String {
-        format!("{} {}", self.unix_ms, self.ttl_ms)
-    }
-
-    /// Parses [`Seen::encode`]'s output.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let text = std::str::from_utf8(bytes).ok()?;
-        let (seen, ttl) = text.split_once(' ')?;
-        Some(Self {
-            unix_ms: seen.parse().ok()?,
-            ttl_ms: ttl.parse().ok()?,
-        })
-    }
-}
+use crate::etcd::{self as client, Etcd, EtcdError, Fence, Keys};
+use crate::registry::{Batch, MembershipStore, StoreError, StoredExecutor};
 
 /// The JSON form of a stored executor. Unknown fields are ignored, so a
 /// newer replica's extra fields do not stop an older one from loading.
@@ -132,29 +66,15 @@ pub fn decode(bytes: &[u8]) -> Result<StoredExecutor, String> {
     })
 }
 
-/// What a new leader reads at the start of its term.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    /// Every stored executor.
-    pub executors: Vec<StoredExecutor>,
-    /// Watermarks by executor id.
-    pub seen: std::collections::HashMap<String, Seen>,
-}
-
-/// Reads every executor and watermark under `keys`, and deletes (fenced)
-/// watermarks whose executor is gone.
-pub async fn load(etcd: &Etcd, keys: &Keys, fence: &Fence) -> Result<Loaded, EtcdError> {
-    let mut loaded = Loaded::default();
-    let executors = keys.executors();
-    let seen_prefix = keys.seen_prefix();
-    // Both reads at once: a new leader serves only after them.
-    let (executor_kvs, seen_kvs) = tokio::try_join!(
-        etcd.range_prefix(executors.as_bytes()),
-        etcd.range_prefix(seen_prefix.as_bytes())
-    )?;
-    for kv in executor_kvs {
+/// Every executor stored under `keys`, read in pages (an unreadable one is
+/// skipped, and said so).
+pub async fn load(etcd: &Etcd, keys: &Keys) -> Result<Vec<StoredExecutor>, EtcdError> {
+    let prefix = keys.executors();
+    let kvs = etcd.range_prefix(prefix.as_bytes()).await?;
+    let mut executors = Vec::with_capacity(kvs.len());
+    for kv in kvs {
         match decode(&kv.value) {
-            Ok(executor) => loaded.executors.push(executor),
+            Ok(executor) => executors.push(executor),
             Err(e) => tracing::warn!(
                 key = %String::from_utf8_lossy(&kv.key),
                 error = %e,
@@ -162,28 +82,7 @@ pub async fn load(etcd: &Etcd, keys: &Keys, fence: &Fence) -> Result<Loaded, Etc
             ),
         }
     }
-    let known: std::collections::HashSet<&str> =
-        loaded.executors.iter().map(|e| e.id.as_str()).collect();
-    let mut orphans = Vec::new();
-    let mut seen = std::collections::HashMap::new();
-    for kv in seen_kvs {
-        let id = String::from_utf8_lossy(&kv.key[seen_prefix.len()..]).into_owned();
-        match Seen::decode(&kv.value) {
-            Some(s) if known.contains(id.as_str()) => {
-                seen.insert(id, s);
-            }
-            _ => orphans.push(client::delete(kv.key)),
-        }
-    }
-    loaded.seen = seen;
-    if !orphans.is_empty() {
-        tracing::info!(
-            watermarks = orphans.len(),
-            "deleting watermarks of gone executors"
-        );
-        etcd.fenced(fence, orphans).await?;
-    }
-    Ok(loaded)
+    Ok(executors)
 }
 
 /// `MembershipStore` on etcd, for the leader's term.
@@ -243,14 +142,17 @@ impl MembershipStore for EtcdStore {
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         if self.fenced.is_cancelled() {
-            return Err(StoreError(EtcdError::Fenced.to_string()));
+            return Err(StoreError::Fenced(EtcdError::Fenced.to_string()));
         }
         let ops = self.ops(batch);
         let result = self.handle.block_on(self.etcd.fenced(&self.fence, ops));
         if result == Err(EtcdError::Fenced) {
             self.fenced.cancel();
         }
-        result.map_err(|e| StoreError(e.to_string()))
+        result.map_err(|e| match e {
+            EtcdError::Fenced => StoreError::Fenced(e.to_string()),
+            EtcdError::Call(_) => StoreError::Unreachable(e.to_string()),
+        })
     }
 }
 
@@ -277,24 +179,5 @@ mod tests {
         let later = br#"{"id":"a","name":"n","address":"h:1","labels":[],"registered_unix_ms":5,"future":"x"}"#;
         assert_eq!(decode(later).unwrap().id, "a");
         assert!(decode(b"{\"name\":\"n\"}").unwrap_err().contains("id"));
-    }
-
-    #[test]
-    fn watermarks_round_trip_and_garbage_is_refused() {
-        let seen = Seen {
-            unix_ms: 1_700_000_000_000,
-            ttl_ms: 1_500,
-        };
-        assert_eq!(Seen::decode(seen.encode().as_bytes()), Some(seen));
-        assert_eq!(Seen::decode(b"12"), None);
-        assert_eq!(Seen::decode(b"a b"), None);
-    }
-
-    #[test]
-    fn keys_live_under_the_prefix() {
-        let keys = Keys::new("/er/");
-        assert_eq!(keys.leader(), "/er/leader");
-        assert_eq!(keys.executor("x-1"), "/er/executors/x-1");
-        assert_eq!(keys.seen("x-1"), "/er/seen/x-1");
     }
 }

@@ -47,7 +47,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 
-use super::{Batch, MembershipStore, StoreError, StoredExecutor};
+use crate::registry::{Batch, MembershipStore, StoreError, StoredExecutor};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE_NAME: &str = "registry.db";
@@ -190,12 +190,12 @@ impl SqliteStore {
     /// and, naming the directory, when another process holds its lock.
     pub fn open(data_dir: &Path) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
-            StoreError(format!("create data directory {}: {e}", data_dir.display()))
+            StoreError::Failed(format!("create data directory {}: {e}", data_dir.display()))
         })?;
         let path = data_dir.join(DB_FILE_NAME);
         let lock = lock_data_dir(data_dir, &path)?;
         let fail = |what: &str, e: &dyn Display| {
-            StoreError(format!("open {}: {what}: {e}", path.display()))
+            StoreError::Failed(format!("open {}: {what}: {e}", path.display()))
         };
 
         // SQLite would silently fall back to read-only on a write-protected
@@ -331,7 +331,7 @@ impl SqliteStore {
     }
 
     fn error(&self, op: &str, e: &rusqlite::Error) -> StoreError {
-        StoreError(format!("{op} {}: {}", self.path.display(), explain(e)))
+        classify(e, format!("{op} {}: {}", self.path.display(), explain(e)))
     }
 
     /// The row index, read from the table the first time it is needed.
@@ -360,22 +360,25 @@ impl SqliteStore {
     fn write(&mut self, batch: &Batch) -> Result<(), StoreError> {
         self.index()?;
         let path = self.path.display();
-        let fail = |what: String| StoreError(format!("commit to {path}: {what}"));
+        let fail = |what: String| StoreError::Failed(format!("commit to {path}: {what}"));
+        let sql = |what: &str, e: &rusqlite::Error| {
+            classify(e, format!("commit to {path}: {what}: {}", explain(e)))
+        };
         let index = self.index.as_ref().expect("built above");
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| fail(format!("begin: {}", explain(&e))))?;
+            .map_err(|e| sql("begin", &e))?;
         // Rows this batch inserts, by id (also catches an id twice in it).
         let mut added: HashMap<&str, i64> = HashMap::with_capacity(batch.inserts.len());
         let mut removed: Vec<(&str, i64)> = Vec::with_capacity(batch.deletes.len());
         {
             let mut insert = tx
                 .prepare_cached(INSERT)
-                .map_err(|e| fail(format!("prepare insert: {}", explain(&e))))?;
+                .map_err(|e| sql("prepare insert", &e))?;
             let mut select_id = tx
                 .prepare_cached(SELECT_ID)
-                .map_err(|e| fail(format!("prepare select: {}", explain(&e))))?;
+                .map_err(|e| sql("prepare select", &e))?;
             let mut labels = String::new();
             for row in &batch.inserts {
                 let duplicate = || fail(format!("insert {:?}: the id is already stored", row.id));
@@ -390,7 +393,7 @@ impl SqliteStore {
                             rusqlite::Error::QueryReturnedNoRows => Ok(None),
                             e => Err(e),
                         })
-                        .map_err(|e| fail(format!("insert {:?}: {}", row.id, explain(&e))))?;
+                        .map_err(|e| sql(&format!("insert {:?}", row.id), &e))?;
                     if stored.as_deref() == Some(row.id.as_str()) {
                         return Err(duplicate());
                     }
@@ -412,18 +415,18 @@ impl SqliteStore {
                         registered,
                         row.owner
                     ])
-                    .map_err(|e| fail(format!("insert {:?}: {}", row.id, explain(&e))))?;
+                    .map_err(|e| sql(&format!("insert {:?}", row.id), &e))?;
                 added.insert(&row.id, tx.last_insert_rowid());
             }
             let mut delete = tx
                 .prepare_cached(DELETE)
-                .map_err(|e| fail(format!("prepare delete: {}", explain(&e))))?;
+                .map_err(|e| sql("prepare delete", &e))?;
             for id in &batch.deletes {
                 let candidates = [added.get(id.as_str()).copied(), index.get(id)];
                 for seq in candidates.into_iter().flatten() {
                     let deleted = delete
                         .execute(params![seq, id])
-                        .map_err(|e| fail(format!("delete {id:?}: {}", explain(&e))))?;
+                        .map_err(|e| sql(&format!("delete {id:?}"), &e))?;
                     if deleted > 0 {
                         removed.push((id, seq));
                         break;
@@ -436,7 +439,7 @@ impl SqliteStore {
             // went through, then a failed fsync): read the index afresh
             // next time rather than trust it.
             self.index = None;
-            return Err(fail(format!("commit: {}", explain(&e))));
+            return Err(sql("commit", &e));
         }
         let index = self.index.as_mut().expect("built above");
         for (id, seq) in added {
@@ -466,19 +469,24 @@ impl MembershipStore for SqliteStore {
             let row = match rows.next() {
                 Ok(Some(row)) => row,
                 Ok(None) => break,
-                Err(e) => return Err(StoreError(format!("load from {path}: {}", explain(&e)))),
+                Err(e) => {
+                    return Err(StoreError::Failed(format!(
+                        "load from {path}: {}",
+                        explain(&e)
+                    )));
+                }
             };
             let seq: i64 = row.get(0).map_err(|e| {
-                StoreError(format!(
+                StoreError::Failed(format!(
                     "load from {path}: row {} has a bad seq: {e}",
                     out.len()
                 ))
             })?;
             let id: String = row.get(1).map_err(|e| {
-                StoreError(format!("load from {path}: row {seq} has a bad id: {e}"))
+                StoreError::Failed(format!("load from {path}: row {seq} has a bad id: {e}"))
             })?;
             let bad = |what: &str, e: &dyn Display| {
-                StoreError(format!(
+                StoreError::Failed(format!(
                     "load from {path}: executor {id:?}: bad {what}: {e}"
                 ))
             };
@@ -506,7 +514,7 @@ impl MembershipStore for SqliteStore {
         }
         out.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         if let Some(twice) = out.windows(2).find(|w| w[0].id == w[1].id) {
-            return Err(StoreError(format!(
+            return Err(StoreError::Failed(format!(
                 "load from {path}: executor {:?} is stored twice",
                 twice[0].id
             )));
@@ -550,7 +558,7 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 fn lock_data_dir(data_dir: &Path, db: &Path) -> Result<File, StoreError> {
     let lock_path = data_dir.join(LOCK_FILE_NAME);
     let fail = |what: &str, e: &dyn Display| {
-        StoreError(format!(
+        StoreError::Failed(format!(
             "open {}: {what} {}: {e}",
             db.display(),
             lock_path.display()
@@ -581,7 +589,7 @@ fn lock_data_dir(data_dir: &Path, db: &Path) -> Result<File, StoreError> {
                 "" => String::new(),
                 pid => format!(" ({pid})"),
             };
-            return Err(StoreError(format!(
+            return Err(StoreError::Failed(format!(
                 "data dir {} is in use by another registry{holder}: {} is locked; stop that \
                  one first, or give this one another --data-dir",
                 data_dir.display(),
@@ -604,6 +612,16 @@ fn lock_data_dir(data_dir: &Path, db: &Path) -> Result<File, StoreError> {
 /// A SQLite error with its extended result code, which tells a full disk
 /// (13), a failed write (778) and a failed fsync (1034) apart where the
 /// message alone ("disk I/O error") does not.
+/// The store error of a SQLite failure: a full disk is
+/// [`StoreError::Full`], anything else [`StoreError::Failed`].
+fn classify(e: &rusqlite::Error, message: String) -> StoreError {
+    if e.sqlite_error_code() == Some(ErrorCode::DiskFull) {
+        StoreError::Full(message)
+    } else {
+        StoreError::Failed(message)
+    }
+}
+
 fn explain(e: &rusqlite::Error) -> String {
     match e.sqlite_extended_error_code() {
         Some(code) => format!("{e} (SQLite code {code})"),
@@ -747,7 +765,9 @@ mod tests {
 
     /// Asserts `open` fails with an error that names the database file.
     fn assert_open_fails_naming(dir: &Path, path: &Path) -> String {
-        let err = SqliteStore::open(dir).expect_err("open must fail").0;
+        let err = SqliteStore::open(dir)
+            .expect_err("open must fail")
+            .to_string();
         assert!(
             err.contains(&path.display().to_string()),
             "error does not name {}: {err}",
@@ -909,7 +929,7 @@ mod tests {
             inserts: vec![executor("a"), executor("b"), executor("c")],
             deletes: vec!["b".to_owned()],
         };
-        let err = store.commit(&batch).unwrap_err().0;
+        let err = store.commit(&batch).unwrap_err().to_string();
         assert!(err.contains("\"b\""), "error names the colliding id: {err}");
         assert!(err.contains(&db_path(&dir).display().to_string()), "{err}");
         assert_eq!(ids(&mut store), ["b"]);
@@ -949,7 +969,7 @@ mod tests {
                 inserts: vec![executor("ok"), row],
                 deletes: vec![],
             };
-            let err = store.commit(&batch).unwrap_err().0;
+            let err = store.commit(&batch).unwrap_err().to_string();
             assert!(err.contains("\"x\""), "{labels:?}: {err}");
         }
         assert!(store.load_all().unwrap().is_empty());
@@ -984,7 +1004,7 @@ mod tests {
                     [text],
                 )
                 .unwrap();
-            let err = store.load_all().unwrap_err().0;
+            let err = store.load_all().unwrap_err().to_string();
             assert!(
                 err.contains("\"bad-one\"") && err.contains("labels"),
                 "{err}"
@@ -1002,7 +1022,7 @@ mod tests {
             .conn
             .execute("UPDATE executors SET registered_unix_ms = -1", [])
             .unwrap();
-        let err = store.load_all().unwrap_err().0;
+        let err = store.load_all().unwrap_err().to_string();
         assert!(
             err.contains("\"a\"") && err.contains("registered_unix_ms"),
             "{err}"
@@ -1019,7 +1039,13 @@ mod tests {
             inserts: vec![row],
             deletes: vec![],
         };
-        assert!(store.commit(&batch).unwrap_err().0.contains("\"a\""));
+        assert!(
+            store
+                .commit(&batch)
+                .unwrap_err()
+                .to_string()
+                .contains("\"a\"")
+        );
     }
 
     #[test]
@@ -1297,7 +1323,7 @@ mod tests {
                  WHERE id = 'b'",
             )
             .unwrap();
-        let err = store.load_all().unwrap_err().0;
+        let err = store.load_all().unwrap_err().to_string();
         assert!(err.contains("executor \"b\" is stored twice"), "{err}");
         assert!(err.contains(&db_path(&dir).display().to_string()), "{err}");
     }
@@ -1306,7 +1332,10 @@ mod tests {
     fn an_id_twice_in_one_batch_fails_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = SqliteStore::open(dir.path()).unwrap();
-        let err = store.commit(&inserts(&["a", "b", "a"])).unwrap_err().0;
+        let err = store
+            .commit(&inserts(&["a", "b", "a"]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"a\": the id is already stored"), "{err}");
         assert!(ids(&mut store).is_empty());
         store.commit(&inserts(&["a", "b"])).unwrap();
@@ -1373,7 +1402,7 @@ mod tests {
         let mut first = SqliteStore::open(dir.path()).unwrap();
         first.commit(&inserts(&["a"])).unwrap();
 
-        let err = SqliteStore::open(dir.path()).unwrap_err().0;
+        let err = SqliteStore::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("in use by another registry"), "{err}");
         assert!(err.contains(&dir.path().display().to_string()), "{err}");
         assert!(
@@ -1440,7 +1469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let not_a_dir = dir.path().join("data");
         std::fs::write(&not_a_dir, b"x").unwrap();
-        let err = SqliteStore::open(&not_a_dir).unwrap_err().0;
+        let err = SqliteStore::open(&not_a_dir).unwrap_err().to_string();
         assert!(err.contains(&not_a_dir.display().to_string()), "{err}");
     }
 
@@ -1500,7 +1529,7 @@ mod tests {
                 return;
             }
         };
-        let err = store.commit(&inserts(&["b", "c"])).unwrap_err().0;
+        let err = store.commit(&inserts(&["b", "c"])).unwrap_err().to_string();
         eprintln!("write-protected WAL: {err}");
         assert!(err.contains(&db_path(&dir).display().to_string()), "{err}");
         assert!(
@@ -1528,7 +1557,7 @@ mod tests {
         // Another process (a `sqlite3` shell, a backup) holding the write lock.
         let other = Connection::open(db_path(&dir)).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        let err = store.commit(&inserts(&["b"])).unwrap_err().0;
+        let err = store.commit(&inserts(&["b"])).unwrap_err().to_string();
         assert!(err.contains("locked"), "{err}");
         assert!(err.contains(&db_path(&dir).display().to_string()), "{err}");
         other.execute_batch("ROLLBACK").unwrap();
@@ -1588,6 +1617,115 @@ mod tests {
                 secs * 1000.0 / commits as f64
             );
         }
+    }
+
+    /// Real time and a real SQLite file: the store fails (immutable WAL) while
+    /// an expired executor's delete is pending, long enough for its tombstone to
+    /// be forgotten. Its row is still in the file, so a new registration that
+    /// drew the same id would collide with it at insert and fail the whole batch.
+    #[tokio::test]
+    async fn a_new_id_skips_a_stored_id_whose_delete_has_not_landed() {
+        use crate::registry::{
+            FORCED_ID_SUFFIXES, NoopObserver, Registration, Registry, RegistryConfig, RegistryError,
+        };
+
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = dir.path().join("registry.db-wal");
+        let stale = "worker-000000000000000a";
+        let mut store = SqliteStore::open(dir.path()).expect("opens");
+        store
+            .commit(&Batch {
+                inserts: vec![StoredExecutor {
+                    id: stale.into(),
+                    name: "worker".into(),
+                    address: "10.0.3.1:9000".into(),
+                    labels: Vec::new(),
+                    registered_unix_ms: 1,
+                    owner: None,
+                }],
+                deletes: Vec::new(),
+            })
+            .expect("commits");
+        let rows_in_file = || {
+            let conn = rusqlite::Connection::open_with_flags(
+                dir.path().join("registry.db"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .expect("open read-only");
+            let mut select = conn
+                .prepare("SELECT id, address FROM executors ORDER BY id")
+                .expect("prepare");
+            select
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .expect("query")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("rows")
+        };
+        let config = RegistryConfig {
+            init_ttl: Duration::from_millis(200),
+            tombstone_retention: Duration::from_millis(1),
+            ..RegistryConfig::default()
+        };
+        let (registry, _task) =
+            Registry::start(config, Box::new(store), std::sync::Arc::new(NoopObserver))
+                .expect("loads");
+        let fault = match Unwritable::make(&wal) {
+            Some(fault) if fault.immutable => fault,
+            _ => {
+                eprintln!("skipped: needs root and chattr to make the WAL immutable");
+                return;
+            }
+        };
+
+        // It expires; its delete fails; its tombstone is forgotten.
+        let mut watch = registry.watch();
+        let event = watch.next().await.expect("the watch goes on");
+        assert_eq!(event.entry.id().as_str(), stale);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while registry.heartbeat(stale, None) != Err(RegistryError::NotFound(stale.into())) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the tombstone was never forgotten"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            rows_in_file(),
+            [(stale.to_owned(), "10.0.3.1:9000".to_owned())]
+        );
+
+        // The store works again. Nothing awaits between here and the
+        // registration, so on this single-threaded runtime the loop sees the
+        // registration and the delete retry in one turn.
+        drop(fault);
+        FORCED_ID_SUFFIXES.with_borrow_mut(|q| q.extend([0xa, 0xe]));
+        let new = registry
+            .register(Registration {
+                name: "worker".into(),
+                address: "10.0.3.2:9000".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("not refused by a collision with the stale row");
+        eprintln!("registered as {}", new.id().as_str());
+        registry
+            .heartbeat(new.id().as_str(), Some(Duration::from_secs(600)))
+            .expect("kept alive");
+
+        // The stale row is deleted, the new one stored under its own id.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while rows_in_file().len() != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the delete never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            rows_in_file(),
+            [(new.id().as_str().to_owned(), "10.0.3.2:9000".to_owned())]
+        );
     }
 }
 

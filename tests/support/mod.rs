@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{self, RegisterRequest};
+use executor_registry::registry::{
+    Batch, MembershipStore, MemoryStore, StoreError, StoredExecutor,
+};
 use executor_registry::registry::{NoopObserver, Observer, Registry, RegistryConfig, RegistryTask};
 use executor_registry::server::{self, Limits, ServeOptions, Stopped};
-use executor_registry::store::{Batch, MembershipStore, MemoryStore, StoreError, StoredExecutor};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -289,7 +291,7 @@ impl MembershipStore for FlakyStore {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if failing {
-            return Err(StoreError("disk on fire (test)".into()));
+            return Err(StoreError::Failed("disk on fire (test)".into()));
         }
         self.inner.commit(batch)
     }

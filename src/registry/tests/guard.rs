@@ -93,7 +93,7 @@ fn start_seen(config: RegistryConfig) -> (Registry, RegistryTask, Arc<Seen>) {
 async fn fleet(registry: &Registry, n: usize) -> Vec<Arc<Entry>> {
     let entries = register_many(registry, "w", n).await;
     for entry in &entries {
-        registry.heartbeat(id(entry), TTL_MS).expect("live");
+        registry.heartbeat(id(entry), ttl(TTL_MS)).expect("live");
     }
     entries
 }
@@ -127,7 +127,7 @@ impl Beater {
                     let now: Vec<String> = ids.lock().expect("lock").iter().cloned().collect();
                     for id in now {
                         registry
-                            .heartbeat(&id, TTL_MS)
+                            .heartbeat(&id, ttl(TTL_MS))
                             .expect("a beating executor stays live");
                     }
                     sleep(BEAT).await;
@@ -210,7 +210,7 @@ async fn sixty_percent_expiring_at_once_is_held_whole_and_heartbeats_revive_it_w
     // Heartbeats come back: each is OK, and the next review lets go.
     for entry in silent {
         registry
-            .heartbeat(id(entry), TTL_MS)
+            .heartbeat(id(entry), ttl(TTL_MS))
             .expect("a held executor's heartbeat is OK");
     }
     beater.add(silent);
@@ -271,7 +271,7 @@ async fn when_heartbeats_recover_partly_the_still_silent_expire_in_one_pass_a_tt
     assert!(!registry.expiry_guard().active);
     assert!(!seen.gauge());
     assert_eq!(
-        registry.heartbeat(id(&dead[0]), TTL_MS),
+        registry.heartbeat(id(&dead[0]), ttl(TTL_MS)),
         Err(RegistryError::Tombstone(id(&dead[0]).to_owned()))
     );
 }
@@ -464,7 +464,7 @@ async fn after_a_restart_a_fleet_that_does_not_come_back_trips_the_guard_again()
     let stored_ids: Vec<String> = (0..100).map(|i| stored(i).id).collect();
     // 40 come back; 60 stay silent until their init TTL runs out together.
     for id in &stored_ids[..40] {
-        registry.heartbeat(id, 60_000).expect("loaded INITING");
+        registry.heartbeat(id, ttl(60_000)).expect("loaded INITING");
     }
     sleep(init_ttl + 2 * TICK).await;
     assert_eq!(registry.count(None), 100, "held, not expired");
@@ -474,6 +474,6 @@ async fn after_a_restart_a_fleet_that_does_not_come_back_trips_the_guard_again()
     assert_eq!(registry.count(Some(Status::Initing)), 60);
     // A late one is still welcome.
     registry
-        .heartbeat(&stored_ids[40], 60_000)
+        .heartbeat(&stored_ids[40], ttl(60_000))
         .expect("a held executor's heartbeat is OK");
 }

@@ -1,11 +1,18 @@
-//! A small etcd v3 client over the generated `etcdserverpb` stubs.
+//! A small etcd v3 client over the generated `etcdserverpb` stubs, and the
+//! registry's key layout in etcd.
 //!
 //! Owns: the gRPC channel to the etcd endpoints, paginated prefix reads,
 //! fenced transactions chunked under etcd's per-transaction operation limit,
-//! and leases (grant, keep-alive, revoke). Knows nothing of executors or
-//! leadership: callers build the keys and the fence.
+//! and leases (grant, keep-alive, revoke); and [`Keys`], where each thing
+//! lives under `--etcd-prefix`. Used by the etcd store and by the
+//! replicas, which do not import each other for it. Knows nothing of
+//! executors or leadership: callers build the values and the fence.
 //!
 //! Must not touch: registry state.
+
+mod keys;
+
+pub use keys::Keys;
 
 use std::time::{Duration, Instant};
 

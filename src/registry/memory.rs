@@ -1,11 +1,15 @@
-//! A store that keeps membership in memory only (tests, embedding, and the
-//! `--store memory` option): nothing survives the process.
+//! The port's in-memory implementation: a store that keeps membership in
+//! memory only (tests, embedding, and the `--store memory` option); nothing
+//! survives the process. It lives in the core, beside the port, because it
+//! does no I/O: the core's own tests and
+//! [`Registry::start_in_memory`](super::Registry::start_in_memory) need a
+//! store without importing an adapter.
 //!
 //! Owns: its rows, behind a mutex that clones share — like two connections to
 //! one database, so a test can keep a handle on what a registry committed,
 //! or start a second registry on the same rows (a restart). A
 //! [`MemoryStore::volatile`] store keeps no rows at all: when nobody can ever
-//! load them again (`--store memory`, [`crate::registry::Registry::start_in_memory`]),
+//! load them again (`--store memory`, `Registry::start_in_memory`),
 //! a copy of every executor would only double the registry's memory.
 //!
 //! Must not touch: registry state.
@@ -13,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{Batch, MembershipStore, StoreError, StoredExecutor};
+use super::port::{Batch, MembershipStore, StoreError, StoredExecutor};
 
 type Rows = BTreeMap<String, StoredExecutor>;
 

@@ -1,5 +1,9 @@
 //! The store's own thread.
 //!
+//! It lives in the core, beside the port, because it does no I/O of its
+//! own: it only runs the adapter's blocking calls where they cannot stall
+//! the async runtime.
+//!
 //! Owns: the boxed `MembershipStore` and the OS thread that calls it, so that
 //! blocking writes (fsync) never run on the async runtime. Commits are
 //! executed one at a time in submission order. A store that does not block
@@ -13,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{Batch, IDLE_AFTER, MembershipStore, StoreError, StoredExecutor};
+use super::port::{Batch, IDLE_AFTER, MembershipStore, StoreError, StoredExecutor};
 
 struct Job {
     batch: Batch,
@@ -70,7 +74,7 @@ impl StoreWorker {
                     let _ = job.done.send((result, started.elapsed()));
                 }
             })
-            .map_err(|e| StoreError(format!("cannot start the store thread: {e}")))?;
+            .map_err(|e| StoreError::Failed(format!("cannot start the store thread: {e}")))?;
         Ok((
             Self {
                 jobs: Some(tx),
@@ -97,7 +101,7 @@ impl StoreWorker {
             .map(|jobs| jobs.send(Job { batch, done }));
         if let Some(Err(mpsc::SendError(job))) = sent {
             let _ = job.done.send((
-                Err(StoreError("store thread stopped".into())),
+                Err(StoreError::Failed("store thread stopped".into())),
                 Duration::ZERO,
             ));
         }

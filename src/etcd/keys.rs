@@ -1,0 +1,57 @@
+//! The registry's keys in etcd.
+//!
+//! Owns: where each thing lives under `--etcd-prefix`: the leader key, one
+//! key per executor, one watermark per executor.
+
+/// Key layout under the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (a trailing `/` is ignored).
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The election key: value = the leader's advertise address.
+    pub fn leader(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+
+    /// Prefix of the executor keys.
+    pub fn executors(&self) -> String {
+        format!("{}/executors/", self.prefix)
+    }
+
+    /// One executor's key.
+    pub fn executor(&self, id: &str) -> String {
+        format!("{}{id}", self.executors())
+    }
+
+    /// Prefix of the last-seen watermarks.
+    pub fn seen_prefix(&self) -> String {
+        format!("{}/seen/", self.prefix)
+    }
+
+    /// One executor's watermark key.
+    pub fn seen(&self, id: &str) -> String {
+        format!("{}{id}", self.seen_prefix())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_live_under_the_prefix() {
+        let keys = Keys::new("/er/");
+        assert_eq!(keys.leader(), "/er/leader");
+        assert_eq!(keys.executor("x-1"), "/er/executors/x-1");
+        assert_eq!(keys.seen("x-1"), "/er/seen/x-1");
+    }
+}

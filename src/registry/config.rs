@@ -1,0 +1,79 @@
+//! The core's settings and their defaults.
+//!
+//! Owns: [`RegistryConfig`] and one `DEFAULT_*` constant per default. The
+//! command line (`serve`'s flags) takes its defaults from these same
+//! constants, so a default is written once.
+//!
+//! Must not touch: anything at run time; these are plain values.
+
+use std::time::Duration;
+
+use super::guard::ExpiryGuardConfig;
+
+/// Default TTL from registration (or start-up load) to the first heartbeat.
+pub const DEFAULT_INIT_TTL: Duration = Duration::from_secs(20);
+/// Default smallest TTL a heartbeat may ask for.
+pub const DEFAULT_MIN_TTL: Duration = Duration::from_millis(100);
+/// Default largest TTL a heartbeat may ask for.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(600);
+/// Default floor of the suggested heartbeat interval.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// Default fleet-wide heartbeat rate the suggested interval aims at.
+pub const DEFAULT_MAX_HEARTBEATS_PER_SECOND: u64 = 200_000;
+/// Default time expired and deregistered ids are remembered.
+pub const DEFAULT_TOMBSTONE_RETENTION: Duration = Duration::from_secs(600);
+/// Default number of events a watcher may fall behind.
+pub const DEFAULT_WATCH_BUFFER: usize = 4096;
+/// Default stall threshold of pause compensation.
+pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_secs(1);
+/// Default most executors live at once.
+pub const DEFAULT_MAX_EXECUTORS: usize = 2_000_000;
+/// Most heartbeats in one `HeartbeatBatch`.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Liveness and fan-out settings of the core (the CLI's flags map onto it).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// TTL from registration (or start-up load) to the first heartbeat.
+    pub init_ttl: Duration,
+    /// Smallest TTL a heartbeat may ask for.
+    pub min_ttl: Duration,
+    /// Largest TTL a heartbeat may ask for.
+    pub max_ttl: Duration,
+    /// Floor of the suggested heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// The fleet's total heartbeat rate the suggested interval aims at.
+    pub max_heartbeats_per_second: u64,
+    /// How long expired/deregistered ids are remembered.
+    pub tombstone_retention: Duration,
+    /// Events a watcher may fall behind before it is ended (rounded up to a
+    /// power of two by the broadcast channel).
+    pub watch_buffer: usize,
+    /// A membership-loop turn this much later than its 100 ms tick means the
+    /// registry was stalled: deadlines that fell in the stall are moved by
+    /// its length instead of expiring. Zero disables the compensation.
+    pub stall_threshold: Duration,
+    /// Most executors live (and being registered) at once; registrations
+    /// beyond it are refused with `ResourceExhausted`.
+    pub max_executors: usize,
+    /// The mass-expiry guard (None: off, the default); its rule is in
+    /// `registry/guard.rs`.
+    pub expiry_guard: Option<ExpiryGuardConfig>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            init_ttl: DEFAULT_INIT_TTL,
+            min_ttl: DEFAULT_MIN_TTL,
+            max_ttl: DEFAULT_MAX_TTL,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            max_heartbeats_per_second: DEFAULT_MAX_HEARTBEATS_PER_SECOND,
+            tombstone_retention: DEFAULT_TOMBSTONE_RETENTION,
+            watch_buffer: DEFAULT_WATCH_BUFFER,
+            stall_threshold: DEFAULT_STALL_THRESHOLD,
+            max_executors: DEFAULT_MAX_EXECUTORS,
+            expiry_guard: None,
+        }
+    }
+}

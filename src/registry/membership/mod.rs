@@ -1,0 +1,561 @@
+//! The single membership writer.
+//!
+//! Owns (exclusively): the revision counter, the event sender's order, the
+//! mass-expiry guard's held executors, and — through its parts — the timing
+//! wheel ([`expiry`]), the member map and mass changes ([`bulk`]), and the
+//! store batches and ids ([`commit`]). Every membership change — register,
+//! deregister, expiry, start-up load — is applied here, in order.
+//!
+//! One turn = everything ready at one wake-up: every queue entry whose time
+//! came, every command waiting, every finished commit. A turn assigns one
+//! revision per change, publishes one snapshot, *then* sends its events (so a
+//! watcher that loads a snapshot never misses an event), then answers callers.
+//! A turn with many departures removes them [`Removal::Deferred`] (see
+//! [`bulk`]); the way is decided per turn and passed to every removal.
+//!
+//! Mass-expiry guard (when configured): executors whose deadline passed are
+//! collected for the whole pass and `ExpiryGuard` decides whether they
+//! expire now or are held; held ones are reviewed on every housekeeping
+//! tick (revived ones go back to the wheel, released ones expire in one
+//! pass). See `registry/guard.rs` for the rule and [`guarded`] for how the
+//! loop applies it.
+//!
+//! Must not touch: I/O (the store runs on its own thread), gRPC types.
+
+mod bulk;
+mod commit;
+mod expiry;
+mod guarded;
+mod turn;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Interval, MissedTickBehavior};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::clock::duration_ms;
+use super::entry::{Entry, Expiry, Status};
+use super::error::RegistryError;
+use super::guard::ExpiryGuard;
+use super::observer::RegistrationResult;
+use super::port::StoredExecutor;
+use super::registration::ValidRegistration;
+use super::tables::Tables;
+use super::watch::{Event, EventKind, OfflineReason};
+use super::worker::StoreWorker;
+use bulk::{Members, Removal};
+use commit::{Commits, Committed, RegisterReply};
+use expiry::{Sifted, Wheel};
+use turn::{Changes, Turn};
+
+pub(crate) use turn::Command;
+
+#[cfg(test)]
+pub(crate) use bulk::BULK_REMOVALS;
+#[cfg(test)]
+pub(crate) use commit::FORCED_ID_SUFFIXES;
+#[cfg(test)]
+pub(crate) use expiry::RESUME_GRACE;
+pub(crate) use expiry::TICK;
+
+/// Most commands taken in one turn, so a flood of registrations cannot delay
+/// expiry for long.
+const MAX_COMMANDS_PER_TURN: usize = 8192;
+/// Housekeeping ticks between two looks at the tables' spare capacity.
+const COMPACT_EVERY_TICKS: u32 = 100;
+
+/// Whether this process may decide expiries now. A replica answers true only
+/// while its leader lease is confirmed, so a leader woken from a pause past
+/// its lease expires nothing, not even in memory, before it steps down.
+pub type Authority = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How a loaded executor resumes (after a leader failover): the TTL it last
+/// asked for and the time it has left, instead of a fresh init TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Its TTL.
+    pub ttl: Duration,
+    /// Time from the load until its deadline.
+    pub left: Duration,
+}
+
+/// What a loop starts from: the stored executors, how some of them resume
+/// (after a leader failover), and who may decide expiries.
+pub(crate) struct Start {
+    pub(crate) loaded: Vec<StoredExecutor>,
+    pub(crate) resume: HashMap<String, Resume>,
+    pub(crate) authority: Option<Authority>,
+}
+
+/// The loop's private state.
+pub(crate) struct MembershipLoop {
+    tables: Arc<Tables>,
+    commands: mpsc::Receiver<Command>,
+    rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
+    wheel: Wheel,
+    members: Members,
+    commits: Commits,
+    revision: u64,
+    /// Housekeeping ticks until the next [`Self::compact_tables`].
+    ticks_to_compaction: u32,
+    /// The mass-expiry guard, when configured.
+    guard: Option<ExpiryGuard<Arc<Entry>>>,
+    /// When set, expiries wait while it answers false (a replica whose
+    /// leader lease is not confirmed).
+    authority: Option<Authority>,
+    housekeeping: Interval,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl MembershipLoop {
+    pub(crate) fn new(
+        tables: Arc<Tables>,
+        commands: mpsc::Receiver<Command>,
+        rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
+        store: StoreWorker,
+        start: Start,
+        stop: CancellationToken,
+    ) -> Self {
+        let Start {
+            loaded,
+            resume,
+            authority,
+        } = start;
+        let mut housekeeping = tokio::time::interval(TICK);
+        housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut this = Self {
+            guard: tables.config.expiry_guard.map(ExpiryGuard::new),
+            tables,
+            commands,
+            rearm,
+            wheel: Wheel::new(),
+            members: Members::new(),
+            commits: Commits::new(store),
+            revision: 0,
+            ticks_to_compaction: COMPACT_EVERY_TICKS,
+            authority,
+            housekeeping,
+            stop: Box::pin(stop.cancelled_owned()),
+        };
+        this.load(loaded, resume);
+        this
+    }
+
+    /// Start-up: every stored executor comes back INITING with a fresh init
+    /// TTL (or, with a `resume` entry, its own TTL and time left). Those that
+    /// heartbeat carry on; the others expire.
+    fn load(&mut self, loaded: Vec<StoredExecutor>, resume: HashMap<String, Resume>) {
+        let now = self.tables.clock.now_ms();
+        let ttl = duration_ms(self.tables.config.init_ttl);
+        for row in loaded {
+            let (ttl, left) = resume
+                .get(&row.id)
+                .map_or((ttl, ttl), |r| (duration_ms(r.ttl), duration_ms(r.left)));
+            self.insert_live(commit::loaded_entry(row, ttl, left, now));
+        }
+        self.publish();
+        tracing::info!(executors = self.members.live(), "loaded stored membership");
+    }
+
+    /// Runs until stopped, then flushes pending store work.
+    pub(crate) async fn run(mut self) {
+        loop {
+            // Gathering a turn must not be cut short by tokio's cooperative
+            // budget (128 operations per task poll): DelayQueue polls a timer
+            // per popped entry and so runs out after ~128, splitting one
+            // expiry pass into many turns. A turn is bounded anyway (what
+            // expired, MAX_COMMANDS_PER_TURN); the loop pays one unit of
+            // budget per turn instead, so it still yields under a flood.
+            let turn =
+                tokio::task::unconstrained(std::future::poll_fn(|cx| self.poll_turn(cx))).await;
+            let stop = turn.stop;
+            self.apply(turn);
+            self.commits.submit(self.tables.clock.now_ms());
+            if stop {
+                break;
+            }
+            tokio::task::consume_budget().await;
+        }
+        self.finish().await;
+    }
+
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Turn> {
+        let mut turn = Turn::default();
+        // Expired queue entries first, all of them: one pass. Without the
+        // authority to decide expiries they stay queued (the housekeeping
+        // tick brings the next turn).
+        if self.authority.as_ref().is_none_or(|may| may()) {
+            self.wheel.poll_expired(cx, &mut turn.expired);
+        }
+        turn.purged = self.members.poll_purge(cx);
+        turn.committed = self.commits.poll_committed(cx);
+        while turn.commands.len() < MAX_COMMANDS_PER_TURN {
+            match self.commands.poll_recv(cx) {
+                Poll::Ready(Some(command)) => turn.commands.push(command),
+                Poll::Ready(None) => {
+                    turn.stop = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        while turn.rearm.len() < MAX_COMMANDS_PER_TURN {
+            match self.rearm.poll_recv(cx) {
+                Poll::Ready(Some(entry)) => turn.rearm.push(entry),
+                _ => break,
+            }
+        }
+        if self.housekeeping.poll_tick(cx).is_ready() {
+            turn.housekeeping = true;
+        }
+        turn.unlink = self.members.unlinking();
+        if self.stop.as_mut().poll(cx).is_ready() {
+            turn.stop = true;
+        }
+        if turn.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(turn)
+        }
+    }
+
+    fn apply(&mut self, turn: Turn) {
+        let now = self.tables.clock.now_ms();
+        self.wheel.detect_stall(
+            now,
+            self.tables.config.stall_threshold,
+            &*self.tables.observer,
+        );
+        let mut changes = Changes::default();
+        if let Some(result) = turn.purged
+            && self.members.purged(result)
+        {
+            self.store_snapshot();
+        }
+        let mut removal = Removal::for_departures(turn.expired.len());
+        if let Some(committed) = turn.committed {
+            self.committed(committed, now, &mut changes);
+        }
+        for (entry, armed) in turn.expired {
+            self.expire_or_rearm(entry, armed, now, removal, &mut changes);
+        }
+        self.guard_turn(now, turn.housekeeping, &mut removal, &mut changes);
+        for entry in turn.rearm {
+            let deadline = entry.state().deadline_ms();
+            if entry.status() != Status::Tombstone && deadline < entry.armed_ms() {
+                self.wheel.arm(&self.tables.clock, entry, deadline);
+            }
+        }
+        for command in turn.commands {
+            match command {
+                Command::Register {
+                    registration,
+                    reply,
+                } => self.register(registration, reply, turn.stop),
+                Command::Deregister { id, reply } => {
+                    match self.deregister(&id, removal, &mut changes) {
+                        Ok(()) => changes.deregistered.push(reply),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Command::ReleaseGuard { reply } => {
+                    self.release_guard(now, &mut removal, reply, &mut changes)
+                }
+            }
+        }
+        if turn.unlink {
+            self.members.unlink_some(&self.tables);
+        }
+        if turn.housekeeping {
+            self.housekeeping(now);
+        }
+        let guard_releases = std::mem::take(&mut changes.guard_releases);
+        self.finish_turn(changes);
+        self.publish_guard();
+        for (reply, released) in guard_releases {
+            let _ = reply.send(released);
+        }
+        self.members.start_purge();
+    }
+
+    /// A registration command: an id is reserved and the registration waits
+    /// for the next batch (refused at stop, or beyond `max_executors`).
+    fn register(&mut self, registration: ValidRegistration, reply: RegisterReply, stop: bool) {
+        if stop {
+            let _ = reply.send(Err(RegistryError::ShuttingDown));
+            return;
+        }
+        let max = self.tables.config.max_executors;
+        if self.members.live() + self.commits.reserved() >= max {
+            self.tables
+                .observer
+                .registration(RegistrationResult::Unavailable);
+            let _ = reply.send(Err(RegistryError::ResourceExhausted(format!(
+                "the registry holds its maximum of {max} executors (--max-executors)"
+            ))));
+            return;
+        }
+        let id = self.commits.new_id(&registration.name, &self.tables);
+        self.commits.register(id, registration, reply);
+    }
+
+    /// A batch finished: its registrations become visible (or were refused).
+    fn committed(&mut self, committed: Committed, now: u64, changes: &mut Changes) {
+        let registered = self.commits.settle(committed, now, &*self.tables.observer);
+        let ttl = duration_ms(self.tables.config.init_ttl);
+        for pending in registered {
+            let (entry, reply) = pending.into_entry(ttl, now);
+            self.insert_live(entry.clone());
+            let revision = self.next_revision();
+            changes.events.push(Event {
+                revision,
+                kind: EventKind::Online,
+                entry: entry.clone(),
+            });
+            changes.registered.push((reply, entry));
+        }
+    }
+
+    fn expire_or_rearm(
+        &mut self,
+        entry: Arc<Entry>,
+        armed: u64,
+        now: u64,
+        removal: Removal,
+        changes: &mut Changes,
+    ) {
+        let entry = match self.wheel.sift(&self.tables.clock, entry, armed, now) {
+            Sifted::Superseded => return,
+            Sifted::Compensated => {
+                changes.compensated += 1;
+                return;
+            }
+            Sifted::Due(entry) => entry,
+        };
+        let state = entry.state();
+        if self.guard.is_some() && state.status() != Status::Tombstone && state.deadline_ms() <= now
+        {
+            // The guard decides for the whole pass (`guard_turn`).
+            changes.due.push(entry);
+            return;
+        }
+        self.expire(entry, now, false, removal, changes);
+    }
+
+    /// Tombstones `entry` if its deadline passed (else queues it again) and
+    /// records the OFFLINE event. `held`: the guard held it, so the time
+    /// since its deadline is the hold, not expiry lag.
+    fn expire(
+        &mut self,
+        entry: Arc<Entry>,
+        now: u64,
+        held: bool,
+        removal: Removal,
+        changes: &mut Changes,
+    ) {
+        match entry.try_expire(now) {
+            Expiry::Alive { deadline_ms } => self.wheel.arm(&self.tables.clock, entry, deadline_ms),
+            Expiry::Expired { deadline_ms, was } => {
+                self.tables.count_leaving(was);
+                if held {
+                    changes.released += 1;
+                } else {
+                    changes
+                        .lags
+                        .push(Duration::from_millis(now.saturating_sub(deadline_ms)));
+                }
+                self.remove_live(&entry, now, removal);
+                let revision = self.next_revision();
+                changes.events.push(Event {
+                    revision,
+                    kind: EventKind::Offline(OfflineReason::Expired),
+                    entry,
+                });
+            }
+            Expiry::AlreadyTombstone => {}
+        }
+    }
+
+    fn deregister(
+        &mut self,
+        id: &str,
+        removal: Removal,
+        changes: &mut Changes,
+    ) -> Result<(), RegistryError> {
+        let entry = self
+            .tables
+            .live
+            .get(id)
+            .map(|slot| slot.key().0.clone())
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+        let was = entry
+            .tombstone()
+            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
+        self.tables.count_leaving(was);
+        let now = self.tables.clock.now_ms();
+        self.remove_live(&entry, now, removal);
+        let revision = self.next_revision();
+        changes.events.push(Event {
+            revision,
+            kind: EventKind::Offline(OfflineReason::Deregistered),
+            entry,
+        });
+        Ok(())
+    }
+
+    fn insert_live(&mut self, entry: Arc<Entry>) {
+        let deadline = entry.state().deadline_ms();
+        self.members.insert(&self.tables, entry.clone());
+        self.wheel.arm(&self.tables.clock, entry, deadline);
+    }
+
+    /// Takes a (tombstoned) entry out of the live set; the id is remembered
+    /// as a tombstone for the retention, and deleted from the store.
+    fn remove_live(&mut self, entry: &Arc<Entry>, now: u64, removal: Removal) {
+        let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
+        self.members.remove(&self.tables, entry, forget_at, removal);
+        self.commits.delete(entry.id().clone());
+    }
+
+    /// Every [`TICK`]: tombstones past their retention are forgotten, the
+    /// table sizes reported, and now and then the tables compacted.
+    fn housekeeping(&mut self, now: u64) {
+        self.members.forget_tombstones(now, &self.tables);
+        self.tables
+            .observer
+            .tables(self.members.tombstones() as u64, self.wheel.len() as u64);
+        self.ticks_to_compaction = self.ticks_to_compaction.saturating_sub(1);
+        if self.ticks_to_compaction == 0 {
+            self.ticks_to_compaction = COMPACT_EVERY_TICKS;
+            self.compact_tables();
+        }
+    }
+
+    /// Gives back the capacity a burst (a mass expiry or deregistration, a
+    /// fleet that shrank) left in the tables. The timing wheel is rebuilt
+    /// from the live members when its slab is several times larger than
+    /// the live set — not while the guard holds executors (they are live
+    /// but out of the wheel, and go back to it on their own).
+    fn compact_tables(&mut self) {
+        self.members.compact(&self.tables);
+        self.commits.compact();
+        let live = self.members.live();
+        if self.wheel.oversized(live) && !self.guard.as_ref().is_some_and(|g| g.holding()) {
+            let old = self
+                .wheel
+                .rebuild(&self.tables.clock, live, self.members.entries());
+            self.members.release(old);
+        }
+    }
+
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    /// Publishes the snapshot, then the events, then answers callers.
+    fn finish_turn(&mut self, changes: Changes) {
+        if changes.compensated > 0 {
+            tracing::warn!(
+                executors = changes.compensated,
+                "deadlines moved by the stall's length instead of expiring"
+            );
+        }
+        if changes.events.is_empty() {
+            return;
+        }
+        self.publish();
+        let mut online = 0;
+        for event in &changes.events {
+            if event.kind == EventKind::Online {
+                online += 1;
+            }
+            // No receiver is not an error: nobody is watching.
+            let _ = self.tables.events.send(event.clone());
+        }
+        let observer = &self.tables.observer;
+        observer.events(online, changes.events.len() as u64 - online);
+        if changes.released > 0 {
+            observer.released(changes.released);
+        }
+        if !changes.lags.is_empty() {
+            observer.expired(&changes.lags);
+            let max = changes.lags.iter().max().copied().unwrap_or_default();
+            tracing::info!(
+                expired = changes.lags.len(),
+                max_lag_ms = max.as_millis() as u64,
+                revision = self.revision,
+                "expiry pass"
+            );
+        }
+        for (reply, entry) in changes.registered {
+            observer.registration(RegistrationResult::Ok);
+            let _ = reply.send(Ok(entry));
+        }
+        for reply in changes.deregistered {
+            observer.deregistered();
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    fn publish(&mut self) {
+        self.store_snapshot();
+        let tables = &self.tables;
+        tables.observer.membership(
+            self.revision,
+            tables.count_of(Status::Initing),
+            tables.count_of(Status::Running),
+        );
+    }
+
+    /// Replaces the snapshot with the current members and revision.
+    fn store_snapshot(&mut self) {
+        let snapshot = self.members.snapshot(self.revision);
+        let old = self.tables.snapshot.swap(Arc::new(snapshot));
+        self.tables
+            .live_count
+            .store(self.members.live() as u64, Ordering::Relaxed);
+        self.members.release(old);
+    }
+
+    /// After stop: refuse what is queued, let the in-flight commit land,
+    /// flush the pending deletes once, and close the store.
+    async fn finish(mut self) {
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Register { reply, .. } => {
+                    let _ = reply.send(Err(RegistryError::ShuttingDown));
+                }
+                Command::Deregister { reply, .. } => {
+                    let _ = reply.send(Err(RegistryError::ShuttingDown));
+                }
+                // Dropped unanswered: the caller sees the registry stopping.
+                Command::ReleaseGuard { .. } => {}
+            }
+        }
+        self.commits.refuse_pending();
+        if let Some(committed) = self.commits.in_flight().await {
+            let now = self.tables.clock.now_ms();
+            let mut changes = Changes::default();
+            self.committed(committed, now, &mut changes);
+            self.finish_turn(changes);
+        }
+        let Self {
+            commits,
+            tables,
+            revision,
+            ..
+        } = self;
+        commits.flush(&*tables.observer).await;
+        tracing::info!(revision, "membership loop stopped");
+    }
+}
