@@ -18,6 +18,12 @@
 //!
 //! Run: `cargo bench --bench heartbeat`.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "a benchmark measures real time"
+)]
+
 mod support;
 
 use std::hint::black_box;

@@ -25,6 +25,12 @@
 //!
 //! Run: `cargo bench --bench memory`.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "a benchmark measures real time"
+)]
+
 mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};

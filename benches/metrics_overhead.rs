@@ -4,6 +4,12 @@
 //!
 //! `cargo bench --bench metrics_overhead`; compare the two medians.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "a benchmark measures real time"
+)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;

@@ -34,6 +34,12 @@
 //! the 1M goals run: the paired heartbeats and the 100k expiry (ours, then
 //! the reference's 500 ms tick).
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "a benchmark measures real time"
+)]
+
 mod support;
 
 use std::sync::Arc;

@@ -23,6 +23,12 @@
 //! client and by everything else on the machine (the noise; all from
 //! `/proc`, when the server is local). The summary is the median run.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "a benchmark measures real time"
+)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -61,13 +67,13 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
     /// Length of one run.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = executor_registry::config::parse_duration::<Duration>)]
     duration: Duration,
     /// Runs; the summary is their median.
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Unmeasured storm before the runs.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = executor_registry::config::parse_duration::<Duration>)]
     warmup: Duration,
     /// Worker threads of this client's runtime.
     #[arg(long, default_value_t = 2)]

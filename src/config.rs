@@ -1,19 +1,31 @@
 //! Command-line flags of `executor-registry serve`, and their validation.
 //!
 //! Owns: the flag names, defaults and `EXECUTOR_REGISTRY_*` environment
-//! variables of SPEC §3, and the translation into [`RegistryConfig`]. Every
-//! check that can be made before start-up is made here, with a message that
-//! names the flag.
+//! variables of SPEC §3, and the translation into [`RegistryConfig`]. Each
+//! default is one `DEFAULT_*` constant: the core's settings take theirs from
+//! `crate::registry` (the same constants its `Default` uses), the server's
+//! from `crate::server`, and the rest are below. Every check that can be
+//! made before start-up, alone or across flags, is made in
+//! [`ServeArgs::validate`], with a message that names the flag.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::registry::{ExpiryGuardConfig, RegistryConfig};
-use crate::server::{AdminToken, Auth, Security, tls};
+use crate::registry::{
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INIT_TTL, DEFAULT_MAX_EXECUTORS,
+    DEFAULT_MAX_HEARTBEATS_PER_SECOND, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, DEFAULT_STALL_THRESHOLD,
+    DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_BUFFER, ExpiryGuardConfig, RegistryConfig,
+};
+use crate::server::{
+    AdminToken, Auth, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, DEFAULT_SHUTDOWN_GRACE,
+    Security, tls,
+};
 
 /// Largest TTL accepted anywhere: the timing wheel cannot hold deadlines
 /// beyond ~2 years, and no lease should be anywhere near that.
@@ -21,79 +33,96 @@ pub const MAX_TTL_CEILING: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Largest `--watch-buffer`.
 pub const MAX_WATCH_BUFFER: usize = 1 << 22;
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 20s, 5m)"))
+/// Default gRPC listen address.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10240));
+/// Default Prometheus listen address.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
+/// Default directory of the embedded store.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default key prefix in etcd.
+pub const DEFAULT_ETCD_PREFIX: &str = "/executor-registry";
+/// Default leader lease of replicas.
+pub const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(5);
+/// Default `--watermark-interval` of replicas.
+pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Parses a humantime duration (`500ms`, `20s`, `5m`): the one parser of
+/// every duration flag (`serve`, `ctl`, the load test). `D` is
+/// `std::time::Duration`, or `humantime::Duration` where clap shows a
+/// default taken from a constant.
+pub fn parse_duration<D: From<Duration>>(s: &str) -> Result<D, String> {
+    humantime::parse_duration(s)
+        .map(D::from)
+        .map_err(|e| format!("{e} (use e.g. 500ms, 20s, 5m)"))
 }
+
+/// A duration flag whose default comes from a `DEFAULT_*` constant (clap
+/// shows defaults through `Display`, which `std::time::Duration` lacks).
+type Flag = humantime::Duration;
 
 /// Flags of `executor-registry serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// gRPC listen address.
-    #[arg(
-        long,
-        env = "EXECUTOR_REGISTRY_LISTEN",
-        default_value = "127.0.0.1:10240"
-    )]
+    #[arg(long, env = "EXECUTOR_REGISTRY_LISTEN", default_value_t = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
     /// Prometheus exposition address (`/metrics`).
-    #[arg(
-        long,
-        env = "EXECUTOR_REGISTRY_METRICS_LISTEN",
-        default_value = "127.0.0.1:9464"
-    )]
+    #[arg(long, env = "EXECUTOR_REGISTRY_METRICS_LISTEN", default_value_t = DEFAULT_METRICS_LISTEN)]
     pub metrics_listen: SocketAddr,
 
     /// Directory of the embedded store.
-    #[arg(long, env = "EXECUTOR_REGISTRY_DATA_DIR", default_value = "./data")]
+    #[arg(long, env = "EXECUTOR_REGISTRY_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
 
     /// TTL from registration (or restart) to the first heartbeat.
-    #[arg(long, env = "EXECUTOR_REGISTRY_INIT_HEARTBEAT_TTL", default_value = "20s", value_parser = duration)]
-    pub init_heartbeat_ttl: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_INIT_HEARTBEAT_TTL", default_value_t = DEFAULT_INIT_TTL.into(), value_parser = parse_duration::<Flag>)]
+    pub init_heartbeat_ttl: Flag,
 
     /// Smallest TTL a heartbeat may ask for.
-    #[arg(long, env = "EXECUTOR_REGISTRY_MIN_HEARTBEAT_TTL", default_value = "100ms", value_parser = duration)]
-    pub min_heartbeat_ttl: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_MIN_HEARTBEAT_TTL", default_value_t = DEFAULT_MIN_TTL.into(), value_parser = parse_duration::<Flag>)]
+    pub min_heartbeat_ttl: Flag,
 
     /// Largest TTL a heartbeat may ask for.
-    #[arg(long, env = "EXECUTOR_REGISTRY_MAX_HEARTBEAT_TTL", default_value = "10m", value_parser = duration)]
-    pub max_heartbeat_ttl: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_MAX_HEARTBEAT_TTL", default_value_t = DEFAULT_MAX_TTL.into(), value_parser = parse_duration::<Flag>)]
+    pub max_heartbeat_ttl: Flag,
 
     /// Floor of the heartbeat interval suggested to executors.
-    #[arg(long, env = "EXECUTOR_REGISTRY_HEARTBEAT_INTERVAL", default_value = "500ms", value_parser = duration)]
-    pub heartbeat_interval: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_HEARTBEAT_INTERVAL", default_value_t = DEFAULT_HEARTBEAT_INTERVAL.into(), value_parser = parse_duration::<Flag>)]
+    pub heartbeat_interval: Flag,
 
     /// Total heartbeat rate the suggested interval keeps the fleet under.
     #[arg(
         long,
         env = "EXECUTOR_REGISTRY_MAX_HEARTBEATS_PER_SECOND",
-        default_value_t = 200_000
+        default_value_t = DEFAULT_MAX_HEARTBEATS_PER_SECOND
     )]
     pub max_heartbeats_per_second: u64,
 
     /// How long expired or deregistered ids are remembered (late heartbeats
     /// get EXPIRED instead of NOT_FOUND).
-    #[arg(long, env = "EXECUTOR_REGISTRY_TOMBSTONE_RETENTION", default_value = "10m", value_parser = duration)]
-    pub tombstone_retention: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_TOMBSTONE_RETENTION", default_value_t = DEFAULT_TOMBSTONE_RETENTION.into(), value_parser = parse_duration::<Flag>)]
+    pub tombstone_retention: Flag,
 
     /// Events a watcher may fall behind before its stream is ended with
     /// RESOURCE_EXHAUSTED (rounded up to a power of two).
-    #[arg(long, env = "EXECUTOR_REGISTRY_WATCH_BUFFER", default_value_t = 4096)]
+    #[arg(long, env = "EXECUTOR_REGISTRY_WATCH_BUFFER", default_value_t = DEFAULT_WATCH_BUFFER)]
     pub watch_buffer: usize,
 
     /// A membership-loop turn this much later than due means the registry
     /// was stalled (paused, CPU-starved): executors whose deadlines fell in
     /// the stall have it moved by the stall's length instead of expiring.
     /// 0s disables.
-    #[arg(long, env = "EXECUTOR_REGISTRY_STALL_THRESHOLD", default_value = "1s", value_parser = duration)]
-    pub stall_threshold: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_STALL_THRESHOLD", default_value_t = DEFAULT_STALL_THRESHOLD.into(), value_parser = parse_duration::<Flag>)]
+    pub stall_threshold: Flag,
 
     /// Most executors at once; registrations beyond it get RESOURCE_EXHAUSTED.
     #[arg(
         long,
         env = "EXECUTOR_REGISTRY_MAX_EXECUTORS",
-        default_value_t = 2_000_000
+        default_value_t = DEFAULT_MAX_EXECUTORS
     )]
     pub max_executors: usize,
 
@@ -109,11 +138,11 @@ pub struct ServeArgs {
     pub expiry_guard_fraction: Option<f64>,
 
     /// Longest the mass-expiry guard holds: then what it still holds expires.
-    #[arg(long, env = "EXECUTOR_REGISTRY_EXPIRY_GUARD_MAX_HOLD", default_value = "10m", value_parser = duration)]
-    pub expiry_guard_max_hold: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_EXPIRY_GUARD_MAX_HOLD", default_value_t = ExpiryGuardConfig::DEFAULT_MAX_HOLD.into(), value_parser = parse_duration::<Flag>)]
+    pub expiry_guard_max_hold: Flag,
 
     /// Most open watch streams; more get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "EXECUTOR_REGISTRY_MAX_WATCHERS", default_value_t = 1_024)]
+    #[arg(long, env = "EXECUTOR_REGISTRY_MAX_WATCHERS", default_value_t = DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
 
     /// Most non-heartbeat calls in flight; more are shed with UNAVAILABLE.
@@ -121,35 +150,30 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "EXECUTOR_REGISTRY_MAX_IN_FLIGHT",
-        default_value_t = 10_000
+        default_value_t = DEFAULT_MAX_IN_FLIGHT
     )]
     pub max_in_flight: usize,
 
     /// How long a graceful shutdown may take before connections are dropped.
-    #[arg(long, env = "EXECUTOR_REGISTRY_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
-    pub shutdown_grace: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_SHUTDOWN_GRACE", default_value_t = DEFAULT_SHUTDOWN_GRACE.into(), value_parser = parse_duration::<Flag>)]
+    pub shutdown_grace: Flag,
 
     /// Membership store: `sqlite` (embedded, in --data-dir), `memory`
     /// (nothing survives a restart), or `etcd://host:port[,host:port…]`.
-    #[arg(long, env = "EXECUTOR_REGISTRY_STORE", default_value = "sqlite")]
-    pub store: String,
+    #[arg(long, env = "EXECUTOR_REGISTRY_STORE", default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
 
     /// Key prefix in etcd.
-    #[arg(
-        long,
-        env = "EXECUTOR_REGISTRY_ETCD_PREFIX",
-        default_value = "/executor-registry"
-    )]
+    #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_PREFIX", default_value = DEFAULT_ETCD_PREFIX)]
     pub etcd_prefix: String,
 
     /// Leader lease (replicas on etcd).
-    #[arg(long, env = "EXECUTOR_REGISTRY_LEADER_LEASE", default_value = "5s", value_parser = duration)]
-    pub leader_lease: Duration,
+    #[arg(long, env = "EXECUTOR_REGISTRY_LEADER_LEASE", default_value_t = DEFAULT_LEADER_LEASE.into(), value_parser = parse_duration::<Flag>)]
+    pub leader_lease: Flag,
 
     /// Most frequent last-seen write per executor (replicas on etcd).
-    #[arg(long, env = "EXECUTOR_REGISTRY_WATERMARK_INTERVAL", default_value = "5s", value_parser = duration)]
-    pub watermark_interval: Duration,
-
+    #[arg(long, env = "EXECUTOR_REGISTRY_WATERMARK_INTERVAL", default_value_t = DEFAULT_WATERMARK_INTERVAL.into(), value_parser = parse_duration::<Flag>)]
+    pub watermark_interval: Flag,
     /// Address other replicas and clients reach this one at (default: --listen).
     #[arg(long, env = "EXECUTOR_REGISTRY_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
@@ -193,7 +217,7 @@ pub struct SecuritySetup {
     pub metrics_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
-/// Which membership store to run on.
+/// Which membership store to run on (`--store`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     /// Embedded SQLite in `--data-dir`.
@@ -204,29 +228,70 @@ pub enum StoreKind {
     Etcd(Vec<String>),
 }
 
+impl FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sqlite" => Ok(StoreKind::Sqlite),
+            "memory" => Ok(StoreKind::Memory),
+            s if s.starts_with("etcd://") => {
+                let endpoints: Vec<String> = s["etcd://".len()..]
+                    .split(',')
+                    .map(|e| e.trim().to_owned())
+                    .collect();
+                if let Some(bad) = endpoints.iter().find(|e| {
+                    e.rsplit_once(':')
+                        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                }) {
+                    return Err(format!("etcd endpoint {bad:?} is not host:port"));
+                }
+                Ok(StoreKind::Etcd(endpoints))
+            }
+            other => Err(format!(
+                "{other:?} is not a store: use sqlite, memory or etcd://host:port[,host:port…]"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreKind::Sqlite => f.write_str("sqlite"),
+            StoreKind::Memory => f.write_str("memory"),
+            StoreKind::Etcd(endpoints) => write!(f, "etcd://{}", endpoints.join(",")),
+        }
+    }
+}
+
 /// A refused flag combination; the message names the flag.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
 impl ServeArgs {
-    /// Checks the flags together; the core's settings on success.
+    /// Checks every flag, alone and against the others; the core's
+    /// settings on success. The one place a flag combination is refused.
     pub fn validate(&self) -> Result<RegistryConfig, ConfigError> {
         let err = |s: String| Err(ConfigError(s));
         let show = |d: Duration| humantime::format_duration(d).to_string();
-        if self.min_heartbeat_ttl.is_zero() {
+        let (min_ttl, max_ttl) = (*self.min_heartbeat_ttl, *self.max_heartbeat_ttl);
+        let (init_ttl, interval) = (*self.init_heartbeat_ttl, *self.heartbeat_interval);
+        if min_ttl.is_zero() {
             return err("--min-heartbeat-ttl must be above 0".into());
         }
-        if self.min_heartbeat_ttl > self.max_heartbeat_ttl {
+        if min_ttl > max_ttl {
             return err(format!(
                 "--min-heartbeat-ttl ({}) is above --max-heartbeat-ttl ({})",
-                show(self.min_heartbeat_ttl),
-                show(self.max_heartbeat_ttl)
+                show(min_ttl),
+                show(max_ttl)
             ));
         }
         for (flag, value) in [
-            ("--max-heartbeat-ttl", self.max_heartbeat_ttl),
-            ("--init-heartbeat-ttl", self.init_heartbeat_ttl),
+            ("--max-heartbeat-ttl", max_ttl),
+            ("--init-heartbeat-ttl", init_ttl),
+            ("--tombstone-retention", *self.tombstone_retention),
         ] {
             if value > MAX_TTL_CEILING {
                 return err(format!(
@@ -236,17 +301,17 @@ impl ServeArgs {
                 ));
             }
         }
-        if self.init_heartbeat_ttl < Duration::from_millis(1) {
+        if init_ttl < Duration::from_millis(1) {
             return err("--init-heartbeat-ttl must be at least 1ms".into());
         }
-        if self.heartbeat_interval.is_zero() {
+        if interval.is_zero() {
             return err("--heartbeat-interval must be above 0".into());
         }
-        if self.heartbeat_interval >= self.max_heartbeat_ttl {
+        if interval >= max_ttl {
             return err(format!(
                 "--heartbeat-interval ({}) must be below --max-heartbeat-ttl ({}), or no client can keep a lease",
-                show(self.heartbeat_interval),
-                show(self.max_heartbeat_ttl)
+                show(interval),
+                show(max_ttl)
             ));
         }
         if self.max_heartbeats_per_second == 0 {
@@ -256,13 +321,6 @@ impl ServeArgs {
             return err(format!(
                 "--watch-buffer ({}) must be between 1 and {MAX_WATCH_BUFFER}",
                 self.watch_buffer
-            ));
-        }
-        if self.tombstone_retention > MAX_TTL_CEILING {
-            return err(format!(
-                "--tombstone-retention ({}) is above the ceiling of {}",
-                show(self.tombstone_retention),
-                show(MAX_TTL_CEILING)
             ));
         }
         for (flag, value) in [
@@ -275,17 +333,17 @@ impl ServeArgs {
             }
         }
         let expiry_guard = self.expiry_guard()?;
-        self.store_kind()?;
+        self.check_replicas()?;
         self.check_security()?;
         Ok(RegistryConfig {
-            init_ttl: self.init_heartbeat_ttl,
-            min_ttl: self.min_heartbeat_ttl,
-            max_ttl: self.max_heartbeat_ttl,
-            heartbeat_interval: self.heartbeat_interval,
+            init_ttl,
+            min_ttl,
+            max_ttl,
+            heartbeat_interval: interval,
             max_heartbeats_per_second: self.max_heartbeats_per_second,
-            tombstone_retention: self.tombstone_retention,
+            tombstone_retention: *self.tombstone_retention,
             watch_buffer: self.watch_buffer,
-            stall_threshold: self.stall_threshold,
+            stall_threshold: *self.stall_threshold,
             max_executors: self.max_executors,
             expiry_guard,
         })
@@ -294,10 +352,11 @@ impl ServeArgs {
     /// The mass-expiry guard's settings (None: off).
     fn expiry_guard(&self) -> Result<Option<ExpiryGuardConfig>, ConfigError> {
         let show = |d: Duration| humantime::format_duration(d).to_string();
-        if self.expiry_guard_max_hold.is_zero() || self.expiry_guard_max_hold > MAX_TTL_CEILING {
+        let max_hold = *self.expiry_guard_max_hold;
+        if max_hold.is_zero() || max_hold > MAX_TTL_CEILING {
             return Err(ConfigError(format!(
                 "--expiry-guard-max-hold ({}) must be above 0 and at most {}",
-                show(self.expiry_guard_max_hold),
+                show(max_hold),
                 show(MAX_TTL_CEILING)
             )));
         }
@@ -311,10 +370,46 @@ impl ServeArgs {
                  (e.g. 0.5: hold expirations when more than half the fleet would expire within one TTL)"
             )));
         }
-        Ok(Some(ExpiryGuardConfig {
-            fraction,
-            max_hold: self.expiry_guard_max_hold,
-        }))
+        Ok(Some(ExpiryGuardConfig { fraction, max_hold }))
+    }
+
+    /// The flags of replicas on etcd, when `--store` is etcd.
+    fn check_replicas(&self) -> Result<(), ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        let StoreKind::Etcd(_) = self.store else {
+            return Ok(());
+        };
+        if *self.leader_lease < Duration::from_secs(1) {
+            return err(format!(
+                "--leader-lease ({}) must be at least 1s (etcd leases count whole seconds)",
+                humantime::format_duration(*self.leader_lease)
+            ));
+        }
+        if self.watermark_interval.is_zero() {
+            return err("--watermark-interval must be above 0".into());
+        }
+        if !self.etcd_prefix.starts_with('/') {
+            return err(format!(
+                "--etcd-prefix {:?} must start with /",
+                self.etcd_prefix
+            ));
+        }
+        if self.advertise_address.is_none() && self.listen.ip().is_unspecified() {
+            return err(format!(
+                "--listen {} is a wildcard address other replicas cannot reach: set --advertise-address host:port",
+                self.listen
+            ));
+        }
+        if self.tls_cert.is_some()
+            || self.tls_client_ca.is_some()
+            || self.admin_token_file.is_some()
+            || self.metrics_tls
+        {
+            return err(
+                "--store etcd:// does not support --tls-cert, --tls-client-ca, --admin-token-file or --metrics-tls yet: a follower forwards calls to the leader without the caller's identity".into(),
+            );
+        }
+        Ok(())
     }
 
     /// The server's overload limits.
@@ -322,47 +417,6 @@ impl ServeArgs {
         crate::server::Limits {
             max_in_flight: self.max_in_flight,
             max_watchers: self.max_watchers,
-        }
-    }
-
-    /// The store `--store` names.
-    pub fn store_kind(&self) -> Result<StoreKind, ConfigError> {
-        match self.store.as_str() {
-            "sqlite" => Ok(StoreKind::Sqlite),
-            "memory" => Ok(StoreKind::Memory),
-            s if s.starts_with("etcd://") => {
-                let endpoints: Vec<String> = s["etcd://".len()..]
-                    .split(',')
-                    .map(|e| e.trim().to_owned())
-                    .collect();
-                if let Some(bad) = endpoints.iter().find(|e| {
-                    e.rsplit_once(':')
-                        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-                }) {
-                    return Err(ConfigError(format!(
-                        "--store {s:?}: etcd endpoint {bad:?} is not host:port"
-                    )));
-                }
-                if self.leader_lease < Duration::from_secs(1) {
-                    return Err(ConfigError(format!(
-                        "--leader-lease ({}) must be at least 1s (etcd leases count whole seconds)",
-                        humantime::format_duration(self.leader_lease)
-                    )));
-                }
-                if self.watermark_interval.is_zero() {
-                    return Err(ConfigError("--watermark-interval must be above 0".into()));
-                }
-                if !self.etcd_prefix.starts_with('/') {
-                    return Err(ConfigError(format!(
-                        "--etcd-prefix {:?} must start with /",
-                        self.etcd_prefix
-                    )));
-                }
-                Ok(StoreKind::Etcd(endpoints))
-            }
-            other => Err(ConfigError(format!(
-                "--store {other:?} is not a store: use sqlite, memory or etcd://host:port"
-            ))),
         }
     }
 
@@ -485,14 +539,33 @@ mod tests {
         assert_eq!(c.tombstone_retention, Duration::from_secs(600));
         assert_eq!(c.watch_buffer, 4096);
         assert_eq!(c.expiry_guard, None, "the expiry guard is opt-in");
-        assert_eq!(a.store_kind().unwrap(), StoreKind::Sqlite);
+        assert_eq!(a.store, StoreKind::Sqlite);
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_an_advertise_address_with_replicas() {
+        let wildcard = [
+            "--store",
+            "etcd://127.0.0.1:2379",
+            "--listen",
+            "0.0.0.0:10240",
+        ];
+        let e = parse(&wildcard).validate().unwrap_err().to_string();
+        assert!(e.contains("--advertise-address"), "{e}");
+        let mut named = wildcard.to_vec();
+        named.extend(["--advertise-address", "10.0.0.5:10240"]);
+        parse(&named).validate().expect("named");
+        // Without replicas nobody needs to reach this one by address.
+        parse(&["--listen", "0.0.0.0:10240"])
+            .validate()
+            .expect("one process");
     }
 
     #[test]
     fn etcd_endpoints_are_parsed() {
         let a = parse(&["--store", "etcd://127.0.0.1:2379, 127.0.0.2:2379"]);
         assert_eq!(
-            a.store_kind().unwrap(),
+            a.store,
             StoreKind::Etcd(vec!["127.0.0.1:2379".into(), "127.0.0.2:2379".into()])
         );
     }
@@ -550,8 +623,8 @@ mod tests {
             "--min-heartbeat-ttl",
             "250ms",
         ]);
-        assert_eq!(a.init_heartbeat_ttl, Duration::from_secs(90));
-        assert_eq!(a.min_heartbeat_ttl, Duration::from_millis(250));
+        assert_eq!(*a.init_heartbeat_ttl, Duration::from_secs(90));
+        assert_eq!(*a.min_heartbeat_ttl, Duration::from_millis(250));
         assert!(Cli::try_parse_from(["serve", "--init-heartbeat-ttl", "soon"]).is_err());
     }
 
@@ -577,9 +650,6 @@ mod tests {
             &["--heartbeat-interval", "0s"],
             &["--heartbeat-interval", "20m"],
             &["--max-heartbeat-ttl", "1000days"],
-            &["--store", "postgres"],
-            &["--store", "etcd://"],
-            &["--store", "etcd://127.0.0.1:2379,nohost"],
             &[
                 "--store",
                 "etcd://127.0.0.1:2379",
@@ -587,6 +657,12 @@ mod tests {
                 "500ms",
             ],
             &["--store", "etcd://127.0.0.1:2379", "--etcd-prefix", "x"],
+            &[
+                "--store",
+                "etcd://127.0.0.1:2379",
+                "--listen",
+                "0.0.0.0:10240",
+            ],
             &["--tls-cert", "/tmp/cert.pem"],
             &["--tls-key", "/tmp/key.pem"],
             &["--tls-client-ca", "/tmp/ca.pem"],
@@ -607,6 +683,14 @@ mod tests {
                 parse(args).validate().is_err(),
                 "{args:?} should be refused"
             );
+        }
+        // A store that is not one is refused as the flag is parsed, naming it.
+        for store in ["postgres", "etcd://", "etcd://127.0.0.1:2379,nohost"] {
+            let e = Cli::try_parse_from(["serve", "--store", store])
+                .err()
+                .unwrap_or_else(|| panic!("--store {store} should be refused"))
+                .to_string();
+            assert!(e.contains("--store"), "{e}");
         }
     }
 

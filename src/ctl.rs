@@ -19,6 +19,7 @@ use executor_registry::client::{
     BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
     describe_transport_error,
 };
+use executor_registry::config::parse_duration;
 use executor_registry::proto::admin::admin_client::AdminClient;
 use executor_registry::proto::admin::{self, ExpiryGuardState};
 use executor_registry::proto::registry_client::RegistryClient;
@@ -40,10 +41,6 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_NOT_FOUND: u8 = 3;
 const EXIT_UNAVAILABLE: u8 = 4;
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 10s)"))
-}
-
 /// `executor-registry ctl`.
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES)]
@@ -58,7 +55,7 @@ pub struct CtlArgs {
     json: bool,
 
     /// Longest wait to connect, and for each answer.
-    #[arg(long, global = true, default_value = "10s", value_parser = duration)]
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration::<Duration>)]
     timeout: Duration,
 
     /// CA certificate (PEM) the registry's certificate must chain to; turns

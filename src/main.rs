@@ -65,20 +65,12 @@ fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.validate()?;
     let security = args.security()?;
-    if let StoreKind::Etcd(endpoints) = args.store_kind()? {
-        if security.grpc.tls.is_some()
-            || !matches!(security.grpc.auth, server::Auth::Open)
-            || security.metrics_tls.is_some()
-        {
-            anyhow::bail!(
-                "--store etcd:// does not support --tls-cert, --tls-client-ca, --admin-token-file or --metrics-tls yet: a follower forwards calls to the leader without the caller's identity"
-            );
+    let store: Box<dyn MembershipStore> = match &args.store {
+        StoreKind::Etcd(endpoints) => {
+            let endpoints = endpoints.clone();
+            return serve_replica(args, config, endpoints).await;
         }
-        return serve_replica(args, config, endpoints).await;
-    }
-    let store: Box<dyn MembershipStore> = match args.store_kind()? {
         StoreKind::Memory => Box::new(MemoryStore::volatile()),
-        StoreKind::Etcd(_) => unreachable!("handled above"),
         StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
             format!(
                 "cannot open the store in {} (--data-dir)",
@@ -97,7 +89,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_token = matches!(security.grpc.auth, server::Auth::Token(_));
     tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, tls, admin_token, metrics_tls = security.metrics_tls.is_some(), "executor-registry serving");
     let options = server::ServeOptions {
-        grace: args.shutdown_grace,
+        grace: *args.shutdown_grace,
         limits: args.limits(),
     };
     let stopped = server::serve_secure(
@@ -143,12 +135,6 @@ async fn serve_replica(
     config: executor_registry::registry::RegistryConfig,
     endpoints: Vec<String>,
 ) -> anyhow::Result<()> {
-    if args.advertise_address.is_none() && args.listen.ip().is_unspecified() {
-        anyhow::bail!(
-            "--listen {} is a wildcard address other replicas cannot reach: set --advertise-address host:port",
-            args.listen
-        );
-    }
     let (listener, metrics) = listen(&args, None).await?;
     // Not the leader until elected (the exporter starts at 1 for a single
     // process).
@@ -163,7 +149,7 @@ async fn serve_replica(
         prefix: args.etcd_prefix.clone(),
         // etcd leases count whole seconds.
         lease: Duration::from_secs(args.leader_lease.as_secs_f64().ceil() as u64),
-        watermark_interval: args.watermark_interval,
+        watermark_interval: *args.watermark_interval,
         advertise: advertise.clone(),
         config,
         limits: args.limits(),
@@ -185,7 +171,7 @@ async fn serve_replica(
     let admin = executor_registry::replica::front::AdminFront(front.clone());
     let serving = server::Serving {
         streams_stop,
-        grace: args.shutdown_grace,
+        grace: *args.shutdown_grace,
         max_concurrent_streams: Some(executor_registry::replica::MAX_FORWARDED_STREAMS),
         security: server::Security::default(),
         observer: metrics.clone(),

@@ -196,6 +196,10 @@ pub async fn install_with_tls(
     Ok(metrics)
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "an OS thread of its own, off the runtime: a blocking sleep is what it means"
+)]
 fn spawn_upkeep(metrics: Weak<Metrics>, handle: PrometheusHandle) -> std::io::Result<()> {
     thread::Builder::new()
         .name("registry-metrics".into())

@@ -3,6 +3,12 @@
 //! TTL handling, shutdown and drop; `FleetView` through heavy churn, forced
 //! re-watches and restarts.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::collections::BTreeMap;

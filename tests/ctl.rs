@@ -2,6 +2,12 @@
 //! in-process: the output of every subcommand, tables and JSON, and the exit
 //! codes scripts rely on.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::process::{Output, Stdio};

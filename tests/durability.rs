@@ -8,6 +8,12 @@
 //! The tests take turns ([`SERIAL`]): each runs servers whose expiries it
 //! times, on a 2-core machine; run together they would measure each other.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

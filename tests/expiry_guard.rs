@@ -3,6 +3,12 @@
 //! `/metrics`, and both ways an operator releases it — the
 //! `registry.admin.v1.Admin` RPC and `executor-registry ctl guard release`.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::collections::HashSet;

@@ -1,6 +1,12 @@
 //! End-to-end: every RPC of `registry.v1.Registry` and every error code,
 //! over real gRPC on loopback.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,12 @@
 //! abrupt disconnects mid-stream. Each gets a clear error or is shrugged
 //! off; the server never panics, leaks no watcher, and keeps serving.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::sync::Arc;

@@ -2,6 +2,12 @@
 //! `--max-executors`, `--max-watchers`, the in-flight limit that sheds other
 //! calls but never heartbeats, and client deadlines.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,12 @@
 //! After SIGCONT, none of those that kept heartbeating may go OFFLINE; those
 //! that really died meanwhile must still expire.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::collections::{HashMap, HashSet};

@@ -13,6 +13,12 @@
 //! `prometheus`): they are ignored in a bare `cargo test`, and
 //! `scripts/test.sh` installs the package and runs them.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use support::process::free_addr;

@@ -8,6 +8,12 @@
 //! and runs these with `--include-ignored`. Each test starts its own etcd on
 //! free loopback ports with a temporary data dir.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::collections::{BTreeSet, HashMap};

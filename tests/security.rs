@@ -3,6 +3,12 @@
 //! documented code and counted in `registry_auth_denied_total{reason}` as
 //! scraped from the real `/metrics`.
 
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "tests on real time wait and measure on the real clock"
+)]
+
 mod support;
 
 use std::net::{IpAddr, SocketAddr};

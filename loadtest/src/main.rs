@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use executor_registry::config::parse_duration;
 use loadtest::compare::{self, CompareConfig, Plan};
 use loadtest::fleet::{self, FleetConfig};
 use loadtest::soak::{self, SoakConfig};
@@ -49,10 +50,6 @@ enum Command {
     Soak(SoakArgs),
     /// Serve the trivial echo `registry.v1.Registry` (the transport baseline).
     EchoServer(EchoServerArgs),
-}
-
-fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
-    humantime::parse_duration(s)
 }
 
 /// TLS to the registry (use an https:// endpoint).
@@ -105,10 +102,10 @@ struct FleetArgs {
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Heartbeat phase after registration (the kill happens at half).
-    #[arg(long, value_parser = duration, default_value = "60s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "60s")]
     duration: Duration,
     /// TTL the executors ask for [default: 3 × the suggested interval].
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = parse_duration::<Duration>)]
     ttl: Option<Duration>,
     /// Share of the fleet that stops heartbeating halfway.
     #[arg(long, default_value_t = 0.1)]
@@ -124,7 +121,7 @@ struct FleetArgs {
     #[arg(long, default_value_t = 1_000)]
     batch_size: usize,
     /// Period of progress lines.
-    #[arg(long, value_parser = duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "5s")]
     progress_every: Duration,
     /// Print one JSON document on stdout instead of the table.
     #[arg(long)]
@@ -148,13 +145,13 @@ struct SoakArgs {
     #[arg(long, default_value_t = 4)]
     connections: usize,
     /// Churn phase, after the warm-up.
-    #[arg(long, value_parser = duration, default_value = "30m")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "30m")]
     duration: Duration,
     /// Heartbeats without churn after registration, before the baseline sample.
-    #[arg(long, value_parser = duration, default_value = "30s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "30s")]
     warmup: Duration,
     /// TTL every heartbeat asks for.
-    #[arg(long, value_parser = duration, default_value = "15s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "15s")]
     ttl: Duration,
     /// Per second: this many executors deregister and as many new ones register.
     #[arg(long, default_value_t = 50.0)]
@@ -164,7 +161,7 @@ struct SoakArgs {
     #[arg(long, default_value_t = 10.0)]
     kill_rate: f64,
     /// Period of the memory samples from /metrics.
-    #[arg(long, value_parser = duration, default_value = "30s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "30s")]
     sample_every: Duration,
     /// Largest final ÷ baseline RSS growth that passes (0.10 = 10 %).
     #[arg(long, default_value_t = 0.10)]
@@ -204,16 +201,16 @@ struct LoadArgs {
     #[arg(long, default_value_t = 1_000)]
     batch_size: usize,
     /// Measured time per run.
-    #[arg(long, value_parser = duration, default_value = "10s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "10s")]
     duration: Duration,
     /// Unmeasured time before each run.
-    #[arg(long, value_parser = duration, default_value = "1s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "1s")]
     warmup: Duration,
     /// Executors registered beforehand (heartbeats cycle through them).
     #[arg(long, default_value_t = 10_000)]
     executors: usize,
     /// TTL of their heartbeats (longer than the whole run).
-    #[arg(long, value_parser = duration, default_value = "120s")]
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "120s")]
     ttl: Duration,
     /// Print one JSON document on stdout instead of the table.
     #[arg(long)]

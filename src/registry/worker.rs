@@ -13,7 +13,7 @@
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -26,6 +26,20 @@ struct Job {
 
 /// A commit in flight: resolves with the result and how long it took.
 pub type Commit = oneshot::Receiver<(Result<(), StoreError>, Duration)>;
+
+/// Runs `f` and times it on the real clock: how long a commit took (an
+/// fsync, a round trip to etcd) is a real measurement, whatever clock the
+/// runtime runs on.
+#[allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "a store's latency is measured in real time"
+)]
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let started = std::time::Instant::now();
+    let out = f();
+    (out, started.elapsed())
+}
 
 /// Handle to the store thread. Dropping it lets the thread finish the jobs
 /// already submitted, then exit.
@@ -68,10 +82,9 @@ impl StoreWorker {
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     };
                     busy = true;
-                    let started = Instant::now();
-                    let result = store.commit(&job.batch);
+                    let answer = timed(|| store.commit(&job.batch));
                     // The loop may have stopped waiting; nothing to do then.
-                    let _ = job.done.send((result, started.elapsed()));
+                    let _ = job.done.send(answer);
                 }
             })
             .map_err(|e| StoreError::Failed(format!("cannot start the store thread: {e}")))?;
@@ -90,9 +103,7 @@ impl StoreWorker {
     pub fn submit(&mut self, batch: Batch) -> Commit {
         let (done, rx) = oneshot::channel();
         if let Some(store) = self.inline.as_mut() {
-            let started = Instant::now();
-            let result = store.commit(&batch);
-            let _ = done.send((result, started.elapsed()));
+            let _ = done.send(timed(|| store.commit(&batch)));
             return rx;
         }
         let sent = self

@@ -14,6 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tonic::Status;
 
+/// Default most non-heartbeat calls in flight (`--max-in-flight`).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+/// Default most open watch streams (`--max-watchers`).
+pub const DEFAULT_MAX_WATCHERS: usize = 1_024;
+
 /// Limits of one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -26,8 +31,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_in_flight: 10_000,
-            max_watchers: 1_024,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_watchers: DEFAULT_MAX_WATCHERS,
         }
     }
 }

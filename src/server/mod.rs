@@ -31,7 +31,7 @@ pub use admin::AdminService;
 pub use auth::{ADMIN_PREFIX, AdminToken, Auth};
 pub use error::{to_heartbeat_status, to_status};
 pub use framing::FramingChecked;
-pub use limits::{Admission, Limits};
+pub use limits::{Admission, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, Limits};
 pub use service::RegistryService;
 
 use crate::proto;
@@ -72,6 +72,9 @@ pub enum Stopped {
     GraceElapsed,
 }
 
+/// Default time a graceful shutdown may drain (`--shutdown-grace`).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// How a server runs.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -84,7 +87,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
-            grace: Duration::from_secs(10),
+            grace: DEFAULT_SHUTDOWN_GRACE,
             limits: Limits::default(),
         }
     }

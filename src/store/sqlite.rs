@@ -555,6 +555,11 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 /// [`LOCK_FILE_NAME`]), waiting at most [`LOCK_PATIENCE`], and writes this process's id into
 /// the file so that a refused opener can say who holds it. `db` is named in
 /// errors other than "in use".
+#[allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    reason = "a blocking open, off the runtime, waiting on a real file lock for a real second"
+)]
 fn lock_data_dir(data_dir: &Path, db: &Path) -> Result<File, StoreError> {
     let lock_path = data_dir.join(LOCK_FILE_NAME);
     let fail = |what: &str, e: &dyn Display| {
