@@ -72,6 +72,11 @@ pub mod replica;
 pub mod server;
 pub mod store;
 
+/// The README's Rust examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Generated `registry.v1` protobuf and gRPC types (and `registry.admin.v1`
 /// in [`proto::admin`]).
 #[allow(missing_docs, clippy::all)]
