@@ -343,6 +343,7 @@ fn parts() {
         .commit(&Batch {
             inserts: rows,
             deletes: Vec::new(),
+            revision_floor: None,
         })
         .expect("memory store commit");
     step(

@@ -20,7 +20,7 @@ use clap::Args;
 use crate::registry::{
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INIT_TTL, DEFAULT_MAX_EXECUTORS,
     DEFAULT_MAX_HEARTBEATS_PER_SECOND, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, DEFAULT_STALL_THRESHOLD,
-    DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_BUFFER, ExpiryGuardConfig, RegistryConfig,
+    DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_HISTORY, ExpiryGuardConfig, RegistryConfig,
 };
 use crate::server::{
     AdminToken, Auth, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, DEFAULT_SHUTDOWN_GRACE,
@@ -30,8 +30,10 @@ use crate::server::{
 /// Largest TTL accepted anywhere: the timing wheel cannot hold deadlines
 /// beyond ~2 years, and no lease should be anywhere near that.
 pub const MAX_TTL_CEILING: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Largest `--watch-buffer`.
-pub const MAX_WATCH_BUFFER: usize = 1 << 22;
+/// Largest `--watch-history` (16 bytes an event: 256 MiB).
+pub const MAX_WATCH_HISTORY: usize = 1 << 24;
+
+const WATCH_HISTORY_HELP: &str = "Events the shared watch history holds: a watcher may fall this far behind, or resume from this far back, without a snapshot (--watch-buffer is an alias)";
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -106,10 +108,27 @@ pub struct ServeArgs {
     #[arg(long, env = "EXECUTOR_REGISTRY_TOMBSTONE_RETENTION", default_value_t = DEFAULT_TOMBSTONE_RETENTION.into(), value_parser = parse_duration::<Flag>)]
     pub tombstone_retention: Flag,
 
-    /// Events a watcher may fall behind before its stream is ended with
-    /// RESOURCE_EXHAUSTED (rounded up to a power of two).
-    #[arg(long, env = "EXECUTOR_REGISTRY_WATCH_BUFFER", default_value_t = DEFAULT_WATCH_BUFFER)]
-    pub watch_buffer: usize,
+    /// Events the shared watch history holds: a watcher may fall this far
+    /// behind, or resume from this far back, without a snapshot; one
+    /// further behind is ended with RESOURCE_EXHAUSTED. `--watch-buffer`
+    /// (and `EXECUTOR_REGISTRY_WATCH_BUFFER`) is an accepted alias.
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_WATCH_HISTORY",
+        visible_alias = "watch-buffer",
+        value_name = "EVENTS",
+        help = format!("{} [default: {DEFAULT_WATCH_HISTORY}]", WATCH_HISTORY_HELP)
+    )]
+    pub watch_history: Option<usize>,
+
+    /// `EXECUTOR_REGISTRY_WATCH_BUFFER`, the variable of the alias: used
+    /// when neither --watch-history nor its variable is given.
+    #[arg(
+        long = "watch-buffer-variable",
+        env = "EXECUTOR_REGISTRY_WATCH_BUFFER",
+        hide = true
+    )]
+    pub watch_buffer_variable: Option<usize>,
 
     /// A membership-loop turn this much later than due means the registry
     /// was stalled (paused, CPU-starved): executors whose deadlines fell in
@@ -317,10 +336,10 @@ impl ServeArgs {
         if self.max_heartbeats_per_second == 0 {
             return err("--max-heartbeats-per-second must be above 0".into());
         }
-        if self.watch_buffer == 0 || self.watch_buffer > MAX_WATCH_BUFFER {
+        let watch_history = self.watch_history();
+        if watch_history == 0 || watch_history > MAX_WATCH_HISTORY {
             return err(format!(
-                "--watch-buffer ({}) must be between 1 and {MAX_WATCH_BUFFER}",
-                self.watch_buffer
+                "--watch-history ({watch_history}) must be between 1 and {MAX_WATCH_HISTORY}"
             ));
         }
         for (flag, value) in [
@@ -342,7 +361,7 @@ impl ServeArgs {
             heartbeat_interval: interval,
             max_heartbeats_per_second: self.max_heartbeats_per_second,
             tombstone_retention: *self.tombstone_retention,
-            watch_buffer: self.watch_buffer,
+            watch_history,
             stall_threshold: *self.stall_threshold,
             max_executors: self.max_executors,
             expiry_guard,
@@ -410,6 +429,13 @@ impl ServeArgs {
             );
         }
         Ok(())
+    }
+
+    /// `--watch-history`, or its alias's variable, or the default.
+    pub fn watch_history(&self) -> usize {
+        self.watch_history
+            .or(self.watch_buffer_variable)
+            .unwrap_or(DEFAULT_WATCH_HISTORY)
     }
 
     /// The server's overload limits.
@@ -508,7 +534,7 @@ impl ServeArgs {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use clap::{CommandFactory, Parser};
 
     use super::*;
 
@@ -537,7 +563,7 @@ mod tests {
         assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(c.max_heartbeats_per_second, 200_000);
         assert_eq!(c.tombstone_retention, Duration::from_secs(600));
-        assert_eq!(c.watch_buffer, 4096);
+        assert_eq!(c.watch_history, 262_144);
         assert_eq!(c.expiry_guard, None, "the expiry guard is opt-in");
         assert_eq!(a.store, StoreKind::Sqlite);
     }
@@ -559,6 +585,22 @@ mod tests {
         parse(&["--listen", "0.0.0.0:10240"])
             .validate()
             .expect("one process");
+    }
+
+    #[test]
+    fn the_watch_history_takes_its_flag_or_the_old_name() {
+        assert_eq!(parse(&["--watch-history", "64"]).watch_history(), 64);
+        assert_eq!(parse(&["--watch-buffer", "128"]).watch_history(), 128);
+        let old_variable = parse(&["--watch-buffer-variable", "256"]);
+        assert_eq!(old_variable.watch_history(), 256);
+        let both = parse(&["--watch-history", "64", "--watch-buffer-variable", "256"]);
+        assert_eq!(both.watch_history(), 64, "the flag wins");
+        let help = Cli::command().render_help().to_string();
+        assert!(
+            help.contains(&format!("[default: {DEFAULT_WATCH_HISTORY}]")),
+            "{help}"
+        );
+        assert!(!help.contains("watch-buffer-variable"), "hidden");
     }
 
     #[test]
@@ -642,6 +684,8 @@ mod tests {
     fn nonsense_values_are_refused() {
         for args in [
             &["--watch-buffer", "0"][..],
+            &["--watch-history", "0"],
+            &["--watch-history", "16777217"],
             &["--max-executors", "0"],
             &["--max-watchers", "0"],
             &["--max-in-flight", "0"],

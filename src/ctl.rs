@@ -363,6 +363,7 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
             let request = proto::ListExecutorsRequest {
                 status: status.map_or(proto::ExecutorStatus::Unspecified, StatusArg::wire) as i32,
                 selectors,
+                ..Default::default()
             };
             let list = call(
                 &endpoint,
@@ -494,7 +495,7 @@ async fn watch(
     let mut stream = call(
         endpoint,
         timeout,
-        client.watch_executors(options.request(proto::WatchExecutorsRequest {})),
+        client.watch_executors(options.request(proto::WatchExecutorsRequest::default())),
     )
     .await?;
     let interrupted = tokio::signal::ctrl_c();
@@ -549,7 +550,7 @@ fn snapshot_text(snapshot: &proto::Snapshot, json: bool) -> String {
 }
 
 fn event_line(event: &proto::ExecutorEvent, json: bool) -> String {
-    let online = event.r#type == proto::EventType::Online as i32;
+    let kind = proto::EventType::try_from(event.r#type).unwrap_or(proto::EventType::Unspecified);
     let labels: BTreeMap<&str, &str> = event
         .labels
         .iter()
@@ -560,32 +561,43 @@ fn event_line(event: &proto::ExecutorEvent, json: bool) -> String {
         Ok(proto::OfflineReason::Deregistered) => "deregistered",
         _ => "unspecified",
     };
+    let name = match kind {
+        proto::EventType::Online => "online",
+        proto::EventType::Running => "running",
+        proto::EventType::Offline => "offline",
+        proto::EventType::Unspecified => "unspecified",
+    };
+    let offline = kind == proto::EventType::Offline;
     if json {
         let mut line = json!({
-            "type": if online { "online" } else { "offline" },
+            "type": name,
             "revision": event.revision,
             "id": event.executor_id,
             "address": event.address,
             "labels": labels,
+            "status": status_name(
+                proto::ExecutorStatus::try_from(event.status)
+                    .unwrap_or(proto::ExecutorStatus::Unspecified)
+            ),
         });
-        if !online {
+        if offline {
             line["reason"] = json!(reason);
         }
         return format!("{line}\n");
     }
-    if online {
-        format!(
-            "ONLINE revision={} id={} address={} labels={}\n",
+    match kind {
+        proto::EventType::Offline => format!(
+            "OFFLINE revision={} id={} address={} reason={reason}\n",
+            event.revision, event.executor_id, event.address
+        ),
+        _ => format!(
+            "{} revision={} id={} address={} labels={}\n",
+            name.to_uppercase(),
             event.revision,
             event.executor_id,
             event.address,
             labels_text(labels.into_iter())
-        )
-    } else {
-        format!(
-            "OFFLINE revision={} id={} address={} reason={reason}\n",
-            event.revision, event.executor_id, event.address
-        )
+        ),
     }
 }
 

@@ -37,7 +37,7 @@
 //! # async fn main() {
 //! use std::time::Duration;
 //!
-//! use executor_registry::registry::{Registration, Registry, RegistryConfig};
+//! use executor_registry::registry::{EventKind, Registration, Registry, RegistryConfig};
 //!
 //! let (registry, task) = Registry::start_in_memory(RegistryConfig::default());
 //! let entry = registry
@@ -49,9 +49,13 @@
 //!     })
 //!     .await
 //!     .unwrap();
+//! let mut watch = registry.watch();
 //! registry
 //!     .heartbeat(entry.id().as_str(), Some(Duration::from_secs(3)))
 //!     .unwrap();
+//! // The first heartbeat is a membership change: RUNNING, at the next
+//! // revision; from that revision on, snapshots schedule it.
+//! while watch.next().await.unwrap().kind != EventKind::Running {}
 //! assert_eq!(registry.schedulable(&[]).len(), 1);
 //! task.stop().await;
 //! # }

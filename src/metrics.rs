@@ -53,6 +53,10 @@ pub const EVENTS: &str = "registry_events_total";
 pub const WATCHERS: &str = "registry_watchers";
 /// `registry_watchers_lagged_total` counter.
 pub const WATCHERS_LAGGED: &str = "registry_watchers_lagged_total";
+/// `registry_watch_starts_total{from}` counter.
+pub const WATCH_STARTS: &str = "registry_watch_starts_total";
+/// `registry_watch_history_events` gauge.
+pub const WATCH_HISTORY_EVENTS: &str = "registry_watch_history_events";
 /// `registry_store_operation_seconds{op}` histogram.
 pub const STORE_OPERATION: &str = "registry_store_operation_seconds";
 /// `registry_store_errors_total{op}` counter.
@@ -365,7 +369,11 @@ pub struct Metrics {
     deregistrations: Counter,
     expiry_lag: Histogram,
     events_online: Counter,
+    events_running: Counter,
     events_offline: Counter,
+    watch_starts_snapshot: Counter,
+    watch_starts_history: Counter,
+    watch_history: Gauge,
     executors_initing: Gauge,
     executors_running: Gauge,
     watchers: Gauge,
@@ -443,7 +451,12 @@ fn describe(recorder: &dyn Recorder) {
         (
             WATCHERS_LAGGED,
             None,
-            "Watch streams ended because the watcher fell a whole buffer behind.",
+            "Watch streams ended because the watcher fell further behind than the watch history holds.",
+        ),
+        (
+            WATCH_STARTS,
+            None,
+            "Watch streams started, by where from: a snapshot, or the history (a resume).",
         ),
         (
             STORE_ERRORS,
@@ -467,6 +480,11 @@ fn describe(recorder: &dyn Recorder) {
     let gauges: &[(&'static str, Option<Unit>, &'static str)] = &[
         (EXECUTORS, None, "Live executors, by status."),
         (WATCHERS, None, "Open watch streams."),
+        (
+            WATCH_HISTORY_EVENTS,
+            None,
+            "Events the watch history holds for watchers to read or resume from.",
+        ),
         (REVISION, None, "Current membership revision."),
         (
             EXPIRY_GUARD_ACTIVE,
@@ -555,7 +573,11 @@ impl Metrics {
             deregistrations: counter(recorder, DEREGISTRATIONS, None),
             expiry_lag: histogram(recorder, EXPIRY_LAG, None),
             events_online: counter(recorder, EVENTS, Some(("type", "online"))),
+            events_running: counter(recorder, EVENTS, Some(("type", "running"))),
             events_offline: counter(recorder, EVENTS, Some(("type", "offline"))),
+            watch_starts_snapshot: counter(recorder, WATCH_STARTS, Some(("from", "snapshot"))),
+            watch_starts_history: counter(recorder, WATCH_STARTS, Some(("from", "history"))),
+            watch_history: gauge(recorder, WATCH_HISTORY_EVENTS, None),
             executors_initing: gauge(recorder, EXECUTORS, Some(("status", "initing"))),
             executors_running: gauge(recorder, EXECUTORS, Some(("status", "running"))),
             watchers: gauge(recorder, WATCHERS, None),
@@ -590,6 +612,7 @@ impl Metrics {
             &metrics.executors_initing,
             &metrics.executors_running,
             &metrics.watchers,
+            &metrics.watch_history,
             &metrics.revision,
             &metrics.expiry_guard_active,
             &metrics.tombstones,
@@ -706,13 +729,28 @@ impl Observer for Metrics {
         self.expirations.increment(count);
     }
 
-    fn events(&self, online: u64, offline: u64) {
-        if online > 0 {
-            self.events_online.increment(online);
+    fn events(&self, online: u64, running: u64, offline: u64) {
+        for (counter, n) in [
+            (&self.events_online, online),
+            (&self.events_running, running),
+            (&self.events_offline, offline),
+        ] {
+            if n > 0 {
+                counter.increment(n);
+            }
         }
-        if offline > 0 {
-            self.events_offline.increment(offline);
+    }
+
+    fn watch_started(&self, from_snapshot: bool) {
+        if from_snapshot {
+            self.watch_starts_snapshot.increment(1);
+        } else {
+            self.watch_starts_history.increment(1);
         }
+    }
+
+    fn history(&self, events: u64) {
+        self.watch_history.set(events as f64);
     }
 
     fn membership(&self, revision: u64, initing: u64, running: u64) {
@@ -785,8 +823,11 @@ mod tests {
         for status in ["initing", "running"] {
             assert_sample(&text, &format!("{EXECUTORS}{{status=\"{status}\"}}"), 0.0);
         }
-        for kind in ["online", "offline"] {
+        for kind in ["online", "running", "offline"] {
             assert_sample(&text, &format!("{EVENTS}{{type=\"{kind}\"}}"), 0.0);
+        }
+        for from in ["snapshot", "history"] {
+            assert_sample(&text, &format!("{WATCH_STARTS}{{from=\"{from}\"}}"), 0.0);
         }
         for op in STORE_OPS {
             assert_sample(&text, &format!("{STORE_ERRORS}{{op=\"{op}\"}}"), 0.0);
@@ -801,6 +842,7 @@ mod tests {
             DEREGISTRATIONS,
             WATCHERS,
             WATCHERS_LAGGED,
+            WATCH_HISTORY_EVENTS,
             REVISION,
             LEADER_CHANGES,
             EXPIRY_GUARD_ACTIVE,
@@ -843,7 +885,11 @@ mod tests {
         observer.registration(RegistrationResult::Invalid);
         observer.expired(&[Duration::from_millis(3), Duration::from_millis(40)]);
         observer.deregistered();
-        observer.events(2, 3);
+        observer.events(2, 4, 3);
+        observer.watch_started(true);
+        observer.watch_started(false);
+        observer.watch_started(false);
+        observer.history(9);
         observer.membership(7, 1, 2);
         observer.watchers(1);
         observer.watchers(1);
@@ -883,7 +929,11 @@ mod tests {
         assert_sample(&text, "registry_expiry_guard_active", 1.0);
         assert_sample(&text, "registry_deregistrations_total", 1.0);
         assert_sample(&text, "registry_events_total{type=\"online\"}", 2.0);
+        assert_sample(&text, "registry_events_total{type=\"running\"}", 4.0);
         assert_sample(&text, "registry_events_total{type=\"offline\"}", 3.0);
+        assert_sample(&text, "registry_watch_starts_total{from=\"snapshot\"}", 1.0);
+        assert_sample(&text, "registry_watch_starts_total{from=\"history\"}", 2.0);
+        assert_sample(&text, "registry_watch_history_events", 9.0);
         assert_sample(&text, "registry_revision", 7.0);
         assert_sample(&text, "registry_executors{status=\"initing\"}", 1.0);
         assert_sample(&text, "registry_executors{status=\"running\"}", 2.0);

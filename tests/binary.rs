@@ -228,7 +228,7 @@ async fn sigterm_with_open_watch_streams_exits_zero_within_the_grace() {
     let mut watches = Vec::new();
     for _ in 0..3 {
         let mut stream = client
-            .watch_executors(WatchExecutorsRequest {})
+            .watch_executors(WatchExecutorsRequest::default())
             .await
             .expect("watch")
             .into_inner();

@@ -427,7 +427,7 @@ fn small_window_options(server: &TestServer) -> FleetViewOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fleet_view_equals_list_executors_after_heavy_churn_and_forced_rewatches() {
     let config = RegistryConfig {
-        watch_buffer: 4,
+        watch_history: 4,
         init_ttl: Duration::from_secs(60),
         ..fast_config()
     };

@@ -422,9 +422,16 @@ async fn watch_json_prints_the_snapshot_then_one_object_per_event() {
     })
     .await
     .unwrap();
+    // Its first heartbeat is an event too.
+    let running = watcher.json().await;
+    assert_eq!(running["type"], "running");
+    assert_eq!(running["status"], "running");
+    assert_eq!(running["id"], before.as_str());
+    assert_eq!(running["revision"], revision + 3);
     let expired = watcher.json().await;
     assert_eq!(expired["id"], before.as_str());
     assert_eq!(expired["reason"], "expired");
+    assert_eq!(expired["status"], "tombstone");
 
     watcher.child.kill().await.unwrap();
     server.stop().await;

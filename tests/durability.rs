@@ -272,6 +272,7 @@ async fn list(
         .list_executors(ListExecutorsRequest {
             status: status as i32,
             selectors: Vec::new(),
+            ..Default::default()
         })
         .await
         .expect("list")
@@ -300,7 +301,7 @@ type WatchStream = tonic::Streaming<WatchExecutorsResponse>;
 /// Opens a watch: its snapshot's ids and revision, and the stream.
 async fn watch(client: &mut RegistryClient<Channel>) -> (BTreeSet<String>, u64, WatchStream) {
     let mut stream = client
-        .watch_executors(WatchExecutorsRequest {})
+        .watch_executors(WatchExecutorsRequest::default())
         .await
         .expect("watch")
         .into_inner();

@@ -138,6 +138,7 @@ async fn register_get_heartbeat_list_count_deregister() {
         .list_executors(ListExecutorsRequest {
             status: ExecutorStatus::Running as i32,
             selectors: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -152,6 +153,7 @@ async fn register_get_heartbeat_list_count_deregister() {
             target: target.into(),
             op: op as i32,
         }],
+        ..Default::default()
     };
     let n = |r: proto::ListExecutorsResponse| r.executors.len();
     assert_eq!(
@@ -306,6 +308,7 @@ async fn every_error_code_of_the_spec() {
             target: target.into(),
             op,
         }],
+        ..Default::default()
     };
     for (req, field) in [
         (
@@ -325,6 +328,7 @@ async fn every_error_code_of_the_spec() {
             ListExecutorsRequest {
                 status: 9,
                 selectors: vec![],
+                ..Default::default()
             },
             "status",
         ),
@@ -332,6 +336,7 @@ async fn every_error_code_of_the_spec() {
             ListExecutorsRequest {
                 status: ExecutorStatus::Tombstone as i32,
                 selectors: vec![],
+                ..Default::default()
             },
             "status",
         ),
@@ -379,6 +384,10 @@ async fn unavailable_store_answers_unavailable_and_nothing_is_visible() {
     /// A store whose disk is gone: every commit fails.
     struct BrokenDisk;
     impl MembershipStore for BrokenDisk {
+        fn revision_floor(&mut self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+
         fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
             Ok(vec![])
         }
@@ -677,7 +686,7 @@ async fn two_thousand_coinciding_deadlines_expire_together_and_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_never_reads_is_ended_and_slows_nothing() {
     let config = RegistryConfig {
-        watch_buffer: 64,
+        watch_history: 64,
         init_ttl: Duration::from_secs(600),
         ..fast_config()
     };

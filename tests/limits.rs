@@ -75,7 +75,7 @@ async fn watchers_beyond_the_cap_are_refused_and_a_closed_one_frees_its_slot() {
     let (_, first) = watch(&mut c).await;
     let (_, _second) = watch(&mut c).await;
     let refused = c
-        .watch_executors(WatchExecutorsRequest {})
+        .watch_executors(WatchExecutorsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
@@ -88,7 +88,7 @@ async fn watchers_beyond_the_cap_are_refused_and_a_closed_one_frees_its_slot() {
     // The server notices the closed stream shortly after.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match c.watch_executors(WatchExecutorsRequest {}).await {
+        match c.watch_executors(WatchExecutorsRequest::default()).await {
             Ok(_) => break,
             Err(s) if s.code() == Code::ResourceExhausted && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -219,7 +219,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             let snapshot = registry.snapshot();
             let got: BTreeMap<String, Status> = snapshot
                 .iter()
-                .map(|e| (e.id().to_string(), e.status()))
+                .map(|(e, _)| (e.id().to_string(), e.status()))
                 .collect();
             let want: BTreeMap<String, Status> = model
                 .live

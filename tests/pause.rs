@@ -71,7 +71,7 @@ async fn sigstop_for_twice_the_ttl_expires_no_heartbeating_executor() {
     // Watch: record when each executor went OFFLINE.
     let offline: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut watch = client
-        .watch_executors(WatchExecutorsRequest {})
+        .watch_executors(WatchExecutorsRequest::default())
         .await
         .expect("watch")
         .into_inner();

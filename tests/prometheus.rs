@@ -886,7 +886,7 @@ async fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheu
         let mut c = c.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok(response) = c.watch_executors(WatchExecutorsRequest {}).await {
+                if let Ok(response) = c.watch_executors(WatchExecutorsRequest::default()).await {
                     let mut stream = response.into_inner();
                     while let Ok(Some(_)) = stream.message().await {}
                 }

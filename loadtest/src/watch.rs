@@ -66,7 +66,10 @@ pub async fn run<O: Observer>(
     let mut out = WatchCounts::default();
     'watches: while !stop.is_cancelled() {
         let opened = Instant::now();
-        let mut stream = match client.watch_executors(WatchExecutorsRequest {}).await {
+        let mut stream = match client
+            .watch_executors(WatchExecutorsRequest { start_revision: 0 })
+            .await
+        {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 out.errors.add(&stats::code_key("watch-open", &status), 1);

@@ -406,7 +406,11 @@ async fn open_watch_stream(endpoints: &Endpoints) -> Result<tonic::Response<Watc
     let limit = endpoints.options().request_timeout;
     match timeout(
         limit,
-        client.watch_executors(endpoints.options().request(WatchExecutorsRequest {})),
+        client.watch_executors(
+            endpoints
+                .options()
+                .request(WatchExecutorsRequest { start_revision: 0 }),
+        ),
     )
     .await
     {

@@ -22,6 +22,12 @@ impl Keys {
         format!("{}/leader", self.prefix)
     }
 
+    /// The revision floor: above every revision a leader assigned (see
+    /// `MembershipStore::revision_floor`).
+    pub fn revision_floor(&self) -> String {
+        format!("{}/revision-floor", self.prefix)
+    }
+
     /// Prefix of the executor keys.
     pub fn executors(&self) -> String {
         format!("{}/executors/", self.prefix)
@@ -53,5 +59,6 @@ mod tests {
         assert_eq!(keys.leader(), "/er/leader");
         assert_eq!(keys.executor("x-1"), "/er/executors/x-1");
         assert_eq!(keys.seen("x-1"), "/er/seen/x-1");
+        assert_eq!(keys.revision_floor(), "/er/revision-floor");
     }
 }

@@ -216,6 +216,21 @@ impl Etcd {
         }
     }
 
+    /// The value of `key`, if it exists.
+    pub async fn value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EtcdError> {
+        let request = RangeRequest {
+            key: key.to_vec(),
+            ..Default::default()
+        };
+        let mut kv = self.kv.clone();
+        let response = tokio::time::timeout(CALL_TIMEOUT, kv.range(request))
+            .await
+            .map_err(|_| EtcdError::Call("range timed out".into()))?
+            .map_err(call_error)?
+            .into_inner();
+        Ok(response.kvs.into_iter().next().map(|kv| kv.value))
+    }
+
     /// One transaction.
     pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, EtcdError> {
         let mut kv = self.kv.clone();

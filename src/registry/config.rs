@@ -22,8 +22,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_MAX_HEARTBEATS_PER_SECOND: u64 = 200_000;
 /// Default time expired and deregistered ids are remembered.
 pub const DEFAULT_TOMBSTONE_RETENTION: Duration = Duration::from_secs(600);
-/// Default number of events a watcher may fall behind.
-pub const DEFAULT_WATCH_BUFFER: usize = 4096;
+/// Default number of events the watch history holds.
+pub const DEFAULT_WATCH_HISTORY: usize = 262_144;
 /// Default stall threshold of pause compensation.
 pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_secs(1);
 /// Default most executors live at once.
@@ -46,9 +46,9 @@ pub struct RegistryConfig {
     pub max_heartbeats_per_second: u64,
     /// How long expired/deregistered ids are remembered.
     pub tombstone_retention: Duration,
-    /// Events a watcher may fall behind before it is ended (rounded up to a
-    /// power of two by the broadcast channel).
-    pub watch_buffer: usize,
+    /// Events the shared watch history holds: a watcher may fall this far
+    /// behind, or resume from this far back, without a snapshot.
+    pub watch_history: usize,
     /// A membership-loop turn this much later than its 100 ms tick means the
     /// registry was stalled: deadlines that fell in the stall are moved by
     /// its length instead of expiring. Zero disables the compensation.
@@ -70,7 +70,7 @@ impl Default for RegistryConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             max_heartbeats_per_second: DEFAULT_MAX_HEARTBEATS_PER_SECOND,
             tombstone_retention: DEFAULT_TOMBSTONE_RETENTION,
-            watch_buffer: DEFAULT_WATCH_BUFFER,
+            watch_history: DEFAULT_WATCH_HISTORY,
             stall_threshold: DEFAULT_STALL_THRESHOLD,
             max_executors: DEFAULT_MAX_EXECUTORS,
             expiry_guard: None,

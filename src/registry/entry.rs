@@ -9,7 +9,11 @@
 //! - `TOMBSTONE` is final: no transition leaves it.
 //! - A heartbeat that returned OK wrote a deadline that any later expiry
 //!   decision reads (the expiry CAS fails if a heartbeat changed the word).
-//! - `armed_ms` is written only by the membership loop.
+//! - `armed_ms`, `running_rev` and `offline_rev` are written only by the
+//!   membership loop. The two revisions say what the loop *published*: a
+//!   snapshot at revision R shows an entry as of R ([`Entry::status_at`]),
+//!   whatever its state word says now, so that applying the events after R
+//!   to it gives exactly a later snapshot, statuses included.
 //!
 //! Must not touch: maps, queues, I/O. Time is passed in as milliseconds on
 //! the registry clock (see [`super::clock`]).
@@ -168,6 +172,10 @@ pub struct Entry {
     ttl_ms: AtomicU64,
     /// Deadline (ms) at which the membership loop's queue holds this entry.
     armed_ms: AtomicU64,
+    /// Revision of its RUNNING event (`u64::MAX`: none published yet).
+    running_rev: AtomicU64,
+    /// Revision of its OFFLINE event (`u64::MAX`: none published yet).
+    offline_rev: AtomicU64,
 }
 
 impl Entry {
@@ -205,6 +213,8 @@ impl Entry {
             state: AtomicU64::new(State::new(Status::Initing, deadline_ms).bits()),
             ttl_ms: AtomicU64::new(ttl_ms),
             armed_ms: AtomicU64::new(u64::MAX),
+            running_rev: AtomicU64::new(u64::MAX),
+            offline_rev: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -364,6 +374,34 @@ impl Entry {
     pub(crate) fn set_armed_ms(&self, ms: u64) {
         self.armed_ms.store(ms, Ordering::Release);
     }
+
+    /// Its status in the snapshot at `revision`, as the loop published it:
+    /// None once its OFFLINE event is at or before `revision` (it is not a
+    /// member then), RUNNING once its RUNNING event is, else INITING.
+    pub fn status_at(&self, revision: u64) -> Option<Status> {
+        if self.offline_rev.load(Ordering::Acquire) <= revision {
+            None
+        } else if self.running_rev.load(Ordering::Acquire) <= revision {
+            Some(Status::Running)
+        } else {
+            Some(Status::Initing)
+        }
+    }
+
+    /// Whether its RUNNING event was published.
+    pub(crate) fn announced_running(&self) -> bool {
+        self.running_rev.load(Ordering::Acquire) != u64::MAX
+    }
+
+    /// The loop published its RUNNING event at `revision`.
+    pub(crate) fn set_running_rev(&self, revision: u64) {
+        self.running_rev.store(revision, Ordering::Release);
+    }
+
+    /// The loop published its OFFLINE event at `revision`.
+    pub(crate) fn set_offline_rev(&self, revision: u64) {
+        self.offline_rev.store(revision, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Entry {
@@ -461,6 +499,24 @@ mod tests {
             }
         );
         assert_eq!(e.try_expire(200), Expiry::AlreadyTombstone);
+    }
+
+    #[test]
+    fn the_status_at_a_revision_is_what_the_loop_published_by_then() {
+        let e = entry(100);
+        assert_eq!(e.status_at(5), Some(Status::Initing));
+        e.heartbeat(50, None);
+        // RUNNING in its state word, but not published yet.
+        assert_eq!(e.status_at(5), Some(Status::Initing));
+        e.set_running_rev(7);
+        assert!(e.announced_running());
+        assert_eq!(e.status_at(6), Some(Status::Initing));
+        assert_eq!(e.status_at(7), Some(Status::Running));
+        e.tombstone();
+        e.set_offline_rev(9);
+        assert_eq!(e.status_at(8), Some(Status::Running));
+        assert_eq!(e.status_at(9), None);
+        assert_eq!(e.status_at(u64::MAX), None);
     }
 
     #[test]

@@ -10,16 +10,24 @@
 //! or start a second registry on the same rows (a restart). A
 //! [`MemoryStore::volatile`] store keeps no rows at all: when nobody can ever
 //! load them again (`--store memory`, `Registry::start_in_memory`),
-//! a copy of every executor would only double the registry's memory.
+//! a copy of every executor would only double the registry's memory. Its
+//! revision floor is the wall clock (ms × 2^20): a restart starts above
+//! every revision the previous process assigned unless the clock went back
+//! (a process cannot assign 2^20 revisions a millisecond).
 //!
 //! Must not touch: registry state.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::clock::unix_now_ms;
 use super::port::{Batch, MembershipStore, StoreError, StoredExecutor};
 
-type Rows = BTreeMap<String, StoredExecutor>;
+#[derive(Debug, Default)]
+struct Rows {
+    executors: BTreeMap<String, StoredExecutor>,
+    revision_floor: u64,
+}
 
 /// In-memory [`MembershipStore`]. Clones share the same rows.
 #[derive(Debug, Clone)]
@@ -61,8 +69,15 @@ impl MembershipStore for MemoryStore {
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
         Ok(self
             .rows()
-            .map(|rows| rows.values().cloned().collect())
+            .map(|rows| rows.executors.values().cloned().collect())
             .unwrap_or_default())
+    }
+
+    fn revision_floor(&mut self) -> Result<u64, StoreError> {
+        Ok(match self.rows() {
+            Some(rows) => rows.revision_floor,
+            None => unix_now_ms() << 20,
+        })
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
@@ -70,10 +85,13 @@ impl MembershipStore for MemoryStore {
             return Ok(());
         };
         for row in &batch.inserts {
-            rows.insert(row.id.clone(), row.clone());
+            rows.executors.insert(row.id.clone(), row.clone());
         }
         for id in &batch.deletes {
-            rows.remove(id);
+            rows.executors.remove(id);
+        }
+        if let Some(floor) = batch.revision_floor {
+            rows.revision_floor = floor;
         }
         Ok(())
     }
@@ -104,15 +122,17 @@ mod tests {
         let mut other = store.clone();
         let batch = Batch {
             inserts: vec![row("a"), row("b")],
-            deletes: vec![],
+            revision_floor: Some(42),
+            ..Batch::default()
         };
         store.commit(&batch).expect("commit");
         let delete = Batch {
-            inserts: vec![],
             deletes: vec!["a".into(), "missing".into()],
+            ..Batch::default()
         };
         store.commit(&delete).expect("commit");
         assert_eq!(other.load_all().expect("load"), vec![row("b")]);
+        assert_eq!(other.revision_floor().expect("floor"), 42);
     }
 
     #[test]
@@ -121,9 +141,14 @@ mod tests {
         let batch = Batch {
             inserts: vec![row("a")],
             deletes: vec!["x".into()],
+            revision_floor: Some(1),
         };
+        let before = store.revision_floor().expect("floor");
         store.commit(&batch).expect("commit");
         assert!(store.load_all().expect("load").is_empty());
         assert!(store.clone().load_all().expect("load").is_empty());
+        // Its floor is the clock's, above any floor a moment ago, whatever
+        // was committed.
+        assert!(store.revision_floor().expect("floor") >= before.max(1 << 20));
     }
 }

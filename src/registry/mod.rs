@@ -23,6 +23,7 @@ mod config;
 mod entry;
 mod error;
 mod guard;
+mod history;
 mod labels;
 mod membership;
 mod memory;
@@ -48,12 +49,14 @@ pub use clock::Clock;
 pub use config::{
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INIT_TTL, DEFAULT_MAX_EXECUTORS,
     DEFAULT_MAX_HEARTBEATS_PER_SECOND, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, DEFAULT_STALL_THRESHOLD,
-    DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_BUFFER, MAX_BATCH, RegistryConfig,
+    DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_HISTORY, MAX_BATCH, RegistryConfig,
 };
 pub use entry::{Entry, ExecutorId, State, Status};
 pub use error::RegistryError;
 pub use guard::{ExpiryGuardConfig, ExpiryGuardStatus};
-pub use labels::{Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part};
+pub use labels::{
+    Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part, matches_all,
+};
 pub use membership::{Authority, Resume};
 pub use memory::MemoryStore;
 pub use observer::{HeartbeatResult, NoopObserver, Observer, RegistrationResult};
@@ -61,14 +64,14 @@ pub use port::{Batch, IDLE_AFTER, MembershipStore, StoreError, StoredExecutor};
 pub use registration::{MAX_ADDRESS_LEN, MAX_NAME_LEN, MAX_OWNER_LEN, Registration};
 pub use snapshot::Snapshot;
 pub use watch::{Event, EventKind, OfflineReason, Watch, WatchError};
-pub use worker::{Commit, StoreWorker};
+pub use worker::{Commit, Loaded, StoreWorker};
 
 #[cfg(test)]
 pub(crate) use membership::FORCED_ID_SUFFIXES;
 
 use clock::duration_ms;
 use entry::Beat;
-use membership::{Command, MembershipLoop};
+use membership::{Command, MembershipLoop, REVISION_RANGE};
 use tables::Tables;
 
 /// Capacity of the command channel to the membership loop.
@@ -140,17 +143,17 @@ impl Registry {
         authority: Option<Authority>,
     ) -> Result<(Registry, RegistryTask), StoreError> {
         let started = tokio::time::Instant::now();
-        let started_worker = StoreWorker::start(store);
+        let started_worker = StoreWorker::start(store, REVISION_RANGE);
         observer.store_operation("load", started.elapsed(), started_worker.is_ok());
         let (worker, loaded) = started_worker?;
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        let (tables, rearm_rx) = Tables::new(config, observer);
+        let (tables, notices_rx) = Tables::new(config, observer, loaded.revision);
         let tables = Arc::new(tables);
         let stop = CancellationToken::new();
         let membership = MembershipLoop::new(
             tables.clone(),
             commands_rx,
-            rearm_rx,
+            notices_rx,
             worker,
             membership::Start {
                 loaded,
@@ -262,12 +265,13 @@ impl Registry {
                     tables.initing.fetch_sub(1, Ordering::Relaxed);
                     tables.running.fetch_add(1, Ordering::Relaxed);
                 }
-                if deadline_ms < entry.armed_ms() {
-                    // A smaller TTL moved the deadline before the queued time
-                    // (each new executor's first heartbeat when its TTL is
-                    // below the init TTL; rare after). Tell the loop, or it
-                    // would expire this one late.
-                    let _ = tables.rearm.send(entry.0.clone());
+                if was_initing || deadline_ms < entry.armed_ms() {
+                    // The first heartbeat is a membership change the loop
+                    // announces (RUNNING, once per lifetime); and a smaller
+                    // TTL that moved the deadline before the queued time
+                    // (usually that same first heartbeat, its TTL below the
+                    // init TTL) must be queued again, or it would expire late.
+                    let _ = tables.notices.send(entry.0.clone());
                 }
                 Ok(())
             }
@@ -384,9 +388,13 @@ impl Registry {
         self.tables.snapshot.load().schedulable(selectors)
     }
 
-    /// Live executors with `status` (None: all), matching every selector, and
-    /// the revision they are consistent with.
-    pub fn list(&self, status: Option<Status>, selectors: &[Selector]) -> (Vec<Arc<Entry>>, u64) {
+    /// Live executors with `status` (None: all), matching every selector,
+    /// each with its status at the revision they are consistent with.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        selectors: &[Selector],
+    ) -> (Vec<(Arc<Entry>, Status)>, u64) {
         let snapshot = self.tables.snapshot.load();
         (snapshot.select(status, selectors), snapshot.revision())
     }
@@ -402,10 +410,51 @@ impl Registry {
 
     /// A snapshot, then every membership change after it, in order.
     pub fn watch(&self) -> Watch {
-        // Subscribe before loading: see `watch` for why this order is exact.
-        let events = self.tables.events.subscribe();
-        let snapshot = self.tables.snapshot.load_full();
-        Watch::new(events, snapshot, self.tables.observer.clone())
+        self.watch_from(0)
+    }
+
+    /// Every membership change after revision `start` (0: none seen yet),
+    /// in order: straight from the history when it still holds every event
+    /// after `start`, else after a snapshot ([`Watch::snapshot`] tells).
+    pub fn watch_from(&self, start: u64) -> Watch {
+        let tables = &self.tables;
+        let observer = tables.observer.clone();
+        if start > 0 && tables.history.can_resume(start) {
+            return Watch::new(tables.history.clone(), None, start, observer);
+        }
+        // The loop publishes a turn's snapshot before its events reach the
+        // history, so the events after this snapshot are there, or coming.
+        let snapshot = tables.snapshot.load_full();
+        Watch::new(tables.history.clone(), Some(snapshot), 0, observer)
+    }
+
+    /// Waits until the loop published everything sent to it before (first
+    /// heartbeats' RUNNING events included).
+    #[cfg(test)]
+    pub(crate) async fn settled(&self) {
+        loop {
+            let before = self.snapshot().revision();
+            let (reply, answer) = oneshot::channel();
+            if self
+                .commands
+                .send(Command::Barrier { reply })
+                .await
+                .is_err()
+                || answer.await.is_err()
+            {
+                return;
+            }
+            // A turn takes a bounded number of notices: until one publishes
+            // nothing new.
+            if self.snapshot().revision() == before {
+                return;
+            }
+        }
+    }
+
+    /// Events the watch history holds now.
+    pub fn history_len(&self) -> usize {
+        self.tables.history.len()
     }
 
     /// max(`heartbeat_interval`, live ÷ `max_heartbeats_per_second`).

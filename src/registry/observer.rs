@@ -42,14 +42,19 @@ pub trait Observer: Send + Sync + 'static {
     fn expired(&self, _lags: &[Duration]) {}
     /// An executor was deregistered.
     fn deregistered(&self) {}
-    /// Events were published: `online` and `offline` counts.
-    fn events(&self, _online: u64, _offline: u64) {}
+    /// Events were published: `online`, `running` and `offline` counts.
+    fn events(&self, _online: u64, _running: u64, _offline: u64) {}
     /// The live set after a membership change.
     fn membership(&self, _revision: u64, _initing: u64, _running: u64) {}
     /// A watcher started (`+1`) or ended (`-1`).
     fn watchers(&self, _delta: i64) {}
-    /// A watcher fell more than the watch buffer behind and was ended.
+    /// A watcher fell further behind than the watch history holds and was
+    /// ended.
     fn watcher_lagged(&self) {}
+    /// A watcher started: from a snapshot, or (`false`) from the history.
+    fn watch_started(&self, _from_snapshot: bool) {}
+    /// The watch history now holds `events`.
+    fn history(&self, _events: u64) {}
     /// The registry itself was stalled for about `duration` (deadlines that
     /// fell in it are compensated).
     fn stalled(&self, _duration: Duration) {}

@@ -37,12 +37,16 @@ pub struct Batch {
     pub inserts: Vec<StoredExecutor>,
     /// Ids to delete (missing ids are not an error).
     pub deletes: Vec<String>,
+    /// A new revision floor to store (see
+    /// [`MembershipStore::revision_floor`]): the registry reserves the
+    /// revisions below it before it assigns them.
+    pub revision_floor: Option<u64>,
 }
 
 impl Batch {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.inserts.is_empty() && self.deletes.is_empty()
+        self.inserts.is_empty() && self.deletes.is_empty() && self.revision_floor.is_none()
     }
 }
 
@@ -87,6 +91,12 @@ pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 pub trait MembershipStore: Send + 'static {
     /// Every stored executor.
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError>;
+    /// The stored revision floor: every revision the registry assigned on
+    /// this store is below it (0 for a new store). The registry starts
+    /// above it and stores a higher one, in a batch, before it assigns the
+    /// revisions under that — so revisions never go backwards across
+    /// restarts, a `kill -9` included.
+    fn revision_floor(&mut self) -> Result<u64, StoreError>;
     /// Applies a batch atomically and durably.
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError>;
     /// No batch came for [`IDLE_AFTER`] since the last one (or since the

@@ -1,19 +1,22 @@
 //! Immutable views of the live fleet.
 //!
-//! Owns: `Snapshot` — a revision and the live members ordered by id, in a
+//! Owns: `Snapshot` — a revision and the members ordered by id, in a
 //! persistent ordered map (`imbl::OrdMap`) so the membership loop can publish
 //! a new one per turn in O(changes · log n) and readers clone it in O(1).
 //!
-//! Status and deadline are not copied into the snapshot: members are
-//! `Arc<Entry>` and readers see their state words live. Tombstoned entries
-//! that a snapshot still holds are skipped by every reader: the loop removes
-//! a few in the turn that ends them, but leaves a mass expiry's in the map
-//! (copying the tree's paths for 100k removals would cost a copy of the whole
-//! tree) and purges them later in the background; the snapshot's `len` counts
-//! live members only.
+//! A snapshot shows each member as of its revision: members are
+//! `Arc<Entry>`, and an entry's status in the snapshot is what the loop had
+//! published by then ([`Entry::status_at`]), not what its state word says
+//! now. So a snapshot read long after it was taken (a watcher streaming a
+//! million members in chunks, a paged list) is still exactly the fleet at
+//! its revision, and applying the events after it gives a later one.
+//! Entries the map holds past their OFFLINE event (a mass expiry's, left for
+//! a background purge; or any, in a snapshot older than the removal) are
+//! skipped by revision. `len` counts the members at the revision.
 //!
 //! Must not touch: anything mutable. Only the membership loop builds these.
 
+use std::ops::Bound;
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -21,11 +24,11 @@ use imbl::OrdMap;
 use super::entry::{Entry, ExecutorId, Status};
 use super::labels::{Selector, matches_all};
 
-/// The live members as of one revision, sorted by id.
+/// The members as of one revision, sorted by id.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     revision: u64,
-    /// Live members (the map may also hold tombstoned entries).
+    /// Members at `revision` (the map may hold more, see the module header).
     len: usize,
     members: OrdMap<ExecutorId, Arc<Entry>>,
 }
@@ -50,7 +53,7 @@ impl Snapshot {
         self.revision
     }
 
-    /// Number of live members (INITING and RUNNING).
+    /// Number of members (INITING and RUNNING).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -60,33 +63,61 @@ impl Snapshot {
         self.len == 0
     }
 
-    /// One member by id.
-    pub fn get(&self, id: &str) -> Option<&Arc<Entry>> {
-        self.members
-            .get(id)
-            .filter(|e| e.status() != Status::Tombstone)
+    /// One member by id, with its status at this revision.
+    pub fn get(&self, id: &str) -> Option<(&Arc<Entry>, Status)> {
+        let entry = self.members.get(id)?;
+        Some((entry, entry.status_at(self.revision)?))
     }
 
-    /// Every live member, in id order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
-        self.members
-            .values()
-            .filter(|e| e.status() != Status::Tombstone)
+    /// Every member with its status at this revision, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<Entry>, Status)> {
+        self.members_of(self.members.values())
     }
 
-    /// Members with `status` (None: all live) matching every selector, in id
-    /// order.
-    pub fn select(&self, status: Option<Status>, selectors: &[Selector]) -> Vec<Arc<Entry>> {
+    /// The members after `id` (all of them for None), in id order: where a
+    /// chunk or a page that ended at `id` goes on.
+    pub fn iter_after(&self, id: Option<&str>) -> impl Iterator<Item = (&Arc<Entry>, Status)> {
+        let from = match id {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        let range = self
+            .members
+            .range::<_, str>((from, Bound::Unbounded))
+            .map(|(_, entry)| entry);
+        self.members_of(range)
+    }
+
+    fn members_of<'a>(
+        &'a self,
+        entries: impl Iterator<Item = &'a Arc<Entry>> + 'a,
+    ) -> impl Iterator<Item = (&'a Arc<Entry>, Status)> + 'a {
+        let revision = self.revision;
+        entries.filter_map(move |e| Some((e, e.status_at(revision)?)))
+    }
+
+    /// Members with `status` (None: all) matching every selector, in id
+    /// order, each with its status at this revision.
+    pub fn select(
+        &self,
+        status: Option<Status>,
+        selectors: &[Selector],
+    ) -> Vec<(Arc<Entry>, Status)> {
         self.iter()
-            .filter(|e| status.is_none_or(|s| e.status() == s))
-            .filter(|e| matches_all(selectors, e.labels()))
-            .cloned()
+            .filter(|&(e, s)| {
+                status.is_none_or(|want| s == want) && matches_all(selectors, e.labels())
+            })
+            .map(|(e, s)| (e.clone(), s))
             .collect()
     }
 
-    /// The scheduler's view: RUNNING members matching every selector, in id
-    /// order. INITING executors (no heartbeat yet) are never schedulable.
+    /// The scheduler's view: members RUNNING at this revision matching
+    /// every selector, in id order. INITING executors (no heartbeat yet)
+    /// are never schedulable.
     pub fn schedulable(&self, selectors: &[Selector]) -> Vec<Arc<Entry>> {
-        self.select(Some(Status::Running), selectors)
+        self.iter()
+            .filter(|&(e, s)| s == Status::Running && matches_all(selectors, e.labels()))
+            .map(|(e, _)| e.clone())
+            .collect()
     }
 }

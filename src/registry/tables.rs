@@ -7,7 +7,7 @@
 //! without a lock around the whole: membership (who is in the live table,
 //! the snapshot, the events, the tombstones) has exactly one writer, the
 //! membership loop; the heartbeat path writes only state words (through
-//! their compare-and-swap), the status counters and the re-arm channel.
+//! their compare-and-swap), the status counters and the notice channel.
 //!
 //! Must not touch: the loop's private state (timing wheel, revision,
 //! ordered member map, store batches): that is `super::membership`'s.
@@ -17,16 +17,16 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use super::clock::Clock;
 use super::config::RegistryConfig;
 use super::entry::{Entry, IdHasher, Status};
 use super::guard::ExpiryGuardStatus;
+use super::history::History;
 use super::observer::Observer;
 use super::snapshot::Snapshot;
 use super::tombstones::Tombstones;
-use super::watch::Event;
 
 /// Shards of the id maps. DashMap's default (4 × cores, 8 here) makes every
 /// heartbeat on two cores share a few lock words with the other core and with
@@ -82,8 +82,9 @@ pub(crate) struct Tables {
     pub tombstones: Tombstones,
     /// The current snapshot. The loop stores; readers load.
     pub snapshot: ArcSwap<Snapshot>,
-    /// Membership events. The loop sends; watchers subscribe.
-    pub events: broadcast::Sender<Event>,
+    /// The last `--watch-history` membership events. The loop appends;
+    /// watchers read at their own cursors.
+    pub history: Arc<History>,
     /// Live executors INITING. The loop adds on insert and subtracts on
     /// removal; the heartbeat path moves one to `running` on a first
     /// heartbeat. Signed: a heartbeat moves INITING→RUNNING after its CAS
@@ -97,21 +98,24 @@ pub(crate) struct Tables {
     /// Where the core reports what happens. Called by everyone; it never
     /// calls back.
     pub observer: Arc<dyn Observer>,
-    /// Entries whose deadline a heartbeat moved below their queued time.
-    /// The heartbeat path sends; the loop receives.
-    pub rearm: mpsc::UnboundedSender<Arc<Entry>>,
+    /// Entries the loop must look at again: a first heartbeat (for the
+    /// RUNNING event), or a deadline a heartbeat moved below the queued
+    /// one. The heartbeat path sends; the loop receives.
+    pub notices: mpsc::UnboundedSender<Arc<Entry>>,
     /// The mass-expiry guard's state. The loop publishes; readers load.
     pub guard: ArcSwap<ExpiryGuardStatus>,
 }
 
 impl Tables {
-    /// Empty tables; the loop's end of the re-arm channel is returned.
+    /// Empty tables at `revision`; the loop's end of the notice channel is
+    /// returned.
     pub(crate) fn new(
         config: RegistryConfig,
         observer: Arc<dyn Observer>,
+        revision: u64,
     ) -> (Self, mpsc::UnboundedReceiver<Arc<Entry>>) {
-        let (rearm, rearm_rx) = mpsc::unbounded_channel();
-        let (events, _) = broadcast::channel(config.watch_buffer.max(1));
+        let (notices, notices_rx) = mpsc::unbounded_channel();
+        let history = Arc::new(History::new(config.watch_history, revision));
         let guard = match config.expiry_guard {
             Some(guard) => ExpiryGuardStatus {
                 enabled: true,
@@ -127,15 +131,15 @@ impl Tables {
             live: DashMap::with_hasher_and_shard_amount(Default::default(), LIVE_SHARDS),
             tombstones: Default::default(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
-            events,
+            history,
             initing: Default::default(),
             running: Default::default(),
             live_count: Default::default(),
             observer,
-            rearm,
+            notices,
             guard: ArcSwap::from_pointee(guard),
         };
-        (tables, rearm_rx)
+        (tables, notices_rx)
     }
 
     /// Live executors with `status` (clamped at 0, see the counters).

@@ -19,6 +19,9 @@ use super::*;
 
 /// The mass-expiry guard (`tests/guard.rs`).
 mod guard;
+/// RUNNING events, statuses as of a revision, resumes, revision floors
+/// (`tests/watch.rs`).
+mod watch;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -152,8 +155,16 @@ fn at(registry: &Registry, ms: u64) -> Instant {
     registry.clock().instant_at(ms)
 }
 
+/// The next ONLINE or OFFLINE event: RUNNING events (each executor's first
+/// heartbeat, which most tests send) are passed over here and checked by
+/// the tests about them.
 async fn next_event(watch: &mut Watch) -> Event {
-    watch.next().await.expect("the watch goes on")
+    loop {
+        let event = watch.next().await.expect("the watch goes on");
+        if event.kind != EventKind::Running {
+            return event;
+        }
+    }
 }
 
 fn assert_invalid<T: std::fmt::Debug>(result: Result<T, RegistryError>, expected: &str) {
@@ -177,7 +188,7 @@ async fn ten_thousand_coinciding_deadlines_expire_in_one_pass_with_consecutive_r
     const N: usize = 10_000;
     let config = RegistryConfig {
         // The whole pass is sent before the watcher reads: let it all fit.
-        watch_buffer: 16_384,
+        watch_history: 16_384,
         ..RegistryConfig::default()
     };
     let (registry, _task, recorder) = start(config);
@@ -192,10 +203,12 @@ async fn ten_thousand_coinciding_deadlines_expire_in_one_pass_with_consecutive_r
     }
     let deadline = entries[0].state().deadline_ms();
     assert!(entries.iter().all(|e| e.state().deadline_ms() == deadline));
+    // Their RUNNING events are published before the watch starts.
+    still(registry.settled()).await;
 
     let mut watch = registry.watch();
-    let before = watch.snapshot().revision();
-    assert_eq!(watch.snapshot().len(), N);
+    let before = watch.snapshot().unwrap().revision();
+    assert_eq!(watch.snapshot().unwrap().len(), N);
 
     // Not a millisecond early.
     sleep_until(at(&registry, deadline) - MS).await;
@@ -289,12 +302,16 @@ async fn an_executor_heartbeating_at_a_third_of_its_ttl_survives_ten_thousand_se
     watcher.abort();
     let seen = seen.lock().expect("seen lock").clone();
     let expired = EventKind::Offline(OfflineReason::Expired);
+    // The two that heartbeated are announced RUNNING at once (in the order
+    // of their first heartbeats); then only the silent ones go offline.
     let mut expected = [
+        (id(&alive).to_owned(), EventKind::Running, t0),
+        (id(&once).to_owned(), EventKind::Running, t0),
         (id(&once).to_owned(), expired, t0 + 3_000),
         (id(&never).to_owned(), expired, t0 + init_ttl),
     ];
     expected.sort_by_key(|e| e.2);
-    assert_eq!(seen.len(), 2, "only the silent ones go offline: {seen:?}");
+    assert_eq!(seen.len(), 4, "only the silent ones go offline: {seen:?}");
     for ((seen_id, kind, at), (want_id, want_kind, deadline)) in seen.iter().zip(&expected) {
         assert_eq!((seen_id, kind), (want_id, want_kind));
         assert!(
@@ -505,8 +522,10 @@ async fn a_deregistered_executor_is_removed_at_once_and_its_heartbeats_meet_a_to
     let stayer = register(&registry, "stayer").await;
     registry.heartbeat(id(&leaver), ttl(10_000)).expect("alive");
     registry.heartbeat(id(&stayer), ttl(10_000)).expect("alive");
+    // Their RUNNING events are published before the watch starts.
+    still(registry.settled()).await;
     let mut watch = registry.watch();
-    let before = watch.snapshot().revision();
+    let before = watch.snapshot().unwrap().revision();
     let leaver_id = id(&leaver).to_owned();
 
     registry.deregister(&leaver_id).await.expect("deregistered");
@@ -517,7 +536,10 @@ async fn a_deregistered_executor_is_removed_at_once_and_its_heartbeats_meet_a_to
     );
     assert!(registry.snapshot().get(&leaver_id).is_none());
     assert_eq!(registry.snapshot().revision(), before + 1);
-    assert_eq!(ids(registry.list(None, &[]).0.iter()), vec![id(&stayer)]);
+    assert_eq!(
+        ids(registry.list(None, &[]).0.iter().map(|(e, _)| e)),
+        vec![id(&stayer)]
+    );
     assert_eq!(registry.count(None), 1);
     assert_eq!(registry.count(Some(Status::Running)), 1);
 
@@ -608,7 +630,10 @@ async fn a_mass_expiry_leaves_no_visible_trace_and_its_tombstones_are_purged() {
         Err(RegistryError::Tombstone(_))
     ));
     assert_eq!(
-        registry.snapshot().get(id(&late)).map(|e| id(e).to_owned()),
+        registry
+            .snapshot()
+            .get(id(&late))
+            .map(|(e, _)| id(e).to_owned()),
         Some(id(&late).to_owned())
     );
     assert!(registry.snapshot().get(id(&dying[0])).is_none());
@@ -619,20 +644,21 @@ fn replay(view: &mut HashSet<String>, events: &[Event]) {
         let id = id(&event.entry).to_owned();
         match event.kind {
             EventKind::Online => assert!(view.insert(id), "ONLINE for a member"),
+            EventKind::Running => assert!(view.contains(&id), "RUNNING for a non-member"),
             EventKind::Offline(_) => assert!(view.remove(&id), "OFFLINE for a non-member"),
         }
     }
 }
 
 fn snapshot_ids(snapshot: &Snapshot) -> HashSet<String> {
-    snapshot.iter().map(|e| id(e).to_owned()).collect()
+    snapshot.iter().map(|(e, _)| id(e).to_owned()).collect()
 }
 
 async fn events_until(watch: &mut Watch, revision: u64) -> Vec<Event> {
     let mut events = Vec::new();
-    let mut expected = watch.snapshot().revision() + 1;
+    let mut expected = watch.snapshot().unwrap().revision() + 1;
     while expected <= revision {
-        let event = next_event(watch).await;
+        let event = watch.next().await.expect("the watch goes on");
         assert_eq!(event.revision, expected, "revisions are consecutive");
         expected += 1;
         events.push(event);
@@ -645,8 +671,8 @@ async fn a_watch_yields_the_snapshot_then_every_change_with_consecutive_revision
     let (registry, _task, _) = start(RegistryConfig::default());
     let first = register_many(&registry, "first", 5).await;
     let mut early = registry.watch();
-    let mut early_view = snapshot_ids(early.snapshot());
-    assert_eq!(early.snapshot().revision(), 5);
+    let mut early_view = snapshot_ids(early.snapshot().unwrap());
+    assert_eq!(early.snapshot().unwrap().revision(), 5);
     assert_eq!(early_view, ids(&first).into_iter().collect());
 
     // Registrations, deregistrations and expiries, interleaved.
@@ -660,18 +686,20 @@ async fn a_watch_yields_the_snapshot_then_every_change_with_consecutive_revision
         registry.heartbeat(id(entry), ttl(60_000)).expect("alive");
     }
     let mut late = registry.watch();
-    let mut late_view = snapshot_ids(late.snapshot());
-    assert_eq!(late.snapshot().revision(), 5 + 4 + 2);
+    let mut late_view = snapshot_ids(late.snapshot().unwrap());
+    assert_eq!(late.snapshot().unwrap().revision(), 5 + 4 + 2);
     sleep(Duration::from_secs(2)).await;
     let third = register_many(&registry, "third", 2).await;
     registry.deregister(id(&second[0])).await.expect("live");
 
-    // 4 + 2 + 2 + 2 + 1 changes; heartbeats and first heartbeats are none.
-    let last = 5 + 11;
+    // 4 + 2 + 2 + 2 + 1 changes, and 7 first heartbeats (RUNNING); later
+    // heartbeats are none.
+    let last = 5 + 11 + 7;
     assert_eq!(registry.snapshot().revision(), last);
     let events = events_until(&mut early, last).await;
     let of_kind = |kind| events.iter().filter(|e| e.kind == kind).count();
     assert_eq!(of_kind(EventKind::Online), 6);
+    assert_eq!(of_kind(EventKind::Running), 7);
     assert_eq!(of_kind(EventKind::Offline(OfflineReason::Deregistered)), 3);
     assert_eq!(of_kind(EventKind::Offline(OfflineReason::Expired)), 2);
     let expired: HashSet<String> = events
@@ -693,7 +721,7 @@ async fn a_watch_yields_the_snapshot_then_every_change_with_consecutive_revision
 #[tokio::test(start_paused = true)]
 async fn a_watcher_that_falls_behind_its_buffer_is_told_it_lagged_and_never_sees_a_gap() {
     let config = RegistryConfig {
-        watch_buffer: 16,
+        watch_history: 16,
         ..RegistryConfig::default()
     };
     let (registry, _task, _) = start(config);
@@ -737,7 +765,12 @@ async fn a_watcher_that_falls_behind_its_buffer_is_told_it_lagged_and_never_sees
     assert_eq!(revisions, (1..=150).collect::<Vec<u64>>());
 
     match stalled.next().await {
-        Err(WatchError::Lagged { missed }) => assert!(missed > 0),
+        Err(WatchError::Lagged { last, oldest }) => {
+            // It was given nothing after its snapshot, and the history has
+            // moved past the next event it needs.
+            assert_eq!(last, 0);
+            assert!(oldest > last + 1, "oldest held {oldest}");
+        }
         other => panic!("expected Lagged, got {other:?}"),
     }
     // The watch is over: asking again must not resume after a gap.
@@ -745,10 +778,12 @@ async fn a_watcher_that_falls_behind_its_buffer_is_told_it_lagged_and_never_sees
         Err(WatchError::Lagged { .. }) => {}
         other => panic!("a lagged watch went on: {other:?}"),
     }
-    // Watching again starts from a snapshot that includes everything.
+    // Watching again starts from a snapshot that includes everything: the
+    // 150 changes, and the RUNNING event of the heartbeat above.
+    registry.settled().await;
     let again = registry.watch();
-    assert_eq!(again.snapshot().revision(), 150);
-    assert_eq!(again.snapshot().len(), 50);
+    assert_eq!(again.snapshot().unwrap().revision(), 151);
+    assert_eq!(again.snapshot().unwrap().len(), 50);
 }
 
 // ------------------------------------------------------- ids, validation
@@ -885,7 +920,7 @@ async fn counts_and_the_scheduler_view_follow_every_transition() {
     assert_eq!(registry.list(Some(Status::Initing), &[]).0.len(), 3);
     let (all, revision) = registry.list(None, &[]);
     assert_eq!(
-        ids(all.iter()),
+        ids(all.iter().map(|(e, _)| e)),
         sorted(ids([&a, &b, &c])),
         "list is sorted by id"
     );
@@ -901,6 +936,9 @@ async fn counts_and_the_scheduler_view_follow_every_transition() {
         ),
         (3, 1, 2)
     );
+    // Snapshots show them RUNNING once their RUNNING events are published.
+    assert!(registry.schedulable(&[]).is_empty());
+    still(registry.settled()).await;
     assert_eq!(ids(registry.schedulable(&[]).iter()), sorted(ids([&a, &b])));
     let zone_a = [selector("zone", "a", SelectorOp::Eq)];
     assert_eq!(ids(registry.schedulable(&zone_a).iter()), vec![id(&a)]);
@@ -916,7 +954,11 @@ async fn counts_and_the_scheduler_view_follow_every_transition() {
     ];
     assert_eq!(ids(registry.schedulable(&both).iter()), vec![id(&a)]);
     assert_eq!(
-        ids(registry.list(Some(Status::Initing), &zone_a).0.iter()),
+        ids(registry
+            .list(Some(Status::Initing), &zone_a)
+            .0
+            .iter()
+            .map(|(e, _)| e)),
         vec![id(&c)]
     );
 
@@ -925,6 +967,7 @@ async fn counts_and_the_scheduler_view_follow_every_transition() {
         (count(Some(Status::Initing)), count(Some(Status::Running))),
         (0, 3)
     );
+    still(registry.settled()).await;
     assert_eq!(
         ids(registry.schedulable(&zone_a).iter()),
         sorted(ids([&a, &c]))
@@ -950,7 +993,7 @@ async fn counts_and_the_scheduler_view_follow_every_transition() {
     );
     assert_eq!(ids(registry.schedulable(&[]).iter()), vec![id(&c)]);
     let (all, _) = registry.list(None, &[]);
-    assert_eq!(ids(all.iter()), sorted(ids([&c, &d])));
+    assert_eq!(ids(all.iter().map(|(e, _)| e)), sorted(ids([&c, &d])));
     assert_eq!(count(Some(Status::Tombstone)), 0);
 }
 
@@ -1140,6 +1183,7 @@ fn store_holding(rows: impl IntoIterator<Item = StoredExecutor>) -> MemoryStore 
         .commit(&Batch {
             inserts: rows.into_iter().collect(),
             deletes: Vec::new(),
+            revision_floor: None,
         })
         .expect("the memory store commits");
     store
@@ -1189,9 +1233,10 @@ async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent
         "INITING is never schedulable"
     );
     let now = registry.clock().now_ms();
-    for (entry, row) in snapshot.iter().zip((0..N).map(stored)) {
+    for ((entry, status), row) in snapshot.iter().zip((0..N).map(stored)) {
         assert_eq!(id(entry), row.id);
         assert_eq!(entry.status(), Status::Initing);
+        assert_eq!(status, Status::Initing);
         assert_eq!(entry.name(), row.name);
         assert_eq!(entry.address(), row.address);
         let labels: Vec<(String, String)> = entry
@@ -1219,6 +1264,7 @@ async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent
         registry.count(Some(Status::Running)),
         survivors.len() as u64
     );
+    still(registry.settled()).await;
     assert_eq!(ids(&registry.schedulable(&[])), survivors);
 
     // The silent ones: not a millisecond before start + init TTL...
@@ -1240,7 +1286,10 @@ async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent
     );
     expired.sort();
     assert_eq!(expired, silent);
-    assert_eq!(ids(&registry.list(None, &[]).0), survivors);
+    assert_eq!(
+        ids(registry.list(None, &[]).0.iter().map(|(e, _)| e)),
+        survivors
+    );
     // Their deletes were committed.
     assert_eq!(stored_ids(&store), survivors);
 
@@ -1263,7 +1312,14 @@ async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent
     // A restart finds exactly the survivors, INITING again.
     task.stop().await;
     let (again, _task) = start_on(config, &store);
-    assert_eq!(ids(&again.list(Some(Status::Initing), &[]).0), survivors);
+    assert_eq!(
+        ids(again
+            .list(Some(Status::Initing), &[])
+            .0
+            .iter()
+            .map(|(e, _)| e)),
+        survivors
+    );
     assert_eq!(again.count(None), survivors.len() as u64);
 }
 

@@ -5,7 +5,8 @@
 //! the async runtime.
 //!
 //! Owns: the boxed `MembershipStore` and the OS thread that calls it, so that
-//! blocking writes (fsync) never run on the async runtime. Commits are
+//! blocking writes (fsync) never run on the async runtime; the load and the
+//! first revision reservation run there too, while the caller waits. Commits are
 //! executed one at a time in submission order. A store that does not block
 //! (`MembershipStore::blocks` is false) is called inline instead. After
 //! [`IDLE_AFTER`] without a job the store is told it is idle, once per quiet
@@ -50,14 +51,46 @@ pub struct StoreWorker {
     inline: Option<Box<dyn MembershipStore>>,
 }
 
+/// What a store held at start, and the revisions reserved on it.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Every stored executor.
+    pub executors: Vec<StoredExecutor>,
+    /// The stored revision floor: the registry starts here (every revision
+    /// assigned before is below it).
+    pub revision: u64,
+    /// The floor stored now: revisions below it may be assigned.
+    pub reserved: u64,
+}
+
+/// Loads everything from `store` and reserves `range` revisions above its
+/// floor: a durable commit, before any of them is assigned.
+fn open(store: &mut dyn MembershipStore, range: u64) -> Result<Loaded, StoreError> {
+    let executors = store.load_all()?;
+    let revision = store.revision_floor()?;
+    let reserved = revision.saturating_add(range);
+    store.commit(&Batch {
+        revision_floor: Some(reserved),
+        ..Batch::default()
+    })?;
+    Ok(Loaded {
+        executors,
+        revision,
+        reserved,
+    })
+}
+
 impl StoreWorker {
-    /// Loads everything from `store`, then moves it to a new thread (or
-    /// keeps it inline if it does not block).
+    /// Loads everything from `store` and reserves `range` revisions above
+    /// its floor (see [`Loaded`]), on a new thread that then runs the
+    /// store's commits — or inline, for a store that does not block. Waits
+    /// for the load.
     pub fn start(
         mut store: Box<dyn MembershipStore>,
-    ) -> Result<(Self, Vec<StoredExecutor>), StoreError> {
-        let loaded = store.load_all()?;
+        range: u64,
+    ) -> Result<(Self, Loaded), StoreError> {
         if !store.blocks() {
+            let loaded = open(&mut *store, range)?;
             let worker = Self {
                 jobs: None,
                 thread: None,
@@ -66,9 +99,16 @@ impl StoreWorker {
             return Ok((worker, loaded));
         }
         let (tx, rx) = mpsc::channel::<Job>();
+        let (opened_tx, opened) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("registry-store".into())
             .spawn(move || {
+                let loaded = open(&mut *store, range);
+                let failed = loaded.is_err();
+                let _ = opened_tx.send(loaded);
+                if failed {
+                    return;
+                }
                 let mut busy = true;
                 loop {
                     let job = match rx.recv_timeout(IDLE_AFTER) {
@@ -88,6 +128,11 @@ impl StoreWorker {
                 }
             })
             .map_err(|e| StoreError::Failed(format!("cannot start the store thread: {e}")))?;
+        let loaded = opened.recv().unwrap_or_else(|_| {
+            Err(StoreError::Failed(
+                "the store thread stopped while loading".into(),
+            ))
+        })?;
         Ok((
             Self {
                 jobs: Some(tx),
@@ -156,6 +201,10 @@ mod tests {
             Ok(Vec::new())
         }
 
+        fn revision_floor(&mut self) -> Result<u64, StoreError> {
+            Ok(7)
+        }
+
         fn commit(&mut self, _batch: &Batch) -> Result<(), StoreError> {
             self.commits.fetch_add(1, Ordering::SeqCst);
             Ok(())
@@ -173,7 +222,8 @@ mod tests {
             commits: Arc::clone(&commits),
             idles: Arc::clone(&idles),
         };
-        let (mut worker, _) = StoreWorker::start(Box::new(store)).unwrap();
+        let (mut worker, loaded) = StoreWorker::start(Box::new(store), 100).unwrap();
+        assert_eq!((loaded.revision, loaded.reserved), (7, 107));
         let spell = IDLE_AFTER + IDLE_AFTER / 2;
         std::thread::sleep(spell);
         assert_eq!(idles.load(Ordering::SeqCst), 1, "idle after the load");
@@ -185,7 +235,8 @@ mod tests {
         assert_eq!(idles.load(Ordering::SeqCst), 1, "not while working");
         std::thread::sleep(spell);
         assert_eq!(idles.load(Ordering::SeqCst), 2, "idle after the commit");
-        assert_eq!(commits.load(Ordering::SeqCst), 1);
+        // The revision reservation at start, then the batch.
+        assert_eq!(commits.load(Ordering::SeqCst), 2);
         worker.close();
     }
 }

@@ -255,10 +255,11 @@ impl Controller {
         // Both reads at once: a new leader serves only after them.
         let read = tokio::try_join!(
             crate::store::etcd::load(&self.etcd, &self.keys),
+            crate::store::etcd::load_revision_floor(&self.etcd, &self.keys),
             watermark::read(&self.etcd, &self.keys)
         );
-        let (executors, seen) = match read {
-            Ok((executors, seen)) => (executors, seen),
+        let (executors, revision_floor, seen) = match read {
+            Ok(read) => read,
             Err(e) => {
                 tracing::error!(error = %e, "won the election but cannot load membership");
                 return TermEnd::LoadFailed;
@@ -291,7 +292,7 @@ impl Controller {
             self.etcd.clone(),
             self.keys.clone(),
             fence.clone(),
-            executors,
+            (executors, revision_floor),
             fenced.clone(),
             tokio::runtime::Handle::current(),
         );

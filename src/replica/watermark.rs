@@ -131,7 +131,7 @@ pub async fn write_loop(
         let (running, _) = registry.list(Some(Status::Running), &[]);
         let mut current = HashMap::with_capacity(running.len());
         let mut ops = Vec::new();
-        for entry in running {
+        for (entry, _) in running {
             let seen = Seen {
                 unix_ms: registry.last_heartbeat_unix_ms(&entry),
                 ttl_ms: u64::try_from(entry.ttl().as_millis()).unwrap_or(u64::MAX),

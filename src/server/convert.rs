@@ -12,14 +12,15 @@ use crate::registry::{
     Entry, Event, EventKind, OfflineReason, Registry, RegistryError, Selector, SelectorOp, Status,
 };
 
-/// Wire `Executor` for an entry.
-pub fn executor(registry: &Registry, entry: &Entry) -> proto::Executor {
+/// Wire `Executor` for an entry with `status` (its status now, or in a
+/// snapshot).
+pub fn executor(registry: &Registry, entry: &Entry, status_now: Status) -> proto::Executor {
     proto::Executor {
         id: entry.id().to_string(),
         name: entry.name().to_owned(),
         address: entry.address().to_owned(),
         labels: entry.labels().to_map(),
-        status: status(entry.status()) as i32,
+        status: status(status_now) as i32,
         last_heartbeat_unix_ms: registry.last_heartbeat_unix_ms(entry),
         ttl_ms: millis(entry.ttl()),
     }
@@ -71,6 +72,7 @@ pub fn selectors(raw: &[proto::LabelSelector]) -> Result<Vec<Selector>, Registry
 pub fn event(event: &Event) -> proto::ExecutorEvent {
     let (kind, reason) = match event.kind {
         EventKind::Online => (proto::EventType::Online, proto::OfflineReason::Unspecified),
+        EventKind::Running => (proto::EventType::Running, proto::OfflineReason::Unspecified),
         EventKind::Offline(OfflineReason::Expired) => {
             (proto::EventType::Offline, proto::OfflineReason::Expired)
         }
@@ -86,6 +88,7 @@ pub fn event(event: &Event) -> proto::ExecutorEvent {
         revision: event.revision,
         reason: reason as i32,
         labels: event.entry.labels().to_map(),
+        status: status(event.kind.status()) as i32,
     }
 }
 

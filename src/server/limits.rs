@@ -7,7 +7,10 @@
 //! Every other call takes a permit while it runs; past `max_in_flight` it is
 //! shed at once with UNAVAILABLE (retryable), so a registration storm or a
 //! flood of lists cannot starve heartbeats of CPU. Watch streams are capped
-//! separately, since each holds a snapshot and a buffer for its lifetime.
+//! separately. Building a snapshot chunk for a watcher (or a page of a list)
+//! is CPU work proportional to the fleet: at most one is built at a time,
+//! process-wide, so watchers taking a million-member snapshot at once share
+//! one core between them and leave the other to heartbeats.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,6 +51,8 @@ struct Counts {
 pub struct Admission {
     limits: Limits,
     counts: Arc<Counts>,
+    /// One permit: the snapshot chunk (or list page) being built.
+    bulk: Arc<tokio::sync::Semaphore>,
 }
 
 /// Held while a call runs (or a watch stream is open); released on drop.
@@ -74,7 +79,17 @@ impl Admission {
         Self {
             limits,
             counts: Arc::default(),
+            bulk: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// Waits for the turn to build one snapshot chunk or list page (one at
+    /// a time, process-wide); the turn ends when the permit drops.
+    pub async fn bulk(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.bulk
+            .acquire()
+            .await
+            .expect("the bulk semaphore is never closed")
     }
 
     /// A permit for a non-heartbeat call, or UNAVAILABLE when overloaded.

@@ -14,6 +14,7 @@ mod convert;
 mod error;
 mod framing;
 mod limits;
+pub mod paging;
 mod service;
 pub mod tls;
 
@@ -184,9 +185,9 @@ pub fn services(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let service = RegistryServer::new(RegistryService::new(registry, streams_stop, admission))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
-        // Lists and snapshots of a large fleet are big; clients raise their
-        // own decoding limit to read them.
-        .max_encoding_message_size(usize::MAX);
+        // Pages and snapshot chunks stop below it (`paging`), so a client
+        // with gRPC's default receive limit reads any fleet.
+        .max_encoding_message_size(paging::MAX_MESSAGE_BYTES);
     (
         // The one method whose requests are a stream (possibly empty).
         FramingChecked::new(service, &["/registry.v1.Registry/HeartbeatStream"]),

@@ -7,6 +7,7 @@
 //! else. The service holds no membership state of its own.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt, stream};
 use tokio_util::sync::CancellationToken;
@@ -16,10 +17,11 @@ use super::auth::authenticated;
 use super::convert;
 use super::error::{to_heartbeat_status, to_status};
 use super::limits::Admission;
+use super::paging::{self, Pins, Token};
 use crate::proto;
 use crate::proto::registry_server::Registry as RegistryRpc;
 use crate::registry::{
-    Caller, MAX_BATCH, Registration, Registry, RegistryError, Watch, WatchError,
+    Caller, MAX_BATCH, Registration, Registry, RegistryError, Watch, WatchError, matches_all,
 };
 
 /// A boxed response stream.
@@ -34,6 +36,8 @@ pub struct RegistryService {
     streams_stop: CancellationToken,
     /// Sheds non-heartbeat calls under overload; caps watchers.
     admission: Admission,
+    /// The snapshots paged listings read from.
+    pins: Arc<Pins>,
 }
 
 impl RegistryService {
@@ -44,6 +48,7 @@ impl RegistryService {
             registry,
             streams_stop,
             admission,
+            pins: Arc::default(),
         }
     }
 
@@ -75,8 +80,14 @@ impl RegistryService {
     }
 }
 
+/// Where a watch stream is.
 enum WatchState {
-    Start(Watch),
+    /// Sending the snapshot, in chunks; `after` is the last id sent.
+    Snapshot {
+        watch: Watch,
+        after: Option<String>,
+    },
+    /// Sending events.
     Events(Watch),
     Done,
 }
@@ -102,7 +113,7 @@ impl RegistryRpc for RegistryService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(proto::RegisterResponse {
-            executor: Some(convert::executor(&self.registry, &entry)),
+            executor: Some(convert::executor(&self.registry, &entry, entry.status())),
             heartbeat_interval_ms: convert::millis(self.registry.suggested_interval()),
         }))
     }
@@ -196,7 +207,11 @@ impl RegistryRpc for RegistryService {
         let _permit = self.admission.call()?;
         let req = request.into_inner();
         let entry = self.registry.get(&req.executor_id).map_err(to_status)?;
-        Ok(Response::new(convert::executor(&self.registry, &entry)))
+        Ok(Response::new(convert::executor(
+            &self.registry,
+            &entry,
+            entry.status(),
+        )))
     }
 
     async fn list_executors(
@@ -207,14 +222,52 @@ impl RegistryRpc for RegistryService {
         let req = request.into_inner();
         let status = convert::status_filter(req.status).map_err(to_status)?;
         let selectors = convert::selectors(&req.selectors).map_err(to_status)?;
-        let (entries, revision) = self.registry.list(status, &selectors);
-        let executors = entries
-            .iter()
-            .map(|e| convert::executor(&self.registry, e))
-            .collect();
+        let filter = paging::filter_key(req.status, &req.selectors);
+        let (snapshot, after) = if req.page_token.is_empty() {
+            let snapshot = self.registry.snapshot();
+            self.pins.pin(&snapshot);
+            (snapshot, None)
+        } else {
+            let token = Token::decode(&req.page_token).map_err(to_status)?;
+            if token.filter != filter {
+                return Err(to_status(RegistryError::invalid(
+                    "page_token",
+                    "was issued for another status or other selectors; list again from the first page",
+                )));
+            }
+            let snapshot = self.pins.get(token.revision).ok_or_else(|| {
+                Status::aborted(format!(
+                    "the snapshot at revision {} that this listing pages through is no longer held; list again from the first page",
+                    token.revision
+                ))
+            })?;
+            (snapshot, Some(token.after))
+        };
+        let members = snapshot.iter_after(after.as_deref()).filter(|&(entry, s)| {
+            status.is_none_or(|want| s == want) && matches_all(&selectors, entry.labels())
+        });
+        let (executors, last, more) = {
+            let _turn = self.admission.bulk().await;
+            paging::fill(
+                members,
+                paging::page_size(req.page_size),
+                paging::MAX_MESSAGE_BYTES,
+                |entry, status| convert::executor(&self.registry, entry, status),
+            )
+        };
+        let next_page_token = match (more, last) {
+            (true, Some(after)) => Token {
+                revision: snapshot.revision(),
+                filter,
+                after,
+            }
+            .encode(),
+            _ => String::new(),
+        };
         Ok(Response::new(proto::ListExecutorsResponse {
             executors,
-            revision,
+            revision: snapshot.revision(),
+            next_page_token,
         }))
     }
 
@@ -239,73 +292,99 @@ impl RegistryRpc for RegistryService {
         // Named in the log line when this watcher falls behind: the
         // RegistryWatchersLagging runbook sends operators there to find it.
         let peer = request.remote_addr();
+        let start = request.into_inner().start_revision;
         if self.streams_stop.is_cancelled() {
             return Err(to_status(RegistryError::ShuttingDown));
         }
         // Held for the stream's lifetime: the closure below owns it.
         let permit = self.admission.watcher()?;
-        let registry = self.registry.clone();
-        let stop = self.streams_stop.clone();
-        let watch = self.registry.watch();
-        let messages = stream::unfold(WatchState::Start(watch), move |state| {
+        let this = self.clone();
+        let watch = self.registry.watch_from(start);
+        let state = if watch.snapshot().is_some() {
+            WatchState::Snapshot { watch, after: None }
+        } else {
+            WatchState::Events(watch)
+        };
+        let messages = stream::unfold(state, move |state| {
             let _held = &permit;
-            let registry = registry.clone();
-            let stop = stop.clone();
-            async move {
-                match state {
-                    WatchState::Start(watch) => {
-                        let snapshot = watch.snapshot();
-                        let executors = snapshot
-                            .iter()
-                            .map(|e| convert::executor(&registry, e))
-                            .collect();
-                        let message = proto::WatchExecutorsResponse {
-                            kind: Some(proto::watch_executors_response::Kind::Snapshot(
-                                proto::Snapshot {
-                                    executors,
-                                    revision: snapshot.revision(),
-                                },
-                            )),
-                        };
-                        Some((Ok(message), WatchState::Events(watch)))
-                    }
-                    WatchState::Events(mut watch) => {
-                        let next = tokio::select! {
-                            next = watch.next() => next,
-                            () = stop.cancelled() => {
-                                return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
-                            }
-                        };
-                        match next {
-                            Ok(event) => {
-                                let message = proto::WatchExecutorsResponse {
-                                    kind: Some(proto::watch_executors_response::Kind::Event(
-                                        convert::event(&event),
-                                    )),
-                                };
-                                Some((Ok(message), WatchState::Events(watch)))
-                            }
-                            Err(e @ WatchError::Lagged { missed }) => {
-                                tracing::warn!(
-                                    peer = ?peer,
-                                    missed,
-                                    "watcher fell behind the watch buffer; ended with RESOURCE_EXHAUSTED"
-                                );
-                                Some((
-                                    Err(Status::resource_exhausted(e.to_string())),
-                                    WatchState::Done,
-                                ))
-                            }
-                            Err(WatchError::Closed) => Some((
-                                Err(to_status(RegistryError::ShuttingDown)),
-                                WatchState::Done,
-                            )),
-                        }
-                    }
-                    WatchState::Done => None,
-                }
-            }
+            let this = this.clone();
+            async move { this.watch_step(state, peer).await }
         });
         Ok(Response::new(Box::pin(messages)))
+    }
+}
+
+impl RegistryService {
+    /// One message of a watch stream: the next snapshot chunk, or the next
+    /// event, or the error that ends it.
+    async fn watch_step(
+        &self,
+        state: WatchState,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Option<(Result<proto::WatchExecutorsResponse, Status>, WatchState)> {
+        use proto::watch_executors_response::Kind;
+        let message = |kind| proto::WatchExecutorsResponse { kind: Some(kind) };
+        match state {
+            WatchState::Snapshot { mut watch, after } => {
+                let snapshot = watch.snapshot().expect("a snapshot state has one").clone();
+                let (executors, last, more) = {
+                    let _turn = tokio::select! {
+                        turn = self.admission.bulk() => turn,
+                        () = self.streams_stop.cancelled() => {
+                            return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
+                        }
+                    };
+                    paging::fill(
+                        snapshot.iter_after(after.as_deref()),
+                        usize::MAX,
+                        paging::CHUNK_BYTES,
+                        |entry, status| convert::executor(&self.registry, entry, status),
+                    )
+                };
+                let chunk = Kind::Snapshot(proto::Snapshot {
+                    executors,
+                    revision: snapshot.revision(),
+                    more,
+                });
+                let next = if more {
+                    WatchState::Snapshot { watch, after: last }
+                } else {
+                    watch.release_snapshot();
+                    WatchState::Events(watch)
+                };
+                Some((Ok(message(chunk)), next))
+            }
+            WatchState::Events(mut watch) => {
+                let next = tokio::select! {
+                    next = watch.next() => next,
+                    () = self.streams_stop.cancelled() => {
+                        return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
+                    }
+                };
+                match next {
+                    Ok(event) => Some((
+                        Ok(message(Kind::Event(convert::event(&event)))),
+                        WatchState::Events(watch),
+                    )),
+                    Err(e @ WatchError::Lagged { last, oldest }) => {
+                        tracing::warn!(
+                            peer = ?peer,
+                            last,
+                            oldest,
+                            "watcher fell behind the watch history; ended with RESOURCE_EXHAUSTED"
+                        );
+                        Some((
+                            Err(Status::resource_exhausted(e.to_string())),
+                            WatchState::Done,
+                        ))
+                    }
+                    Err(WatchError::Closed) => Some((
+                        Err(to_status(RegistryError::ShuttingDown)),
+                        WatchState::Done,
+                    )),
+                }
+            }
+            WatchState::Done => None,
+        }
     }
 }

@@ -66,6 +66,23 @@ pub fn decode(bytes: &[u8]) -> Result<StoredExecutor, String> {
     })
 }
 
+/// The revision floor stored under `keys` (0 when none is).
+pub async fn load_revision_floor(etcd: &Etcd, keys: &Keys) -> Result<u64, EtcdError> {
+    let Some(value) = etcd.value(keys.revision_floor().as_bytes()).await? else {
+        return Ok(0);
+    };
+    std::str::from_utf8(&value)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            EtcdError::Call(format!(
+                "{} holds {:?}, not a revision",
+                keys.revision_floor(),
+                String::from_utf8_lossy(&value)
+            ))
+        })
+}
+
 /// Every executor stored under `keys`, read in pages (an unreadable one is
 /// skipped, and said so).
 pub async fn load(etcd: &Etcd, keys: &Keys) -> Result<Vec<StoredExecutor>, EtcdError> {
@@ -92,18 +109,20 @@ pub struct EtcdStore {
     fence: Fence,
     handle: Handle,
     loaded: Vec<StoredExecutor>,
+    revision_floor: u64,
     fenced: CancellationToken,
 }
 
 impl EtcdStore {
     /// A store writing under `keys` with `fence`; `load_all` returns
-    /// `executors` (read beforehand with [`load`]); `fenced` is cancelled at
-    /// the first commit refused by the fence. Blocking calls run on `handle`.
+    /// `executors` and `revision_floor` the floor (read beforehand with
+    /// [`load`] and [`load_revision_floor`]); `fenced` is cancelled at the
+    /// first commit refused by the fence. Blocking calls run on `handle`.
     pub fn new(
         etcd: Etcd,
         keys: Keys,
         fence: Fence,
-        executors: Vec<StoredExecutor>,
+        (executors, revision_floor): (Vec<StoredExecutor>, u64),
         fenced: CancellationToken,
         handle: Handle,
     ) -> Self {
@@ -113,13 +132,23 @@ impl EtcdStore {
             fence,
             handle,
             loaded: executors,
+            revision_floor,
             fenced,
         }
     }
 
     /// The operations of `batch`.
     fn ops(&self, batch: &Batch) -> Vec<client::pb::RequestOp> {
-        let mut ops = Vec::with_capacity(batch.inserts.len() + 2 * batch.deletes.len());
+        let mut ops = Vec::with_capacity(batch.inserts.len() + 2 * batch.deletes.len() + 1);
+        // First: a batch split into several transactions stores its floor
+        // before any of its other writes.
+        if let Some(floor) = batch.revision_floor {
+            ops.push(client::put(
+                self.keys.revision_floor(),
+                floor.to_string(),
+                0,
+            ));
+        }
         for executor in &batch.inserts {
             ops.push(client::put(
                 self.keys.executor(&executor.id),
@@ -138,6 +167,10 @@ impl EtcdStore {
 impl MembershipStore for EtcdStore {
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
         Ok(std::mem::take(&mut self.loaded))
+    }
+
+    fn revision_floor(&mut self) -> Result<u64, StoreError> {
+        Ok(self.revision_floor)
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {

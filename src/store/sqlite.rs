@@ -104,6 +104,12 @@ const MIGRATIONS: &[&str] = &[
     // 3: the identity that registered each executor (NULL: unowned, as
     // every row written by an older binary is).
     "ALTER TABLE executors ADD COLUMN owner TEXT;",
+    // 4: small named values; `revision_floor` is above every revision the
+    // registry assigned on this file (absent: 0).
+    "CREATE TABLE meta (
+        key   TEXT    NOT NULL PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 const INSERT: &str = "INSERT INTO executors (id, name, address, labels, registered_unix_ms, owner) \
@@ -115,6 +121,9 @@ const SELECT_ID: &str = "SELECT id FROM executors WHERE seq = ?1";
 const SELECT_IDS: &str = "SELECT seq, id FROM executors";
 const SELECT_ALL: &str =
     "SELECT seq, id, name, address, labels, registered_unix_ms, owner FROM executors";
+const SELECT_REVISION_FLOOR: &str = "SELECT value FROM meta WHERE key = 'revision_floor'";
+const UPSERT_REVISION_FLOOR: &str = "INSERT INTO meta (key, value) VALUES ('revision_floor', ?1) \
+                                     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// The hash of an id the [`RowIndex`] keys on.
 fn id_hash(id: &str) -> u64 {
@@ -421,6 +430,13 @@ impl SqliteStore {
             let mut delete = tx
                 .prepare_cached(DELETE)
                 .map_err(|e| sql("prepare delete", &e))?;
+            if let Some(floor) = batch.revision_floor {
+                let floor = i64::try_from(floor).map_err(|_| {
+                    fail(format!("revision floor {floor} does not fit in an INTEGER"))
+                })?;
+                tx.execute(UPSERT_REVISION_FLOOR, [floor])
+                    .map_err(|e| sql("store the revision floor", &e))?;
+            }
             for id in &batch.deletes {
                 let candidates = [added.get(id.as_str()).copied(), index.get(id)];
                 for seq in candidates.into_iter().flatten() {
@@ -521,6 +537,24 @@ impl MembershipStore for SqliteStore {
         }
         self.index = Some(index);
         Ok(out)
+    }
+
+    fn revision_floor(&mut self) -> Result<u64, StoreError> {
+        let floor: Option<i64> = self
+            .conn
+            .query_row(SELECT_REVISION_FLOOR, [], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(|e| self.error("read the revision floor from", &e))?;
+        u64::try_from(floor.unwrap_or(0)).map_err(|_| {
+            StoreError::Failed(format!(
+                "read the revision floor from {}: {floor:?} is negative",
+                self.path.display()
+            ))
+        })
     }
 
     /// Back to the steady page cache once large batches stopped coming.
@@ -745,6 +779,7 @@ mod tests {
         Batch {
             inserts: ids.iter().map(|id| executor(id)).collect(),
             deletes: Vec::new(),
+            revision_floor: None,
         }
     }
 
@@ -752,6 +787,7 @@ mod tests {
         Batch {
             inserts: Vec::new(),
             deletes: ids.iter().map(|id| id.to_string()).collect(),
+            revision_floor: None,
         }
     }
 
@@ -861,6 +897,7 @@ mod tests {
                     .map(|i| executor(&format!("big-{i:05}")))
                     .collect(),
                 deletes: Vec::new(),
+                revision_floor: None,
             };
             store.commit(&batch).unwrap();
             assert_eq!(bound(&store), BATCH_CACHE_KIB, "large during a storm");
@@ -899,6 +936,7 @@ mod tests {
         let batch = Batch {
             inserts: vec![executor("a"), executor("b")],
             deletes: vec!["a".to_owned()],
+            revision_floor: None,
         };
         store.commit(&batch).unwrap();
         assert_eq!(ids(&mut store), ["b"]);
@@ -919,6 +957,7 @@ mod tests {
             .commit(&Batch {
                 inserts: vec![bare.clone(), many.clone()],
                 deletes: vec![],
+                revision_floor: None,
             })
             .unwrap();
         assert_eq!(store.load_all().unwrap(), vec![bare, many]);
@@ -933,6 +972,7 @@ mod tests {
         let batch = Batch {
             inserts: vec![executor("a"), executor("b"), executor("c")],
             deletes: vec!["b".to_owned()],
+            revision_floor: None,
         };
         let err = store.commit(&batch).unwrap_err().to_string();
         assert!(err.contains("\"b\""), "error names the colliding id: {err}");
@@ -973,6 +1013,7 @@ mod tests {
             let batch = Batch {
                 inserts: vec![executor("ok"), row],
                 deletes: vec![],
+                revision_floor: None,
             };
             let err = store.commit(&batch).unwrap_err().to_string();
             assert!(err.contains("\"x\""), "{labels:?}: {err}");
@@ -1043,6 +1084,7 @@ mod tests {
         let batch = Batch {
             inserts: vec![row],
             deletes: vec![],
+            revision_floor: None,
         };
         assert!(
             store
@@ -1110,7 +1152,34 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
+    }
+
+    #[test]
+    fn the_revision_floor_is_stored_with_a_batch_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.revision_floor().unwrap(), 0, "a new store");
+        store
+            .commit(&Batch {
+                revision_floor: Some(1 << 32),
+                ..inserts(&["a"])
+            })
+            .unwrap();
+        assert_eq!(store.revision_floor().unwrap(), 1 << 32);
+        store
+            .commit(&Batch {
+                revision_floor: Some(2 << 32),
+                ..Batch::default()
+            })
+            .unwrap();
+        drop(store);
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.revision_floor().unwrap(), 2 << 32);
+        assert_eq!(ids(&mut store), ["a"]);
+        // A batch without a floor leaves it.
+        store.commit(&deletes(&["a"])).unwrap();
+        assert_eq!(store.revision_floor().unwrap(), 2 << 32);
     }
 
     #[test]
@@ -1158,7 +1227,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
         store.commit(&inserts(&["a"])).unwrap();
         assert_eq!(ids(&mut store), ["a"]);
     }
@@ -1238,6 +1307,7 @@ mod tests {
             .commit(&Batch {
                 inserts: vec![executor("new-owned"), unowned],
                 deletes: Vec::new(),
+                revision_floor: None,
             })
             .unwrap();
         drop(store);
@@ -1279,7 +1349,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
         let loaded = store.load_all().unwrap();
         assert_eq!(
             loaded
@@ -1598,6 +1668,7 @@ mod tests {
                 .commit(&Batch {
                     inserts: rows(10_000),
                     deletes: vec![],
+                    revision_floor: None,
                 })
                 .unwrap();
         }
@@ -1607,6 +1678,7 @@ mod tests {
                 .map(|_| Batch {
                     inserts: rows(batch_size),
                     deletes: vec![],
+                    revision_floor: None,
                 })
                 .collect();
             let started = Instant::now();
@@ -1650,6 +1722,7 @@ mod tests {
                     owner: None,
                 }],
                 deletes: Vec::new(),
+                revision_floor: None,
             })
             .expect("commits");
         let rows_in_file = || {
@@ -1810,6 +1883,7 @@ mod disk_full {
         let batch = |range: std::ops::Range<usize>| Batch {
             inserts: range.map(row).collect(),
             deletes: vec![],
+            revision_floor: None,
         };
 
         let mut store = SqliteStore::open(&data).unwrap();

@@ -237,7 +237,7 @@ pub async fn watch(
     tonic::Streaming<proto::WatchExecutorsResponse>,
 ) {
     let mut stream = client
-        .watch_executors(proto::WatchExecutorsRequest {})
+        .watch_executors(proto::WatchExecutorsRequest { start_revision: 0 })
         .await
         .expect("watch")
         .into_inner();
@@ -256,6 +256,10 @@ pub struct SharedStore(Arc<Mutex<MemoryStore>>);
 impl MembershipStore for SharedStore {
     fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
         self.0.lock().expect("store lock").load_all()
+    }
+
+    fn revision_floor(&mut self) -> Result<u64, StoreError> {
+        self.0.lock().expect("store lock").revision_floor()
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
@@ -285,11 +289,19 @@ impl MembershipStore for FlakyStore {
         self.inner.load_all()
     }
 
+    fn revision_floor(&mut self) -> Result<u64, StoreError> {
+        self.inner.revision_floor()
+    }
+
+    /// Fails the first `failures` commits that write executors (the
+    /// revision reservation at start goes through).
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let failing = self
-            .failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+        let writes_executors = !batch.inserts.is_empty() || !batch.deletes.is_empty();
+        let failing = writes_executors
+            && self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
         if failing {
             return Err(StoreError::Failed("disk on fire (test)".into()));
         }
@@ -385,8 +397,16 @@ impl MembershipStore for GatedStore {
         self.inner.load_all()
     }
 
+    fn revision_floor(&mut self) -> Result<u64, StoreError> {
+        self.inner.revision_floor()
+    }
+
+    /// Waits at the gate before each commit that writes executors (the
+    /// revision reservation at start goes through).
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        self.gate.wait();
+        if !batch.inserts.is_empty() || !batch.deletes.is_empty() {
+            self.gate.wait();
+        }
         self.inner.commit(batch)
     }
 }

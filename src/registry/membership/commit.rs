@@ -12,6 +12,12 @@
 //! Ids: `<name>-<16 lowercase hex>` of 64 random bits, never one that is
 //! live, a tombstone, reserved, or still stored awaiting its delete.
 //!
+//! Revisions: the store keeps a floor above every revision assigned on it.
+//! At start the registry resumes at the floor and stores one
+//! [`REVISION_RANGE`] higher before it assigns any; when half of a range
+//! is used, the next floor goes in the next batch. A `kill -9` can lose
+//! only revisions below a durable floor, so none is ever assigned twice.
+//!
 //! Must not touch: the live table, the snapshot, events: the loop makes a
 //! committed registration visible.
 
@@ -38,6 +44,11 @@ use crate::registry::worker::{Commit, StoreWorker};
 const MAX_DELETES_PER_COMMIT: usize = 8192;
 /// Wait before retrying deletes after a store failure.
 const DELETE_RETRY: Duration = Duration::from_secs(1);
+/// Revisions reserved at a time: the store's floor moves up by this much
+/// when half of the reserved ones are used (and once at start), so a floor
+/// is written about once per 2^31 changes — and a restart skips at most
+/// this many revisions.
+pub(crate) const REVISION_RANGE: u64 = 1 << 32;
 
 /// Where a registration's answer goes.
 pub(crate) type RegisterReply = oneshot::Sender<Result<Arc<Entry>, RegistryError>>;
@@ -94,6 +105,7 @@ impl PendingRegistration {
 pub(super) struct Submitted {
     registrations: Vec<PendingRegistration>,
     deletes: Vec<ExecutorId>,
+    revision_floor: Option<u64>,
 }
 
 /// A batch's outcome: what it carried, its result, how long it took.
@@ -143,10 +155,16 @@ pub(super) struct Commits {
     undeleted: HashSet<ExecutorId, IdHasher>,
     in_flight: Option<InFlight>,
     retry_deletes_at_ms: u64,
+    /// The durable revision floor: revisions below it may be assigned.
+    revisions_reserved: u64,
+    /// A higher floor to store, not yet submitted.
+    next_floor: Option<u64>,
 }
 
 impl Commits {
-    pub(super) fn new(store: StoreWorker) -> Self {
+    /// Store work on `store`, where revisions below `revisions_reserved`
+    /// are reserved.
+    pub(super) fn new(store: StoreWorker, revisions_reserved: u64) -> Self {
         Self {
             store,
             reserved: HashSet::default(),
@@ -155,6 +173,28 @@ impl Commits {
             undeleted: HashSet::default(),
             in_flight: None,
             retry_deletes_at_ms: 0,
+            revisions_reserved,
+            next_floor: None,
+        }
+    }
+
+    /// Revisions below this may be assigned.
+    pub(super) fn revisions_reserved(&self) -> u64 {
+        self.revisions_reserved
+    }
+
+    /// Once `revision` (the last assigned) used half of the reserved range,
+    /// the next floor goes in the next batch.
+    pub(super) fn reserve_after(&mut self, revision: u64) {
+        let in_flight = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| f.submitted.revision_floor.is_some());
+        if self.next_floor.is_none()
+            && !in_flight
+            && revision.saturating_add(REVISION_RANGE / 2) >= self.revisions_reserved
+        {
+            self.next_floor = Some(self.revisions_reserved.saturating_add(REVISION_RANGE));
         }
     }
 
@@ -236,6 +276,9 @@ impl Commits {
                 for id in &submitted.deletes {
                     self.undeleted.remove(id);
                 }
+                if let Some(floor) = submitted.revision_floor {
+                    self.revisions_reserved = floor;
+                }
                 submitted.registrations
             }
             Err(error) => {
@@ -247,6 +290,7 @@ impl Commits {
                         .send(Err(RegistryError::Unavailable(error.to_string())));
                 }
                 self.pending_deletes.extend(submitted.deletes);
+                self.next_floor = self.next_floor.max(submitted.revision_floor);
                 self.retry_deletes_at_ms = now + duration_ms(DELETE_RETRY);
                 Vec::new()
             }
@@ -254,8 +298,9 @@ impl Commits {
     }
 
     /// Sends the next store batch if none is in flight: every pending
-    /// registration, and deletes (chunked; held back for a while after a
-    /// failure, but never holding a registration back).
+    /// registration, deletes (chunked; held back for a while after a
+    /// failure, but never holding a registration back), and the next
+    /// revision floor when [`Self::reserve_after`] asked for one.
     pub(super) fn submit(&mut self, now: u64) {
         if self.in_flight.is_some() {
             return;
@@ -267,7 +312,8 @@ impl Commits {
         } else {
             Vec::new()
         };
-        if registrations.is_empty() && deletes.is_empty() {
+        let revision_floor = self.next_floor.take();
+        if registrations.is_empty() && deletes.is_empty() && revision_floor.is_none() {
             return;
         }
         let batch = Batch {
@@ -276,12 +322,14 @@ impl Commits {
                 .map(PendingRegistration::stored)
                 .collect(),
             deletes: deletes.iter().map(|id| id.as_str().to_owned()).collect(),
+            revision_floor,
         };
         self.in_flight = Some(InFlight {
             commit: self.store.submit(batch),
             submitted: Submitted {
                 registrations,
                 deletes,
+                revision_floor,
             },
         });
     }

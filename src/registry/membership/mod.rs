@@ -48,9 +48,11 @@ use super::port::StoredExecutor;
 use super::registration::ValidRegistration;
 use super::tables::Tables;
 use super::watch::{Event, EventKind, OfflineReason};
-use super::worker::StoreWorker;
+use super::worker::{Loaded, StoreWorker};
 use bulk::{Members, Removal};
 use commit::{Commits, Committed, RegisterReply};
+
+pub(crate) use commit::REVISION_RANGE;
 use expiry::{Sifted, Wheel};
 use turn::{Changes, Turn};
 
@@ -85,10 +87,10 @@ pub struct Resume {
     pub left: Duration,
 }
 
-/// What a loop starts from: the stored executors, how some of them resume
-/// (after a leader failover), and who may decide expiries.
+/// What a loop starts from: the stored executors and revisions, how some
+/// of them resume (after a leader failover), and who may decide expiries.
 pub(crate) struct Start {
-    pub(crate) loaded: Vec<StoredExecutor>,
+    pub(crate) loaded: Loaded,
     pub(crate) resume: HashMap<String, Resume>,
     pub(crate) authority: Option<Authority>,
 }
@@ -97,7 +99,7 @@ pub(crate) struct Start {
 pub(crate) struct MembershipLoop {
     tables: Arc<Tables>,
     commands: mpsc::Receiver<Command>,
-    rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
+    notices: mpsc::UnboundedReceiver<Arc<Entry>>,
     wheel: Wheel,
     members: Members,
     commits: Commits,
@@ -117,7 +119,7 @@ impl MembershipLoop {
     pub(crate) fn new(
         tables: Arc<Tables>,
         commands: mpsc::Receiver<Command>,
-        rearm: mpsc::UnboundedReceiver<Arc<Entry>>,
+        notices: mpsc::UnboundedReceiver<Arc<Entry>>,
         store: StoreWorker,
         start: Start,
         stop: CancellationToken,
@@ -133,17 +135,17 @@ impl MembershipLoop {
             guard: tables.config.expiry_guard.map(ExpiryGuard::new),
             tables,
             commands,
-            rearm,
+            notices,
             wheel: Wheel::new(),
             members: Members::new(),
-            commits: Commits::new(store),
-            revision: 0,
+            commits: Commits::new(store, loaded.reserved),
+            revision: loaded.revision,
             ticks_to_compaction: COMPACT_EVERY_TICKS,
             authority,
             housekeeping,
             stop: Box::pin(stop.cancelled_owned()),
         };
-        this.load(loaded, resume);
+        this.load(loaded.executors, resume);
         this
     }
 
@@ -176,6 +178,7 @@ impl MembershipLoop {
                 tokio::task::unconstrained(std::future::poll_fn(|cx| self.poll_turn(cx))).await;
             let stop = turn.stop;
             self.apply(turn);
+            self.commits.reserve_after(self.revision);
             self.commits.submit(self.tables.clock.now_ms());
             if stop {
                 break;
@@ -205,9 +208,9 @@ impl MembershipLoop {
                 Poll::Pending => break,
             }
         }
-        while turn.rearm.len() < MAX_COMMANDS_PER_TURN {
-            match self.rearm.poll_recv(cx) {
-                Poll::Ready(Some(entry)) => turn.rearm.push(entry),
+        while turn.notices.len() < MAX_COMMANDS_PER_TURN {
+            match self.notices.poll_recv(cx) {
+                Poll::Ready(Some(entry)) => turn.notices.push(entry),
                 _ => break,
             }
         }
@@ -226,6 +229,8 @@ impl MembershipLoop {
     }
 
     fn apply(&mut self, turn: Turn) {
+        #[cfg(test)]
+        let mut barriers = Vec::new();
         let now = self.tables.clock.now_ms();
         self.wheel.detect_stall(
             now,
@@ -246,11 +251,8 @@ impl MembershipLoop {
             self.expire_or_rearm(entry, armed, now, removal, &mut changes);
         }
         self.guard_turn(now, turn.housekeeping, &mut removal, &mut changes);
-        for entry in turn.rearm {
-            let deadline = entry.state().deadline_ms();
-            if entry.status() != Status::Tombstone && deadline < entry.armed_ms() {
-                self.wheel.arm(&self.tables.clock, entry, deadline);
-            }
+        for entry in turn.notices {
+            self.noticed(entry, &mut changes);
         }
         for command in turn.commands {
             match command {
@@ -269,6 +271,8 @@ impl MembershipLoop {
                 Command::ReleaseGuard { reply } => {
                     self.release_guard(now, &mut removal, reply, &mut changes)
                 }
+                #[cfg(test)]
+                Command::Barrier { reply } => barriers.push(reply),
             }
         }
         if turn.unlink {
@@ -283,7 +287,34 @@ impl MembershipLoop {
         for (reply, released) in guard_releases {
             let _ = reply.send(released);
         }
+        #[cfg(test)]
+        for reply in barriers {
+            let _ = reply.send(());
+        }
         self.members.start_purge();
+    }
+
+    /// An entry the heartbeat path pointed out: its first heartbeat is
+    /// announced (RUNNING, once per lifetime: the flag is the revision),
+    /// and a deadline moved below the queued one is queued again.
+    fn noticed(&mut self, entry: Arc<Entry>, changes: &mut Changes) {
+        let state = entry.state();
+        if state.status() == Status::Tombstone {
+            return;
+        }
+        if state.status() == Status::Running && !entry.announced_running() {
+            let revision = self.next_revision();
+            entry.set_running_rev(revision);
+            changes.events.push(Event {
+                revision,
+                kind: EventKind::Running,
+                entry: entry.clone(),
+            });
+        }
+        if state.deadline_ms() < entry.armed_ms() {
+            self.wheel
+                .arm(&self.tables.clock, entry, state.deadline_ms());
+        }
     }
 
     /// A registration command: an id is reserved and the registration waits
@@ -374,6 +405,7 @@ impl MembershipLoop {
                 }
                 self.remove_live(&entry, now, removal);
                 let revision = self.next_revision();
+                entry.set_offline_rev(revision);
                 changes.events.push(Event {
                     revision,
                     kind: EventKind::Offline(OfflineReason::Expired),
@@ -403,6 +435,7 @@ impl MembershipLoop {
         let now = self.tables.clock.now_ms();
         self.remove_live(&entry, now, removal);
         let revision = self.next_revision();
+        entry.set_offline_rev(revision);
         changes.events.push(Event {
             revision,
             kind: EventKind::Offline(OfflineReason::Deregistered),
@@ -458,6 +491,15 @@ impl MembershipLoop {
 
     fn next_revision(&mut self) -> u64 {
         self.revision += 1;
+        if self.revision >= self.commits.revisions_reserved() {
+            // Half a range (2^31 changes) went by while the next floor
+            // could not be stored: the store has been failing that long.
+            tracing::error!(
+                revision = self.revision,
+                reserved = self.commits.revisions_reserved(),
+                "assigning a revision above the durable floor (the store keeps failing): a crash now could repeat it"
+            );
+        }
         self.revision
     }
 
@@ -473,16 +515,22 @@ impl MembershipLoop {
             return;
         }
         self.publish();
-        let mut online = 0;
+        let held = self.tables.history.append(&changes.events);
+        let (mut online, mut running) = (0, 0);
         for event in &changes.events {
-            if event.kind == EventKind::Online {
-                online += 1;
+            match event.kind {
+                EventKind::Online => online += 1,
+                EventKind::Running => running += 1,
+                EventKind::Offline(_) => {}
             }
-            // No receiver is not an error: nobody is watching.
-            let _ = self.tables.events.send(event.clone());
         }
         let observer = &self.tables.observer;
-        observer.events(online, changes.events.len() as u64 - online);
+        observer.events(
+            online,
+            running,
+            changes.events.len() as u64 - online - running,
+        );
+        observer.history(held as u64);
         if changes.released > 0 {
             observer.released(changes.released);
         }
@@ -540,6 +588,8 @@ impl MembershipLoop {
                 }
                 // Dropped unanswered: the caller sees the registry stopping.
                 Command::ReleaseGuard { .. } => {}
+                #[cfg(test)]
+                Command::Barrier { .. } => {}
             }
         }
         self.commits.refuse_pending();
@@ -549,6 +599,7 @@ impl MembershipLoop {
             self.committed(committed, now, &mut changes);
             self.finish_turn(changes);
         }
+        self.tables.history.close();
         let Self {
             commits,
             tables,

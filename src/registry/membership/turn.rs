@@ -28,6 +28,10 @@ pub(crate) enum Command {
     },
     /// Operator release of the mass-expiry guard: the number expired.
     ReleaseGuard { reply: oneshot::Sender<u64> },
+    /// Answered once a turn that saw everything sent before it (commands
+    /// and notices) is published: tests wait for the loop with it.
+    #[cfg(test)]
+    Barrier { reply: oneshot::Sender<()> },
 }
 
 /// Everything that was ready at one wake-up.
@@ -37,7 +41,9 @@ pub(super) struct Turn {
     /// A background purge finished (`None` inside: it failed).
     pub(super) purged: Option<Option<Map>>,
     pub(super) commands: Vec<Command>,
-    pub(super) rearm: Vec<Arc<Entry>>,
+    /// Entries the heartbeat path pointed out (first heartbeat, shorter
+    /// deadline).
+    pub(super) notices: Vec<Arc<Entry>>,
     pub(super) committed: Option<Committed>,
     pub(super) housekeeping: bool,
     /// Entries left in the live table by a mass change wait to be moved out.
@@ -50,7 +56,7 @@ impl Turn {
         self.expired.is_empty()
             && self.purged.is_none()
             && self.commands.is_empty()
-            && self.rearm.is_empty()
+            && self.notices.is_empty()
             && self.committed.is_none()
             && !self.housekeeping
             && !self.unlink

@@ -89,12 +89,14 @@ fn start_seen(config: RegistryConfig) -> (Registry, RegistryTask, Arc<Seen>) {
     (registry, task, seen)
 }
 
-/// `n` RUNNING executors whose deadlines are all the same millisecond.
+/// `n` RUNNING executors whose deadlines are all the same millisecond (and
+/// whose RUNNING events are published).
 async fn fleet(registry: &Registry, n: usize) -> Vec<Arc<Entry>> {
     let entries = register_many(registry, "w", n).await;
     for entry in &entries {
         registry.heartbeat(id(entry), ttl(TTL_MS)).expect("live");
     }
+    still(registry.settled()).await;
     entries
 }
 
@@ -244,7 +246,7 @@ async fn when_heartbeats_recover_partly_the_still_silent_expire_in_one_pass_a_tt
     let (alive, silent) = (&alive[..], &silent[..]);
     let beater = Beater::start(&registry, alive);
     let mut watch = registry.watch();
-    let revision = watch.snapshot().revision();
+    let revision = watch.snapshot().unwrap().revision();
     sleep_until(at(&registry, deadline) + 2 * TICK).await;
     assert_eq!(registry.expiry_guard().held, 600);
 
@@ -335,7 +337,7 @@ async fn after_the_max_hold_everything_held_expires_in_one_pass_and_the_guard_wo
     let (alive, silent) = (&alive[..], &silent[..]);
     let beater = Beater::start(&registry, alive);
     let mut watch = registry.watch();
-    let revision = watch.snapshot().revision();
+    let revision = watch.snapshot().unwrap().revision();
 
     // A legitimate loss that looks like a partition: 60% killed at once.
     sleep_until(at(&registry, deadline + duration_ms(max_hold)) - TICK).await;
@@ -438,7 +440,7 @@ async fn the_guard_is_off_by_default_and_a_mass_expiry_goes_in_one_pass() {
     let (alive, silent) = (&alive[..], &silent[..]);
     let _beater = Beater::start(&registry, alive);
     let mut watch = registry.watch();
-    let revision = watch.snapshot().revision();
+    let revision = watch.snapshot().unwrap().revision();
     sleep_until(at(&registry, deadline)).await;
     let expired = offline_run(&mut watch, revision, 600).await;
     assert!(registry.clock().now_ms() - deadline <= MAX_LAG_MS);
