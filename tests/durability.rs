@@ -264,25 +264,30 @@ async fn register(
 }
 
 /// Live executors with `status` by id, and the revision.
+/// Every page of a listing, each at the first page's revision.
 async fn list(
     client: &mut RegistryClient<Channel>,
     status: ExecutorStatus,
 ) -> (BTreeMap<String, Executor>, u64) {
-    let response = client
-        .list_executors(ListExecutorsRequest {
-            status: status as i32,
-            selectors: Vec::new(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    let executors = response
-        .executors
-        .into_iter()
-        .map(|e| (e.id.clone(), e))
-        .collect();
-    (executors, response.revision)
+    let mut request = ListExecutorsRequest {
+        status: status as i32,
+        ..Default::default()
+    };
+    let mut executors = BTreeMap::new();
+    let mut revision = None;
+    loop {
+        let page = client
+            .list_executors(request.clone())
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(*revision.get_or_insert(page.revision), page.revision);
+        executors.extend(page.executors.into_iter().map(|e| (e.id.clone(), e)));
+        if page.next_page_token.is_empty() {
+            return (executors, page.revision);
+        }
+        request.page_token = page.next_page_token;
+    }
 }
 
 async fn count(client: &mut RegistryClient<Channel>, status: ExecutorStatus) -> u64 {
@@ -305,20 +310,34 @@ async fn watch(client: &mut RegistryClient<Channel>) -> (BTreeSet<String>, u64, 
         .await
         .expect("watch")
         .into_inner();
-    let first = stream.message().await.expect("snapshot").expect("snapshot");
-    let Some(Kind::Snapshot(snapshot)) = first.kind else {
-        panic!("a watch starts with a snapshot, got {first:?}");
-    };
-    let ids = snapshot.executors.into_iter().map(|e| e.id).collect();
-    (ids, snapshot.revision, stream)
+    // The snapshot, in chunks of one revision.
+    let mut ids = BTreeSet::new();
+    loop {
+        let message = stream.message().await.expect("snapshot").expect("snapshot");
+        let Some(Kind::Snapshot(chunk)) = message.kind else {
+            panic!("a watch starts with a snapshot, got {message:?}");
+        };
+        ids.extend(chunk.executors.into_iter().map(|e| e.id));
+        if !chunk.more {
+            return (ids, chunk.revision, stream);
+        }
+    }
 }
 
-/// The next event within `limit`; `None` if none came.
+/// The next ONLINE or OFFLINE event within `limit`; `None` if none came.
+/// RUNNING events (first heartbeats) are passed over: these tests are
+/// about membership surviving crashes; `tests/grpc_api.rs` checks them.
 async fn next_event(stream: &mut WatchStream, limit: Duration) -> Option<ExecutorEvent> {
-    let message = tokio::time::timeout(limit, stream.message()).await.ok()?;
-    match message.expect("the watch goes on").expect("not ended").kind {
-        Some(Kind::Event(event)) => Some(event),
-        other => panic!("expected an event, got {other:?}"),
+    let until = Instant::now() + limit;
+    loop {
+        let message = tokio::time::timeout_at(until.into(), stream.message())
+            .await
+            .ok()?;
+        match message.expect("the watch goes on").expect("not ended").kind {
+            Some(Kind::Event(event)) if event.r#type == EventType::Running as i32 => {}
+            Some(Kind::Event(event)) => return Some(event),
+            other => panic!("expected an event, got {other:?}"),
+        }
     }
 }
 
@@ -838,6 +857,12 @@ async fn a_failing_store_refuses_registrations_keeps_serving_from_memory_and_rec
         stop.clone(),
     );
     let all: BTreeSet<String> = keepers.union(&doomed).cloned().collect();
+    // The keepers' first heartbeats (RUNNING events) are published first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while list(&mut client, ExecutorStatus::Running).await.0.len() < keepers.len() {
+        assert!(Instant::now() < deadline, "the keepers never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (snapshot, revision, mut stream) = watch(&mut client).await;
     assert_eq!(snapshot, all);
 

@@ -132,7 +132,8 @@ async fn register_get_heartbeat_list_count_deregister() {
     sorted.sort();
     assert_eq!(ids, sorted, "list is sorted by id");
     assert_eq!(ids.len(), 2);
-    assert_eq!(list.revision, 2);
+    // ONLINE, RUNNING (the first heartbeat), ONLINE.
+    assert_eq!(list.revision, 3);
 
     let running = c
         .list_executors(ListExecutorsRequest {
@@ -381,7 +382,7 @@ async fn every_error_code_of_the_spec() {
 #[tokio::test]
 async fn unavailable_store_answers_unavailable_and_nothing_is_visible() {
     use executor_registry::registry::{Batch, MembershipStore, StoreError, StoredExecutor};
-    /// A store whose disk is gone: every commit fails.
+    /// A store whose disk is gone: every commit of executors fails.
     struct BrokenDisk;
     impl MembershipStore for BrokenDisk {
         fn revision_floor(&mut self) -> Result<u64, StoreError> {
@@ -391,7 +392,12 @@ async fn unavailable_store_answers_unavailable_and_nothing_is_visible() {
         fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
             Ok(vec![])
         }
-        fn commit(&mut self, _: &Batch) -> Result<(), StoreError> {
+        /// Fails every commit that writes executors (the revision
+        /// reservation at start goes through: the disk went after it).
+        fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+            if batch.inserts.is_empty() && batch.deletes.is_empty() {
+                return Ok(());
+            }
             Err(StoreError::Failed("disk I/O error".into()))
         }
     }
@@ -562,6 +568,19 @@ async fn reference_executor_manager_watch() {
         c.count_executors(running).await.unwrap().into_inner().count,
         2
     );
+    // Each first heartbeat is a RUNNING event, in order.
+    for (i, id) in [&id1, &id2].into_iter().enumerate() {
+        let event = next_event(&mut stream).await;
+        assert_eq!(
+            (event.executor_id.as_str(), event.r#type, event.status),
+            (
+                id.as_str(),
+                EventType::Running as i32,
+                ExecutorStatus::Running as i32
+            )
+        );
+        assert_eq!(event.revision, snapshot.revision + 2 + i as u64);
+    }
 
     // Keep id2 alive; id1 goes silent and expires.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -577,7 +596,8 @@ async fn reference_executor_manager_watch() {
     assert_eq!(event.executor_id, id1);
     assert_eq!(event.r#type, EventType::Offline as i32);
     assert_eq!(event.reason, OfflineReason::Expired as i32);
-    assert_eq!(event.revision, snapshot.revision + 2);
+    assert_eq!(event.status, ExecutorStatus::Tombstone as i32);
+    assert_eq!(event.revision, snapshot.revision + 4);
     server.stop().await;
 }
 
@@ -643,6 +663,18 @@ async fn two_thousand_coinciding_deadlines_expire_together_and_promptly() {
     // ttl) bounds the expiry lag from above.
     let mut offline = std::collections::HashSet::new();
     let mut expected_revision = snapshot.revision + 1;
+    // First the 2,000 first heartbeats: RUNNING, consecutive.
+    let mut running = std::collections::HashSet::new();
+    while running.len() < ids.len() {
+        let event = next_event(&mut stream).await;
+        assert_eq!(event.r#type, EventType::Running as i32);
+        assert_eq!(
+            event.revision, expected_revision,
+            "revisions are consecutive"
+        );
+        expected_revision += 1;
+        running.insert(event.executor_id);
+    }
     let mut last_arrival = sent;
     while offline.len() < ids.len() {
         let event = next_event(&mut stream).await;

@@ -81,9 +81,11 @@ const SPEC_METRICS: &[(&str, &str)] = &[
     ("registry_is_leader", "gauge"),
     ("registry_leader_changes_total", "counter"),
     ("registry_auth_denied_total", "counter"),
-    // Issue 7 (mass-expiry guard), beside SPEC §4.
+    ("registry_watch_starts_total", "counter"),
+    ("registry_watch_history_events", "gauge"),
+    // The mass-expiry guard, beside SPEC §4.
     ("registry_expiry_guard_active", "gauge"),
-    // Issue 7 (soak: what outlives departures is bounded), beside SPEC §4.
+    // What outlives departures is bounded (the soak), beside SPEC §4.
     ("registry_tombstones", "gauge"),
     ("registry_timing_wheel_entries", "gauge"),
     ("process_cpu_seconds_total", "counter"),
@@ -208,16 +210,21 @@ async fn heartbeat(
 ///
 /// | step | effect |
 /// |---|---|
+/// Revisions count from the start's, R (`--store memory` starts from the
+/// clock, so that a restart never goes back).
+///
+/// | step | effect |
+/// |---|---|
 /// | a watcher W1 | watchers 1 |
-/// | register a, b, c, d, e | registrations ok 5; online events, revisions 1–5 |
+/// | register a, b, c, d, e | registrations ok 5; online events, revisions R+1–R+5 |
 /// | register without address, with a bad label key | registrations invalid 2 |
-/// | heartbeat a, c (TTL 60 s), d, e (TTL 100 ms) | heartbeats ok 4; b stays INITING |
+/// | heartbeat a, c (TTL 60 s), d, e (TTL 100 ms) | heartbeats ok 4; running events, R+6–R+9; b stays INITING |
 /// | a batch: a, c (TTL kept) | heartbeats ok 6 |
 /// | heartbeat an id never registered | heartbeats unknown 1 |
 /// | heartbeat a with TTL 1 ms (below `--min-heartbeat-ttl`) | heartbeats invalid 1 |
-/// | d and e time out | expirations 2, lag observations 2; offline events, revisions 6–7 |
+/// | d and e time out | expirations 2, lag observations 2; offline events, R+10–R+11 |
 /// | heartbeat d | heartbeats expired 1 (tombstone) |
-/// | deregister c | deregistrations 1; offline event, revision 8 |
+/// | deregister c | deregistrations 1; offline event, R+12 |
 /// | deregister an unknown id | NOT_FOUND, counted nowhere |
 /// | a watcher W2 | watchers 2 |
 ///
@@ -228,7 +235,8 @@ async fn a_scrape_after_a_known_sequence_shows_exactly_the_counts_it_implies() {
         RegistryProcess::start(&["--min-heartbeat-ttl", "50ms", "--init-heartbeat-ttl", "60s"]);
     let mut c = registry.client().await;
     let (snapshot, mut w1) = watch(&mut c).await;
-    assert_eq!(snapshot.revision, 0);
+    let r = snapshot.revision;
+    assert!(r > 0, "started from the clock");
 
     let mut ids = Vec::new();
     for (port, name) in (1..).zip(["a", "b", "c", "d", "e"]) {
@@ -273,24 +281,27 @@ async fn a_scrape_after_a_known_sequence_shows_exactly_the_counts_it_implies() {
     let invalid = heartbeat(&mut c, &a, 1).await;
     assert_eq!(invalid.expect_err("bad TTL").code(), Code::InvalidArgument);
 
-    for revision in 1..=5 {
+    for i in 1..=5 {
         let event = next_event(&mut w1).await;
         assert_eq!(
             (event.r#type(), event.revision, event.executor_id.as_str()),
-            (
-                EventType::Online,
-                revision,
-                ids[revision as usize - 1].as_str()
-            )
+            (EventType::Online, r + i, ids[i as usize - 1].as_str())
+        );
+    }
+    for (i, id) in (6..).zip([&a, &c_id, &d, &e]) {
+        let event = next_event(&mut w1).await;
+        assert_eq!(
+            (event.r#type(), event.revision, event.executor_id.as_str()),
+            (EventType::Running, r + i, id.as_str())
         );
     }
     // The watcher is the clock: d and e are gone once their events arrive.
     let mut gone = BTreeSet::new();
-    for revision in 6..=7 {
+    for i in 10..=11 {
         let event = next_event(&mut w1).await;
         assert_eq!(
             (event.r#type(), event.reason(), event.revision),
-            (EventType::Offline, OfflineReason::Expired, revision)
+            (EventType::Offline, OfflineReason::Expired, r + i)
         );
         gone.insert(event.executor_id);
     }
@@ -318,10 +329,15 @@ async fn a_scrape_after_a_known_sequence_shows_exactly_the_counts_it_implies() {
             event.revision,
             event.executor_id
         ),
-        (EventType::Offline, OfflineReason::Deregistered, 8, c_id)
+        (
+            EventType::Offline,
+            OfflineReason::Deregistered,
+            r + 12,
+            c_id
+        )
     );
     let (snapshot, _w2) = watch(&mut c).await;
-    assert_eq!((snapshot.revision, snapshot.executors.len()), (8, 2));
+    assert_eq!((snapshot.revision, snapshot.executors.len()), (r + 12, 2));
 
     let expected: &[(&str, f64)] = &[
         ("registry_registrations_total{result=\"ok\"}", 5.0),
@@ -336,8 +352,12 @@ async fn a_scrape_after_a_known_sequence_shows_exactly_the_counts_it_implies() {
         ("registry_expiry_lag_seconds_bucket{le=\"+Inf\"}", 2.0),
         ("registry_deregistrations_total", 1.0),
         ("registry_events_total{type=\"online\"}", 5.0),
+        ("registry_events_total{type=\"running\"}", 4.0),
         ("registry_events_total{type=\"offline\"}", 3.0),
-        ("registry_revision", 8.0),
+        ("registry_revision", (r + 12) as f64),
+        ("registry_watch_starts_total{from=\"snapshot\"}", 2.0),
+        ("registry_watch_starts_total{from=\"history\"}", 0.0),
+        ("registry_watch_history_events", 12.0),
         ("registry_executors{status=\"running\"}", 1.0),
         ("registry_executors{status=\"initing\"}", 1.0),
         ("registry_watchers", 2.0),
@@ -695,7 +715,8 @@ async fn promtool_accepts_the_exposition_the_alert_rules_and_the_scrape_config()
     let (_, mut w) = watch(&mut c).await;
     let id = register(&mut c, "lint", 1).await;
     heartbeat(&mut c, &id, 60).await.expect("heartbeat");
-    next_event(&mut w).await;
+    next_event(&mut w).await; // ONLINE
+    next_event(&mut w).await; // RUNNING
     let offline = next_event(&mut w).await;
     assert_eq!(offline.reason(), OfflineReason::Expired);
     let exposition = registry.scrape();

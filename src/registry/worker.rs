@@ -128,11 +128,23 @@ impl StoreWorker {
                 }
             })
             .map_err(|e| StoreError::Failed(format!("cannot start the store thread: {e}")))?;
-        let loaded = opened.recv().unwrap_or_else(|_| {
-            Err(StoreError::Failed(
-                "the store thread stopped while loading".into(),
-            ))
-        })?;
+        // The wait blocks this thread; on a multi-thread runtime its other
+        // tasks move to another worker meanwhile (a store may need them: the
+        // etcd store's calls run on the runtime's I/O).
+        let wait = || {
+            opened.recv().unwrap_or_else(|_| {
+                Err(StoreError::Failed(
+                    "the store thread stopped while loading".into(),
+                ))
+            })
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let loaded = if multi_thread {
+            tokio::task::block_in_place(wait)?
+        } else {
+            wait()?
+        };
         Ok((
             Self {
                 jobs: Some(tx),

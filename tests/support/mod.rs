@@ -229,7 +229,8 @@ pub async fn next_event(
     }
 }
 
-/// Opens a watch and returns the snapshot and the stream.
+/// Opens a watch and returns the whole snapshot (its chunks joined: each
+/// at the same revision, all but the last with `more`) and the stream.
 pub async fn watch(
     client: &mut RegistryClient<Channel>,
 ) -> (
@@ -241,9 +242,62 @@ pub async fn watch(
         .await
         .expect("watch")
         .into_inner();
-    match next_message(&mut stream).await.expect("snapshot") {
-        proto::watch_executors_response::Kind::Snapshot(s) => (s, stream),
-        other => panic!("expected a snapshot first, got {other:?}"),
+    let snapshot = snapshot_chunks(&mut stream).await;
+    (snapshot, stream)
+}
+
+/// Reads a chunked snapshot from `stream` and joins it.
+pub async fn snapshot_chunks(
+    stream: &mut tonic::Streaming<proto::WatchExecutorsResponse>,
+) -> proto::Snapshot {
+    let mut whole: Option<proto::Snapshot> = None;
+    loop {
+        let chunk = match next_message(stream).await.expect("snapshot") {
+            proto::watch_executors_response::Kind::Snapshot(s) => s,
+            other => panic!("expected a snapshot chunk, got {other:?}"),
+        };
+        let more = chunk.more;
+        match whole.as_mut() {
+            None => whole = Some(chunk),
+            Some(whole) => {
+                assert_eq!(chunk.revision, whole.revision, "chunks of one snapshot");
+                whole.executors.extend(chunk.executors);
+            }
+        }
+        if !more {
+            let mut whole = whole.expect("a chunk came");
+            whole.more = false;
+            return whole;
+        }
+    }
+}
+
+/// Every page of a listing (`page_size` 0: the default), checking that
+/// every page is at the first page's revision: the executors and that
+/// revision.
+pub async fn list_all(
+    client: &mut RegistryClient<Channel>,
+    request: proto::ListExecutorsRequest,
+) -> (Vec<proto::Executor>, u64) {
+    let mut request = request;
+    let mut executors = Vec::new();
+    let mut revision = None;
+    loop {
+        let page = client
+            .list_executors(request.clone())
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(
+            *revision.get_or_insert(page.revision),
+            page.revision,
+            "every page at the first page's revision"
+        );
+        executors.extend(page.executors);
+        if page.next_page_token.is_empty() {
+            return (executors, page.revision);
+        }
+        request.page_token = page.next_page_token;
     }
 }
 
