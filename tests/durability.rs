@@ -125,7 +125,7 @@ impl Server {
     }
 
     async fn client(&mut self) -> RegistryClient<Channel> {
-        RegistryClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+        RegistryClient::new(self.channel().await)
     }
 
     /// `kill -9`, and reaps it.
@@ -815,6 +815,71 @@ async fn sigterm_with_open_watches_and_pending_deletes_exits_0_within_the_grace_
     let (listed, _) = list(&mut client, ExecutorStatus::Unspecified).await;
     assert_eq!(listed.keys().cloned().collect::<BTreeSet<_>>(), keepers);
     assert_eq!(rows_in_file(&data), keepers);
+}
+
+/// Revisions never go backwards across a `kill -9`: the restarted registry
+/// starts above every revision the killed one assigned (it had reserved
+/// them in the store before assigning them), so an old `start_revision`
+/// gets a snapshot, never a wrong resume. Three kills in a row.
+#[tokio::test]
+async fn after_kill_9_revisions_go_on_above_every_revision_seen_before() {
+    let _serial = SERIAL.lock().await;
+    let (_root, data) = data_dir();
+    let flags = ["--init-heartbeat-ttl", "10m"];
+    let mut seen = 0;
+    for round in 0..3 {
+        let mut server = Server::start(&data, &flags);
+        let mut client = server.client().await;
+        let (_, start, mut stream) = watch(&mut client).await;
+        assert!(
+            round == 0 || start > seen,
+            "round {round}: started at {start}, saw {seen} before the kill"
+        );
+        // An old revision is no resume point in this life.
+        if round > 0 {
+            let mut old = client
+                .watch_executors(WatchExecutorsRequest {
+                    start_revision: seen,
+                })
+                .await
+                .expect("watch")
+                .into_inner();
+            let first = old.message().await.expect("message").expect("not ended");
+            assert!(
+                matches!(first.kind, Some(Kind::Snapshot(ref s)) if s.revision == start),
+                "round {round}: {first:?}"
+            );
+        }
+        let mut last = start;
+        for i in 0..20 {
+            let e = register(
+                &mut client,
+                "rev",
+                &format!("10.9.{round}.{i}:1"),
+                Default::default(),
+            )
+            .await
+            .expect("register");
+            client
+                .heartbeat(HeartbeatRequest {
+                    executor_id: e.id,
+                    ttl_ms: 600_000,
+                })
+                .await
+                .expect("heartbeat");
+        }
+        // ONLINE and RUNNING for each.
+        while last < start + 40 {
+            let message = stream.message().await.expect("event").expect("not ended");
+            let Some(Kind::Event(event)) = message.kind else {
+                panic!("an event, got {message:?}");
+            };
+            assert_eq!(event.revision, last + 1, "consecutive");
+            last = event.revision;
+        }
+        seen = last;
+        server.kill9();
+    }
 }
 
 // ------------------------------------------------------- store failure

@@ -120,7 +120,7 @@ async fn a_mass_expiry_is_held_shown_on_metrics_and_released_by_the_admin_rpc_an
     );
     let channel = registry.channel().await;
     let endpoint = format!("http://{}", registry.grpc);
-    let mut client = RegistryClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+    let mut client = RegistryClient::new(channel.clone());
     let mut admin = AdminClient::new(channel);
     assert_eq!(registry.metric("registry_expiry_guard_active"), Some(0.0));
 

@@ -261,7 +261,7 @@ async fn connect(endpoint: &str) -> Option<RegistryClient<Channel>> {
         .connect()
         .await
         .ok()?;
-    Some(RegistryClient::new(channel).max_decoding_message_size(usize::MAX))
+    Some(RegistryClient::new(channel))
 }
 
 /// Registers `n` executors named `name` through the endpoints (in turn,
@@ -463,6 +463,23 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
     let fleet_before: BTreeSet<String> = fleet.members().iter().map(|m| m.id.clone()).collect();
     assert_eq!(fleet_before.len(), before.len());
 
+    // The newest revision before the kill, as a watcher sees it.
+    let revision_before = {
+        let mut client = connect(&endpoints[0]).await.expect("connect");
+        let mut stream = client
+            .watch_executors(executor_registry::proto::WatchExecutorsRequest::default())
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = stream.message().await.expect("watch").expect("snapshot");
+        match first.kind {
+            Some(executor_registry::proto::watch_executors_response::Kind::Snapshot(s)) => {
+                s.revision
+            }
+            other => panic!("a snapshot first, got {other:?}"),
+        }
+    };
+
     // Kill the leader (whichever leads now); the doomed executors die with it.
     let changes: f64 = replicas
         .iter()
@@ -539,6 +556,18 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
     let doomed_gone = last_doomed_beat.elapsed();
     eprintln!(
         "executors killed at the failover OFFLINE after {doomed_gone:?} (TTL {TTL:?} + allowance {allowance:?})"
+    );
+    // The new term's revisions are above every revision of the old one.
+    let mut client = connect(&other_url).await.expect("connect");
+    let after = client
+        .list_executors(ListExecutorsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .revision;
+    assert!(
+        after > revision_before,
+        "revision {after} after the failover, {revision_before} before it"
     );
 
     // Everything that kept heartbeating is still there, under the same id.

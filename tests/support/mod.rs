@@ -143,7 +143,7 @@ impl TestServer {
 
     /// A connected client.
     pub async fn client(&self) -> RegistryClient<Channel> {
-        RegistryClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+        RegistryClient::new(self.channel().await)
     }
 
     /// A client whose HTTP/2 windows are the protocol's default 64 KiB

@@ -107,7 +107,7 @@ impl RegistryProcess {
 
     /// A client with no decoding limit (snapshots can be large).
     pub async fn client(&self) -> RegistryClient<Channel> {
-        RegistryClient::new(self.channel().await).max_decoding_message_size(usize::MAX)
+        RegistryClient::new(self.channel().await)
     }
 
     /// The value of one sample on `/metrics` (e.g. `registry_revision`),
