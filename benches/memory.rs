@@ -337,6 +337,7 @@ fn parts() {
                 .collect(),
             registered_unix_ms: 0,
             owner: None,
+            ttl: None,
         })
         .collect();
     store
@@ -344,6 +345,7 @@ fn parts() {
             inserts: rows,
             deletes: Vec::new(),
             revision_floor: None,
+            ttls: Vec::new(),
         })
         .expect("memory store commit");
     step(

@@ -190,7 +190,11 @@ pub struct ServeArgs {
     #[arg(long, env = "EXECUTOR_REGISTRY_LEADER_LEASE", default_value_t = DEFAULT_LEADER_LEASE.into(), value_parser = parse_duration::<Flag>)]
     pub leader_lease: Flag,
 
-    /// Most frequent last-seen write per executor (replicas on etcd).
+    /// Replicas on etcd: the granularity of the TTL ceilings the leader
+    /// records per executor (a TTL is recorded rounded up to a multiple of
+    /// it, once per change of that rounding, never per heartbeat); a new
+    /// leader assumes the recorded ceiling, so it expires an executor that
+    /// died before the takeover up to this much later.
     #[arg(long, env = "EXECUTOR_REGISTRY_WATERMARK_INTERVAL", default_value_t = DEFAULT_WATERMARK_INTERVAL.into(), value_parser = parse_duration::<Flag>)]
     pub watermark_interval: Flag,
     /// Address other replicas and clients reach this one at (default: --listen).
@@ -365,6 +369,7 @@ impl ServeArgs {
             stall_threshold: *self.stall_threshold,
             max_executors: self.max_executors,
             expiry_guard,
+            ttl_record_granularity: *self.watermark_interval,
         })
     }
 

@@ -149,7 +149,6 @@ async fn serve_replica(
         prefix: args.etcd_prefix.clone(),
         // etcd leases count whole seconds.
         lease: Duration::from_secs(args.leader_lease.as_secs_f64().ceil() as u64),
-        watermark_interval: *args.watermark_interval,
         advertise: advertise.clone(),
         config,
         limits: args.limits(),

@@ -451,7 +451,7 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
         .expect("fleet view");
     let states: Vec<_> = members.iter().map(Membership::state).collect();
 
-    // Let every executor heartbeat and its watermark be written.
+    // Let every executor heartbeat and its TTL be recorded.
     tokio::time::sleep(WATERMARK * 3).await;
     assert!(live_beats.answered.load(Ordering::Relaxed) > 0);
     let before = stored(kv).await;
@@ -527,13 +527,13 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
         "a follower must lead within the lease + 1 s, took {elected:?}"
     );
 
-    // The doomed ones go OFFLINE within their TTL + the failover allowance
-    // (watermark interval + grace; grace = 2 leases + 2 suggested
-    // intervals), or one grace after the takeover if that is later — before
-    // the 20 s init TTL a blanket grace would give them.
+    // The doomed ones go OFFLINE within their recorded TTL (their TTL
+    // rounded up to the granularity, --watermark-interval) + the grace
+    // (2 leases + 2 suggested intervals) after the takeover — before the
+    // 20 s init TTL a blanket grace would give them.
     let grace = 2 * LEASE + 2 * Duration::from_millis(500);
     let allowance = WATERMARK + grace;
-    let bound = (TTL + allowance).max(serving + grace) + Duration::from_secs(1);
+    let bound = serving + TTL + allowance + Duration::from_secs(1);
     let other_url = url(survivors[1 - new_leader]);
     let mut other = connect(&other_url).await.expect("connect");
     loop {
@@ -555,7 +555,7 @@ async fn kill_9_of_the_leader_loses_no_live_executor_and_no_registration() {
     }
     let doomed_gone = last_doomed_beat.elapsed();
     eprintln!(
-        "executors killed at the failover OFFLINE after {doomed_gone:?} (TTL {TTL:?} + allowance {allowance:?})"
+        "executors killed at the failover OFFLINE after {doomed_gone:?} (serving {serving:?} + TTL {TTL:?} + granularity and grace {allowance:?})"
     );
     // The new term's revisions are above every revision of the old one.
     let mut client = connect(&other_url).await.expect("connect");

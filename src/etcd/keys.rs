@@ -1,7 +1,8 @@
 //! The registry's keys in etcd.
 //!
 //! Owns: where each thing lives under `--etcd-prefix`: the leader key, one
-//! key per executor, one watermark per executor.
+//! key per executor, one recorded TTL ceiling per executor, the revision
+//! floor.
 
 /// Key layout under the prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,14 +39,20 @@ impl Keys {
         format!("{}{id}", self.executors())
     }
 
-    /// Prefix of the last-seen watermarks.
-    pub fn seen_prefix(&self) -> String {
-        format!("{}/seen/", self.prefix)
+    /// Prefix of the recorded TTL ceilings.
+    pub fn ttl_prefix(&self) -> String {
+        format!("{}/ttl/", self.prefix)
     }
 
-    /// One executor's watermark key.
-    pub fn seen(&self, id: &str) -> String {
-        format!("{}{id}", self.seen_prefix())
+    /// One executor's recorded TTL ceiling.
+    pub fn ttl(&self, id: &str) -> String {
+        format!("{}{id}", self.ttl_prefix())
+    }
+
+    /// Prefix of the last-seen watermarks an older version wrote per
+    /// heartbeat: deleted at a takeover.
+    pub fn legacy_seen_prefix(&self) -> String {
+        format!("{}/seen/", self.prefix)
     }
 }
 
@@ -58,7 +65,8 @@ mod tests {
         let keys = Keys::new("/er/");
         assert_eq!(keys.leader(), "/er/leader");
         assert_eq!(keys.executor("x-1"), "/er/executors/x-1");
-        assert_eq!(keys.seen("x-1"), "/er/seen/x-1");
+        assert_eq!(keys.ttl("x-1"), "/er/ttl/x-1");
+        assert_eq!(keys.legacy_seen_prefix(), "/er/seen/");
         assert_eq!(keys.revision_floor(), "/er/revision-floor");
     }
 }

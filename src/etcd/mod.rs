@@ -39,8 +39,9 @@ use pb::{
 
 /// etcd's default `--max-txn-ops`: most operations in one transaction.
 pub const MAX_TXN_OPS: usize = 128;
-/// Keys read per page when loading a prefix.
-const PAGE: i64 = 5_000;
+/// Keys read per page when loading a prefix: a page of executors is about
+/// 700 KB (at most ~18 MB with every label at its largest).
+const PAGE: i64 = 2_000;
 /// Longest single etcd call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -98,6 +99,18 @@ pub fn delete(key: impl Into<Vec<u8>>) -> RequestOp {
         request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
             key: key.into(),
             range_end: Vec::new(),
+            prev_kv: false,
+        })),
+    }
+}
+
+/// A delete of every key under `prefix`.
+pub fn delete_prefix(prefix: impl Into<Vec<u8>>) -> RequestOp {
+    let key = prefix.into();
+    RequestOp {
+        request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+            range_end: prefix_end(&key),
+            key,
             prev_kv: false,
         })),
     }

@@ -28,6 +28,9 @@ pub const DEFAULT_WATCH_HISTORY: usize = 262_144;
 pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_secs(1);
 /// Default most executors live at once.
 pub const DEFAULT_MAX_EXECUTORS: usize = 2_000_000;
+/// Default granularity of the TTL ceilings a store that records TTLs keeps
+/// (replicas on etcd: `--watermark-interval`).
+pub const DEFAULT_TTL_RECORD_GRANULARITY: Duration = Duration::from_secs(5);
 /// Most heartbeats in one `HeartbeatBatch`.
 pub const MAX_BATCH: usize = 10_000;
 
@@ -59,6 +62,21 @@ pub struct RegistryConfig {
     /// The mass-expiry guard (None: off, the default); its rule is in
     /// `registry/guard.rs`.
     pub expiry_guard: Option<ExpiryGuardConfig>,
+    /// For a store that records TTLs: each executor's TTL is recorded
+    /// rounded up to a multiple of this, so a TTL that drifts costs a write
+    /// per step of it, not per heartbeat; a registry taking over assumes
+    /// the recorded ceiling (up to this much longer than the real TTL).
+    pub ttl_record_granularity: Duration,
+}
+
+impl RegistryConfig {
+    /// The TTL ceiling (ms) recorded for a TTL of `ttl_ms`.
+    pub(crate) fn ttl_ceiling_ms(&self, ttl_ms: u64) -> u64 {
+        let step = u64::try_from(self.ttl_record_granularity.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        ttl_ms.div_ceil(step).saturating_mul(step)
+    }
 }
 
 impl Default for RegistryConfig {
@@ -74,6 +92,7 @@ impl Default for RegistryConfig {
             stall_threshold: DEFAULT_STALL_THRESHOLD,
             max_executors: DEFAULT_MAX_EXECUTORS,
             expiry_guard: None,
+            ttl_record_granularity: DEFAULT_TTL_RECORD_GRANULARITY,
         }
     }
 }

@@ -176,6 +176,9 @@ pub struct Entry {
     running_rev: AtomicU64,
     /// Revision of its OFFLINE event (`u64::MAX`: none published yet).
     offline_rev: AtomicU64,
+    /// The TTL ceiling (ms) a store that records TTLs holds, or is about to
+    /// (see `MembershipStore::records_ttls`).
+    recorded_ttl_ms: AtomicU64,
 }
 
 impl Entry {
@@ -215,6 +218,7 @@ impl Entry {
             armed_ms: AtomicU64::new(u64::MAX),
             running_rev: AtomicU64::new(u64::MAX),
             offline_rev: AtomicU64::new(u64::MAX),
+            recorded_ttl_ms: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -401,6 +405,18 @@ impl Entry {
     /// The loop published its OFFLINE event at `revision`.
     pub(crate) fn set_offline_rev(&self, revision: u64) {
         self.offline_rev.store(revision, Ordering::Release);
+    }
+
+    /// The TTL ceiling (ms) recorded for it in the store.
+    pub(crate) fn recorded_ttl_ms(&self) -> u64 {
+        self.recorded_ttl_ms.load(Ordering::Relaxed)
+    }
+
+    /// Takes `ceiling_ms` as the TTL ceiling to record; true when it is a
+    /// change (the caller then has it written).
+    pub(crate) fn record_ttl(&self, ceiling_ms: u64) -> bool {
+        self.recorded_ttl_ms.load(Ordering::Relaxed) != ceiling_ms
+            && self.recorded_ttl_ms.swap(ceiling_ms, Ordering::Relaxed) != ceiling_ms
     }
 }
 

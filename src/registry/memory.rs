@@ -28,6 +28,8 @@ use super::port::{Batch, MembershipStore, StoreError, StoredExecutor};
 struct Rows {
     executors: BTreeMap<String, StoredExecutor>,
     revision_floor: u64,
+    /// Records TTL ceilings (as replicas' etcd store does).
+    records_ttls: bool,
 }
 
 /// In-memory [`MembershipStore`]. Clones share the same rows.
@@ -49,6 +51,17 @@ impl MemoryStore {
     /// An empty store that keeps what is committed to it.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that also records each executor's TTL ceiling, as
+    /// the replicas' store does: for tests of a takeover.
+    pub fn recording_ttls() -> Self {
+        Self {
+            rows: Some(Arc::new(Mutex::new(Rows {
+                records_ttls: true,
+                ..Rows::default()
+            }))),
+        }
     }
 
     /// A store that keeps nothing: every commit succeeds and `load_all` is
@@ -94,7 +107,16 @@ impl MembershipStore for MemoryStore {
         if let Some(floor) = batch.revision_floor {
             rows.revision_floor = floor;
         }
+        for (id, ttl) in &batch.ttls {
+            if let Some(row) = rows.executors.get_mut(id) {
+                row.ttl = Some(*ttl);
+            }
+        }
         Ok(())
+    }
+
+    fn records_ttls(&self) -> bool {
+        self.rows().is_some_and(|rows| rows.records_ttls)
     }
 
     fn blocks(&self) -> bool {
@@ -114,6 +136,7 @@ mod tests {
             labels: vec![("zone".into(), "a".into())],
             registered_unix_ms: 1,
             owner: Some("team-a".into()),
+            ttl: None,
         }
     }
 
@@ -143,6 +166,7 @@ mod tests {
             inserts: vec![row("a")],
             deletes: vec!["x".into()],
             revision_floor: Some(1),
+            ttls: Vec::new(),
         };
         let before = store.revision_floor().expect("floor");
         store.commit(&batch).expect("commit");

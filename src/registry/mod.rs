@@ -57,7 +57,7 @@ pub use guard::{ExpiryGuardConfig, ExpiryGuardStatus};
 pub use labels::{
     Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part, matches_all,
 };
-pub use membership::{Authority, Resume};
+pub use membership::{Authority, StartOptions};
 pub use memory::MemoryStore;
 pub use observer::{HeartbeatResult, NoopObserver, Observer, RegistrationResult};
 pub use port::{Batch, IDLE_AFTER, MembershipStore, StoreError, StoredExecutor};
@@ -72,7 +72,7 @@ pub(crate) use membership::FORCED_ID_SUFFIXES;
 use clock::duration_ms;
 use entry::Beat;
 use membership::{Command, MembershipLoop, REVISION_RANGE};
-use tables::Tables;
+use tables::{Notice, Tables};
 
 /// Capacity of the command channel to the membership loop.
 const COMMAND_QUEUE: usize = 65_536;
@@ -127,27 +127,27 @@ impl Registry {
         store: Box<dyn MembershipStore>,
         observer: Arc<dyn Observer>,
     ) -> Result<(Registry, RegistryTask), StoreError> {
-        Self::start_resumed(config, store, observer, Default::default(), None)
+        Self::start_with(config, store, observer, StartOptions::default())
     }
 
-    /// Like [`Registry::start`], but a stored executor with an entry in
-    /// `resume` comes back with that TTL and time left (a new leader resuming
-    /// from last-seen watermarks); the others get a fresh init TTL. With an
-    /// `authority`, expiries are decided only while it answers true (due
-    /// executors wait, still live, until it does).
-    pub fn start_resumed(
+    /// Like [`Registry::start`], with `options`: a registry taking over
+    /// from another one (a new leader) gives each stored executor its
+    /// recorded TTL plus a grace; one with an authority decides expiries
+    /// only while it answers true (due executors wait, still live, until it
+    /// does).
+    pub fn start_with(
         config: RegistryConfig,
         store: Box<dyn MembershipStore>,
         observer: Arc<dyn Observer>,
-        resume: std::collections::HashMap<String, Resume>,
-        authority: Option<Authority>,
+        options: StartOptions,
     ) -> Result<(Registry, RegistryTask), StoreError> {
         let started = tokio::time::Instant::now();
         let started_worker = StoreWorker::start(store, REVISION_RANGE);
         observer.store_operation("load", started.elapsed(), started_worker.is_ok());
         let (worker, loaded) = started_worker?;
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        let (tables, notices_rx) = Tables::new(config, observer, loaded.revision);
+        let (tables, notices_rx) =
+            Tables::new(config, observer, loaded.revision, loaded.records_ttls);
         let tables = Arc::new(tables);
         let stop = CancellationToken::new();
         let membership = MembershipLoop::new(
@@ -155,11 +155,7 @@ impl Registry {
             commands_rx,
             notices_rx,
             worker,
-            membership::Start {
-                loaded,
-                resume,
-                authority,
-            },
+            membership::Start { loaded, options },
             stop.clone(),
         );
         let handle = tokio::spawn(membership.run());
@@ -265,13 +261,21 @@ impl Registry {
                     tables.initing.fetch_sub(1, Ordering::Relaxed);
                     tables.running.fetch_add(1, Ordering::Relaxed);
                 }
-                if was_initing || deadline_ms < entry.armed_ms() {
+                // A store that records TTLs gets the new ceiling when it
+                // changes (a step of the granularity, not every heartbeat).
+                let ttl_changed = tables.records_ttls
+                    && ttl_ms
+                        .is_some_and(|ttl| entry.record_ttl(tables.config.ttl_ceiling_ms(ttl)));
+                if was_initing || ttl_changed || deadline_ms < entry.armed_ms() {
                     // The first heartbeat is a membership change the loop
                     // announces (RUNNING, once per lifetime); and a smaller
                     // TTL that moved the deadline before the queued time
                     // (usually that same first heartbeat, its TTL below the
                     // init TTL) must be queued again, or it would expire late.
-                    let _ = tables.notices.send(entry.0.clone());
+                    let _ = tables.notices.send(Notice {
+                        entry: entry.0.clone(),
+                        ttl_changed,
+                    });
                 }
                 Ok(())
             }
@@ -357,7 +361,7 @@ impl Registry {
         {
             return Err(RegistryError::ShuttingDown);
         }
-        answer.await.map_err(|_| RegistryError::ShuttingDown)
+        answer.await.unwrap_or(Err(RegistryError::ShuttingDown))
     }
 
     /// One live executor.

@@ -28,6 +28,11 @@ pub struct StoredExecutor {
     pub registered_unix_ms: u64,
     /// The identity that registered it (None: unowned).
     pub owner: Option<String>,
+    /// The TTL recorded for it by a store that records TTLs (see
+    /// [`MembershipStore::records_ttls`]): a ceiling of the TTL its
+    /// heartbeats ask for. None: none recorded (it never heartbeated, or the
+    /// store does not record TTLs).
+    pub ttl: Option<Duration>,
 }
 
 /// One transaction: all of it is durable, or none of it.
@@ -41,12 +46,18 @@ pub struct Batch {
     /// [`MembershipStore::revision_floor`]): the registry reserves the
     /// revisions below it before it assigns them.
     pub revision_floor: Option<u64>,
+    /// TTL ceilings to record, by id (only for a store that
+    /// [`records_ttls`](MembershipStore::records_ttls)).
+    pub ttls: Vec<(String, Duration)>,
 }
 
 impl Batch {
     /// True when there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.inserts.is_empty() && self.deletes.is_empty() && self.revision_floor.is_none()
+        self.inserts.is_empty()
+            && self.deletes.is_empty()
+            && self.revision_floor.is_none()
+            && self.ttls.is_empty()
     }
 }
 
@@ -104,6 +115,15 @@ pub trait MembershipStore: Send + 'static {
     /// once per quiet spell, on the store's thread; not for a store that
     /// does not block.
     fn idle(&mut self) {}
+    /// Whether the store records each executor's TTL ceiling (sent in
+    /// [`Batch::ttls`] when it changes, loaded back in
+    /// [`StoredExecutor::ttl`]), so that a registry taking over from another
+    /// one can give each executor its own TTL rather than assume one. The
+    /// replicas' etcd store does; a store whose registry restarts gives
+    /// every executor a fresh init TTL (SPEC §2) and need not.
+    fn records_ttls(&self) -> bool {
+        false
+    }
     /// Whether calls block (disk, network). A store that never blocks is
     /// called inline by the membership loop instead of on a thread of its own,
     /// which also keeps paused-time tests exact (tokio cannot see a thread).

@@ -68,6 +68,14 @@ impl PartialEq for LiveEntry {
 
 impl Eq for LiveEntry {}
 
+/// An entry the heartbeat path points out to the loop.
+pub(crate) struct Notice {
+    /// The entry.
+    pub entry: Arc<Entry>,
+    /// Its TTL ceiling changed and must be recorded in the store.
+    pub ttl_changed: bool,
+}
+
 /// The registry's shared tables.
 pub(crate) struct Tables {
     /// Settings. Read-only after start.
@@ -99,9 +107,13 @@ pub(crate) struct Tables {
     /// calls back.
     pub observer: Arc<dyn Observer>,
     /// Entries the loop must look at again: a first heartbeat (for the
-    /// RUNNING event), or a deadline a heartbeat moved below the queued
-    /// one. The heartbeat path sends; the loop receives.
-    pub notices: mpsc::UnboundedSender<Arc<Entry>>,
+    /// RUNNING event), a deadline a heartbeat moved below the queued one,
+    /// or a TTL ceiling to record. The heartbeat path sends; the loop
+    /// receives.
+    pub notices: mpsc::UnboundedSender<Notice>,
+    /// The store records TTL ceilings (`MembershipStore::records_ttls`).
+    /// Read-only after start.
+    pub records_ttls: bool,
     /// The mass-expiry guard's state. The loop publishes; readers load.
     pub guard: ArcSwap<ExpiryGuardStatus>,
 }
@@ -113,7 +125,8 @@ impl Tables {
         config: RegistryConfig,
         observer: Arc<dyn Observer>,
         revision: u64,
-    ) -> (Self, mpsc::UnboundedReceiver<Arc<Entry>>) {
+        records_ttls: bool,
+    ) -> (Self, mpsc::UnboundedReceiver<Notice>) {
         let (notices, notices_rx) = mpsc::unbounded_channel();
         let history = Arc::new(History::new(config.watch_history, revision));
         let guard = match config.expiry_guard {
@@ -137,6 +150,7 @@ impl Tables {
             live_count: Default::default(),
             observer,
             notices,
+            records_ttls,
             guard: ArcSwap::from_pointee(guard),
         };
         (tables, notices_rx)

@@ -1173,6 +1173,7 @@ fn stored(i: usize) -> StoredExecutor {
         ],
         registered_unix_ms: 1_600_000_000_000 + i as u64,
         owner: None,
+        ttl: None,
     }
 }
 
@@ -1184,6 +1185,7 @@ fn store_holding(rows: impl IntoIterator<Item = StoredExecutor>) -> MemoryStore 
             inserts: rows.into_iter().collect(),
             deletes: Vec::new(),
             revision_floor: None,
+            ttls: Vec::new(),
         })
         .expect("the memory store commits");
     store
@@ -1333,6 +1335,7 @@ async fn new_ids_skip_stored_tombstoned_and_reserved_ones() {
         labels: vec![("stored".into(), "yes".into())],
         registered_unix_ms: 1,
         owner: None,
+        ttl: None,
     };
     let store = store_holding([row(0xa), row(0xb)]);
     let config = RegistryConfig {
@@ -1454,12 +1457,14 @@ async fn without_the_authority_to_decide_nothing_expires_and_with_it_all_due_go_
         let leading = leading.clone();
         Arc::new(move || leading.load(Ordering::SeqCst))
     };
-    let (registry, _task) = Registry::start_resumed(
+    let (registry, _task) = Registry::start_with(
         RegistryConfig::default(),
         Box::new(MemoryStore::new()),
         recorder.clone(),
-        Default::default(),
-        Some(authority),
+        StartOptions {
+            takeover_grace: None,
+            authority: Some(authority),
+        },
     )
     .expect("the in-memory store loads");
     let entries = register_many(&registry, "worker", 100).await;

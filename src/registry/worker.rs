@@ -61,6 +61,8 @@ pub struct Loaded {
     pub revision: u64,
     /// The floor stored now: revisions below it may be assigned.
     pub reserved: u64,
+    /// The store records TTL ceilings.
+    pub records_ttls: bool,
 }
 
 /// Loads everything from `store` and reserves `range` revisions above its
@@ -77,6 +79,7 @@ fn open(store: &mut dyn MembershipStore, range: u64) -> Result<Loaded, StoreErro
         executors,
         revision,
         reserved,
+        records_ttls: store.records_ttls(),
     })
 }
 

@@ -25,9 +25,8 @@
 //! embedder), the sqlite store.
 
 pub mod front;
-pub mod watermark;
+pub mod takeover;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::etcd::{self, Etcd, EtcdError, Fence, Keys};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, RegistryConfig};
+use crate::registry::{Registry, RegistryConfig, StartOptions};
 use crate::server::{Admission, Limits};
 use crate::store::EtcdStore;
 use front::{Front, Route};
@@ -58,8 +57,7 @@ pub struct ReplicaOptions {
     pub prefix: String,
     /// Leader lease (`--leader-lease`), whole seconds (etcd's unit).
     pub lease: Duration,
-    /// Most frequent watermark write per executor (`--watermark-interval`).
-    pub watermark_interval: Duration,
+
     /// Address clients and replicas reach this one at.
     pub advertise: String,
     /// The core's settings.
@@ -69,24 +67,10 @@ pub struct ReplicaOptions {
 }
 
 impl ReplicaOptions {
-    /// The grace a resumed executor gets on top of its remaining TTL, for
-    /// its client to find the new leader: two leases (a client stuck on a
-    /// paused leader, or on a replica forwarding to it, waits up to a lease
-    /// for the replicas to notice, then times its call out) plus two
-    /// suggested heartbeat intervals for `executors` (reconnect backoff is
-    /// capped by one).
-    pub fn resume_grace(&self, executors: usize) -> Duration {
-        let spread = Duration::from_millis(
-            (executors as u64).saturating_mul(1000) / self.config.max_heartbeats_per_second.max(1),
-        );
-        2 * self.lease + 2 * self.config.heartbeat_interval.max(spread)
-    }
-
-    /// The failover allowance: how much later than its TTL after its last
-    /// heartbeat an executor that died around a failover can go OFFLINE
-    /// (the watermark's lag plus the resume grace).
-    pub fn failover_allowance(&self, executors: usize) -> Duration {
-        self.watermark_interval + self.resume_grace(executors)
+    /// The grace every member gets at a takeover on top of its TTL (see
+    /// [`takeover::takeover_grace`]).
+    pub fn takeover_grace(&self, executors: usize) -> Duration {
+        takeover::takeover_grace(self.lease, &self.config, executors)
     }
 }
 
@@ -252,47 +236,23 @@ impl Controller {
     async fn lead(&self, fence: Fence, valid: &watch::Receiver<Instant>) -> TermEnd {
         let won = Instant::now();
         self.front.set(Route::Unknown);
-        // Both reads at once: a new leader serves only after them.
-        let read = tokio::try_join!(
-            crate::store::etcd::load(&self.etcd, &self.keys),
-            crate::store::etcd::load_revision_floor(&self.etcd, &self.keys),
-            watermark::read(&self.etcd, &self.keys)
-        );
-        let (executors, revision_floor, seen) = match read {
-            Ok(read) => read,
+        let loaded = match takeover::load(&self.etcd, &self.keys, &fence).await {
+            Ok(loaded) => loaded,
             Err(e) => {
                 tracing::error!(error = %e, "won the election but cannot load membership");
                 return TermEnd::LoadFailed;
             }
         };
-        let seen =
-            match watermark::keep_known(&self.etcd, &self.keys, &fence, &executors, seen).await {
-                Ok(seen) => seen,
-                Err(e) => {
-                    tracing::error!(error = %e, "won the election but cannot load membership");
-                    return TermEnd::LoadFailed;
-                }
-            };
         let options = &self.options;
-        let grace = options.resume_grace(executors.len());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let resume: HashMap<_, _> = seen
-            .iter()
-            .map(|(id, seen)| {
-                let resumed = watermark::resume(*seen, now, options.watermark_interval, grace);
-                (id.clone(), resumed)
-            })
-            .collect();
+        let count = loaded.executors.len();
+        let recorded = loaded.executors.iter().filter(|e| e.ttl.is_some()).count();
+        let grace = options.takeover_grace(count);
         let fenced = CancellationToken::new();
-        let count = executors.len();
-        let resumed = resume.len();
         let store = EtcdStore::new(
             self.etcd.clone(),
             self.keys.clone(),
             fence.clone(),
-            (executors, revision_floor),
+            (loaded.executors, loaded.revision_floor),
             fenced.clone(),
             tokio::runtime::Handle::current(),
         );
@@ -303,13 +263,16 @@ impl Controller {
             let valid = valid.clone();
             Arc::new(move || Instant::now() < *valid.borrow())
         };
-        let (registry, task) = match Registry::start_resumed(
+        let started = Registry::start_with(
             options.config.clone(),
             Box::new(store),
             observer,
-            resume,
-            Some(authority),
-        ) {
+            StartOptions {
+                takeover_grace: Some(grace),
+                authority: Some(authority),
+            },
+        );
+        let (registry, task) = match started {
             Ok(started) => started,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the membership loop");
@@ -330,22 +293,13 @@ impl Controller {
         self.metrics.set_leader(true);
         tracing::info!(
             executors = count,
-            resumed,
+            with_recorded_ttl = recorded,
+            orphans = loaded.orphans,
             revision = fence.create_revision,
             load_ms = won.elapsed().as_millis() as u64,
             grace_ms = grace.as_millis() as u64,
             "leading"
         );
-        let writer_stop = CancellationToken::new();
-        let writer = tokio::spawn(watermark::write_loop(
-            registry,
-            self.etcd.clone(),
-            self.keys.clone(),
-            fence,
-            options.watermark_interval,
-            fenced.clone(),
-            writer_stop.clone(),
-        ));
         let mut check = tokio::time::interval(Duration::from_millis(50));
         let end = loop {
             tokio::select! {
@@ -364,10 +318,8 @@ impl Controller {
             self.front.set(Route::Unknown);
             self.metrics.set_leader(false);
         }
-        writer_stop.cancel();
         streams_stop.cancel();
         task.stop().await;
-        let _ = writer.await;
         if end == TermEnd::Shutdown {
             self.front.set(Route::Unknown);
             self.metrics.set_leader(false);

@@ -1,8 +1,9 @@
 //! The etcd backend of `MembershipStore`, for replicas.
 //!
 //! Owns: the encoding of a stored executor (one JSON object per key under
-//! [`Keys::executors`], so fields added later travel without a migration),
-//! the paged load of them, and the fenced commit:
+//! [`Keys::executors`], so fields added later travel without a migration)
+//! and of its recorded TTL ceiling (under [`Keys::ttl_prefix`]), and the
+//! fenced commit:
 //! every transaction compares the leader key's create revision, so a replica
 //! that lost leadership writes nothing. A fenced commit cancels the `fenced`
 //! token so the replica steps down.
@@ -53,6 +54,17 @@ pub fn encode(executor: &StoredExecutor) -> String {
     serde_json::to_string(&json).expect("a struct of strings and numbers serializes")
 }
 
+/// A recorded TTL ceiling as its key's value: whole milliseconds.
+pub fn encode_ttl(ttl: std::time::Duration) -> String {
+    ttl.as_millis().to_string()
+}
+
+/// Parses [`encode_ttl`]'s output.
+pub fn decode_ttl(bytes: &[u8]) -> Option<std::time::Duration> {
+    let ms = std::str::from_utf8(bytes).ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 /// Parses [`encode`]'s output (unknown fields are ignored).
 pub fn decode(bytes: &[u8]) -> Result<StoredExecutor, String> {
     let json: Json<'_> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -63,6 +75,7 @@ pub fn decode(bytes: &[u8]) -> Result<StoredExecutor, String> {
         labels: json.labels,
         registered_unix_ms: json.registered_unix_ms,
         owner: json.owner,
+        ttl: None,
     })
 }
 
@@ -83,25 +96,6 @@ pub async fn load_revision_floor(etcd: &Etcd, keys: &Keys) -> Result<u64, EtcdEr
         })
 }
 
-/// Every executor stored under `keys`, read in pages (an unreadable one is
-/// skipped, and said so).
-pub async fn load(etcd: &Etcd, keys: &Keys) -> Result<Vec<StoredExecutor>, EtcdError> {
-    let prefix = keys.executors();
-    let kvs = etcd.range_prefix(prefix.as_bytes()).await?;
-    let mut executors = Vec::with_capacity(kvs.len());
-    for kv in kvs {
-        match decode(&kv.value) {
-            Ok(executor) => executors.push(executor),
-            Err(e) => tracing::warn!(
-                key = %String::from_utf8_lossy(&kv.key),
-                error = %e,
-                "unreadable executor in etcd; skipped"
-            ),
-        }
-    }
-    Ok(executors)
-}
-
 /// `MembershipStore` on etcd, for the leader's term.
 pub struct EtcdStore {
     etcd: Etcd,
@@ -115,9 +109,9 @@ pub struct EtcdStore {
 
 impl EtcdStore {
     /// A store writing under `keys` with `fence`; `load_all` returns
-    /// `executors` and `revision_floor` the floor (read beforehand with
-    /// [`load`] and [`load_revision_floor`]); `fenced` is cancelled at the
-    /// first commit refused by the fence. Blocking calls run on `handle`.
+    /// `executors` and `revision_floor` the floor (read beforehand, by the
+    /// replica taking over); `fenced` is cancelled at the first commit
+    /// refused by the fence. Blocking calls run on `handle`.
     pub fn new(
         etcd: Etcd,
         keys: Keys,
@@ -139,29 +133,34 @@ impl EtcdStore {
 
     /// The operations of `batch`.
     fn ops(&self, batch: &Batch) -> Vec<client::pb::RequestOp> {
-        let mut ops = Vec::with_capacity(batch.inserts.len() + 2 * batch.deletes.len() + 1);
-        // First: a batch split into several transactions stores its floor
-        // before any of its other writes.
-        if let Some(floor) = batch.revision_floor {
-            ops.push(client::put(
-                self.keys.revision_floor(),
-                floor.to_string(),
-                0,
-            ));
-        }
-        for executor in &batch.inserts {
-            ops.push(client::put(
-                self.keys.executor(&executor.id),
-                encode(executor),
-                0,
-            ));
-        }
-        for id in &batch.deletes {
-            ops.push(client::delete(self.keys.executor(id)));
-            ops.push(client::delete(self.keys.seen(id)));
-        }
-        ops
+        ops(&self.keys, batch)
     }
+}
+
+/// The operations of `batch` under `keys`.
+fn ops(keys: &Keys, batch: &Batch) -> Vec<client::pb::RequestOp> {
+    let mut ops =
+        Vec::with_capacity(1 + batch.inserts.len() + 2 * batch.deletes.len() + batch.ttls.len());
+    // First: a batch split into several transactions stores its floor
+    // before any of its other writes.
+    if let Some(floor) = batch.revision_floor {
+        ops.push(client::put(keys.revision_floor(), floor.to_string(), 0));
+    }
+    for executor in &batch.inserts {
+        ops.push(client::put(
+            keys.executor(&executor.id),
+            encode(executor),
+            0,
+        ));
+    }
+    for id in &batch.deletes {
+        ops.push(client::delete(keys.executor(id)));
+        ops.push(client::delete(keys.ttl(id)));
+    }
+    for (id, ttl) in &batch.ttls {
+        ops.push(client::put(keys.ttl(id), encode_ttl(*ttl), 0));
+    }
+    ops
 }
 
 impl MembershipStore for EtcdStore {
@@ -171,6 +170,10 @@ impl MembershipStore for EtcdStore {
 
     fn revision_floor(&mut self) -> Result<u64, StoreError> {
         Ok(self.revision_floor)
+    }
+
+    fn records_ttls(&self) -> bool {
+        true
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
@@ -202,6 +205,7 @@ mod tests {
             labels: vec![("zone".into(), "a".into()), ("gpu".into(), "\"x\"".into())],
             registered_unix_ms: 1_700_000_000_123,
             owner: None,
+            ttl: None,
         };
         assert_eq!(decode(encode(&executor).as_bytes()).unwrap(), executor);
         let owned = StoredExecutor {
@@ -212,5 +216,46 @@ mod tests {
         let later = br#"{"id":"a","name":"n","address":"h:1","labels":[],"registered_unix_ms":5,"future":"x"}"#;
         assert_eq!(decode(later).unwrap().id, "a");
         assert!(decode(b"{\"name\":\"n\"}").unwrap_err().contains("id"));
+    }
+
+    #[test]
+    fn a_ttl_record_round_trips_and_garbage_is_refused() {
+        let ttl = std::time::Duration::from_millis(15_000);
+        assert_eq!(decode_ttl(encode_ttl(ttl).as_bytes()), Some(ttl));
+        assert_eq!(decode_ttl(b"15s"), None);
+        assert_eq!(decode_ttl(b""), None);
+    }
+
+    #[test]
+    fn a_batch_writes_its_floor_first_and_deletes_a_departed_executors_ttl_record() {
+        let keys = Keys::new("/er");
+        let batch = Batch {
+            inserts: vec![],
+            deletes: vec!["gone-1".into()],
+            revision_floor: Some(7),
+            ttls: vec![("kept-1".into(), std::time::Duration::from_secs(5))],
+        };
+        let ops = ops(&keys, &batch);
+        let keys_of: Vec<String> = ops
+            .iter()
+            .map(|op| match &op.request {
+                Some(client::pb::request_op::Request::RequestPut(p)) => {
+                    format!("put {}", String::from_utf8_lossy(&p.key))
+                }
+                Some(client::pb::request_op::Request::RequestDeleteRange(d)) => {
+                    format!("delete {}", String::from_utf8_lossy(&d.key))
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            keys_of,
+            [
+                "put /er/revision-floor",
+                "delete /er/executors/gone-1",
+                "delete /er/ttl/gone-1",
+                "put /er/ttl/kept-1",
+            ]
+        );
     }
 }

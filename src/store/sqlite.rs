@@ -522,6 +522,7 @@ impl MembershipStore for SqliteStore {
                 labels,
                 registered_unix_ms,
                 owner,
+                ttl: None,
             });
         }
         let mut index = RowIndex::default();
@@ -772,6 +773,7 @@ mod tests {
             ],
             registered_unix_ms: 1_700_000_000_123,
             owner: Some(format!("spiffe://fleet/{id}")),
+            ttl: None,
         }
     }
 
@@ -780,6 +782,7 @@ mod tests {
             inserts: ids.iter().map(|id| executor(id)).collect(),
             deletes: Vec::new(),
             revision_floor: None,
+            ttls: Vec::new(),
         }
     }
 
@@ -788,6 +791,7 @@ mod tests {
             inserts: Vec::new(),
             deletes: ids.iter().map(|id| id.to_string()).collect(),
             revision_floor: None,
+            ttls: Vec::new(),
         }
     }
 
@@ -898,6 +902,7 @@ mod tests {
                     .collect(),
                 deletes: Vec::new(),
                 revision_floor: None,
+                ttls: Vec::new(),
             };
             store.commit(&batch).unwrap();
             assert_eq!(bound(&store), BATCH_CACHE_KIB, "large during a storm");
@@ -937,6 +942,7 @@ mod tests {
             inserts: vec![executor("a"), executor("b")],
             deletes: vec!["a".to_owned()],
             revision_floor: None,
+            ttls: Vec::new(),
         };
         store.commit(&batch).unwrap();
         assert_eq!(ids(&mut store), ["b"]);
@@ -958,6 +964,7 @@ mod tests {
                 inserts: vec![bare.clone(), many.clone()],
                 deletes: vec![],
                 revision_floor: None,
+                ttls: Vec::new(),
             })
             .unwrap();
         assert_eq!(store.load_all().unwrap(), vec![bare, many]);
@@ -973,6 +980,7 @@ mod tests {
             inserts: vec![executor("a"), executor("b"), executor("c")],
             deletes: vec!["b".to_owned()],
             revision_floor: None,
+            ttls: Vec::new(),
         };
         let err = store.commit(&batch).unwrap_err().to_string();
         assert!(err.contains("\"b\""), "error names the colliding id: {err}");
@@ -1014,6 +1022,7 @@ mod tests {
                 inserts: vec![executor("ok"), row],
                 deletes: vec![],
                 revision_floor: None,
+                ttls: Vec::new(),
             };
             let err = store.commit(&batch).unwrap_err().to_string();
             assert!(err.contains("\"x\""), "{labels:?}: {err}");
@@ -1085,6 +1094,7 @@ mod tests {
             inserts: vec![row],
             deletes: vec![],
             revision_floor: None,
+            ttls: Vec::new(),
         };
         assert!(
             store
@@ -1308,6 +1318,7 @@ mod tests {
                 inserts: vec![executor("new-owned"), unowned],
                 deletes: Vec::new(),
                 revision_floor: None,
+                ttls: Vec::new(),
             })
             .unwrap();
         drop(store);
@@ -1669,6 +1680,7 @@ mod tests {
                     inserts: rows(10_000),
                     deletes: vec![],
                     revision_floor: None,
+                    ttls: Vec::new(),
                 })
                 .unwrap();
         }
@@ -1679,6 +1691,7 @@ mod tests {
                     inserts: rows(batch_size),
                     deletes: vec![],
                     revision_floor: None,
+                    ttls: Vec::new(),
                 })
                 .collect();
             let started = Instant::now();
@@ -1720,9 +1733,11 @@ mod tests {
                     labels: Vec::new(),
                     registered_unix_ms: 1,
                     owner: None,
+                    ttl: None,
                 }],
                 deletes: Vec::new(),
                 revision_floor: None,
+                ttls: Vec::new(),
             })
             .expect("commits");
         let rows_in_file = || {
@@ -1879,11 +1894,13 @@ mod disk_full {
             labels: vec![("zone".into(), "a".into())],
             registered_unix_ms: 1,
             owner: None,
+            ttl: None,
         };
         let batch = |range: std::ops::Range<usize>| Batch {
             inserts: range.map(row).collect(),
             deletes: vec![],
             revision_floor: None,
+            ttls: Vec::new(),
         };
 
         let mut store = SqliteStore::open(&data).unwrap();

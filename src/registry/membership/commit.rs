@@ -21,7 +21,7 @@
 //! Must not touch: the live table, the snapshot, events: the loop makes a
 //! committed registration visible.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -97,6 +97,7 @@ impl PendingRegistration {
                 .collect(),
             registered_unix_ms: self.registered_unix_ms,
             owner: r.owner.as_deref().map(str::to_owned),
+            ttl: None,
         }
     }
 }
@@ -106,6 +107,7 @@ pub(super) struct Submitted {
     registrations: Vec<PendingRegistration>,
     deletes: Vec<ExecutorId>,
     revision_floor: Option<u64>,
+    ttls: Vec<(ExecutorId, u64)>,
 }
 
 /// A batch's outcome: what it carried, its result, how long it took.
@@ -159,6 +161,9 @@ pub(super) struct Commits {
     revisions_reserved: u64,
     /// A higher floor to store, not yet submitted.
     next_floor: Option<u64>,
+    /// TTL ceilings (ms) to record, by id, not yet submitted: the latest
+    /// of each (a store that records TTLs only).
+    pending_ttls: HashMap<ExecutorId, u64, IdHasher>,
 }
 
 impl Commits {
@@ -175,7 +180,13 @@ impl Commits {
             retry_deletes_at_ms: 0,
             revisions_reserved,
             next_floor: None,
+            pending_ttls: HashMap::default(),
         }
+    }
+
+    /// Queues the record of `id`'s TTL ceiling.
+    pub(super) fn record_ttl(&mut self, id: ExecutorId, ceiling_ms: u64) {
+        self.pending_ttls.insert(id, ceiling_ms);
     }
 
     /// Revisions below this may be assigned.
@@ -291,6 +302,10 @@ impl Commits {
                 }
                 self.pending_deletes.extend(submitted.deletes);
                 self.next_floor = self.next_floor.max(submitted.revision_floor);
+                for (id, ceiling) in submitted.ttls {
+                    // A newer ceiling queued since wins.
+                    self.pending_ttls.entry(id).or_insert(ceiling);
+                }
                 self.retry_deletes_at_ms = now + duration_ms(DELETE_RETRY);
                 Vec::new()
             }
@@ -313,7 +328,23 @@ impl Commits {
             Vec::new()
         };
         let revision_floor = self.next_floor.take();
-        if registrations.is_empty() && deletes.is_empty() && revision_floor.is_none() {
+        // Not for executors that left (their records go with their rows),
+        // nor for ones still being registered.
+        let ttls: Vec<(ExecutorId, u64)> = if now >= self.retry_deletes_at_ms {
+            let undeleted = &self.undeleted;
+            let reserved = &self.reserved;
+            self.pending_ttls
+                .drain()
+                .filter(|(id, _)| !undeleted.contains(id) && !reserved.contains(id))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if registrations.is_empty()
+            && deletes.is_empty()
+            && revision_floor.is_none()
+            && ttls.is_empty()
+        {
             return;
         }
         let batch = Batch {
@@ -323,6 +354,10 @@ impl Commits {
                 .collect(),
             deletes: deletes.iter().map(|id| id.as_str().to_owned()).collect(),
             revision_floor,
+            ttls: ttls
+                .iter()
+                .map(|(id, ms)| (id.as_str().to_owned(), Duration::from_millis(*ms)))
+                .collect(),
         };
         self.in_flight = Some(InFlight {
             commit: self.store.submit(batch),
@@ -330,6 +365,7 @@ impl Commits {
                 registrations,
                 deletes,
                 revision_floor,
+                ttls,
             },
         });
     }

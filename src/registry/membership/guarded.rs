@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use super::MembershipLoop;
 use super::bulk::Removal;
 use super::turn::Changes;
+use crate::registry::error::RegistryError;
 use crate::registry::guard::{Held, Pass};
 
 impl MembershipLoop {
@@ -68,7 +69,7 @@ impl MembershipLoop {
         &mut self,
         now: u64,
         removal: &mut Removal,
-        reply: oneshot::Sender<u64>,
+        reply: oneshot::Sender<Result<u64, RegistryError>>,
         changes: &mut Changes,
     ) {
         let released = self

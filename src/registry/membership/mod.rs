@@ -28,7 +28,6 @@ mod expiry;
 mod guarded;
 mod turn;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -46,7 +45,7 @@ use super::guard::ExpiryGuard;
 use super::observer::RegistrationResult;
 use super::port::StoredExecutor;
 use super::registration::ValidRegistration;
-use super::tables::Tables;
+use super::tables::{Notice, Tables};
 use super::watch::{Event, EventKind, OfflineReason};
 use super::worker::{Loaded, StoreWorker};
 use bulk::{Members, Removal};
@@ -77,29 +76,29 @@ const COMPACT_EVERY_TICKS: u32 = 100;
 /// its lease expires nothing, not even in memory, before it steps down.
 pub type Authority = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// How a loaded executor resumes (after a leader failover): the TTL it last
-/// asked for and the time it has left, instead of a fresh init TTL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resume {
-    /// Its TTL.
-    pub ttl: Duration,
-    /// Time from the load until its deadline.
-    pub left: Duration,
+/// How a registry starts besides its store.
+#[derive(Clone, Default)]
+pub struct StartOptions {
+    /// Taking over from another registry (a new leader): each stored
+    /// executor comes back with its recorded TTL (or the init TTL when none
+    /// is recorded) plus this grace — time for a live executor to find the
+    /// new leader — instead of a fresh init TTL.
+    pub takeover_grace: Option<Duration>,
+    /// When set, expiries are decided only while it answers true.
+    pub authority: Option<Authority>,
 }
 
-/// What a loop starts from: the stored executors and revisions, how some
-/// of them resume (after a leader failover), and who may decide expiries.
+/// What a loop starts from: the stored executors and revisions, and how.
 pub(crate) struct Start {
     pub(crate) loaded: Loaded,
-    pub(crate) resume: HashMap<String, Resume>,
-    pub(crate) authority: Option<Authority>,
+    pub(crate) options: StartOptions,
 }
 
 /// The loop's private state.
 pub(crate) struct MembershipLoop {
     tables: Arc<Tables>,
     commands: mpsc::Receiver<Command>,
-    notices: mpsc::UnboundedReceiver<Arc<Entry>>,
+    notices: mpsc::UnboundedReceiver<Notice>,
     wheel: Wheel,
     members: Members,
     commits: Commits,
@@ -119,16 +118,12 @@ impl MembershipLoop {
     pub(crate) fn new(
         tables: Arc<Tables>,
         commands: mpsc::Receiver<Command>,
-        notices: mpsc::UnboundedReceiver<Arc<Entry>>,
+        notices: mpsc::UnboundedReceiver<Notice>,
         store: StoreWorker,
         start: Start,
         stop: CancellationToken,
     ) -> Self {
-        let Start {
-            loaded,
-            resume,
-            authority,
-        } = start;
+        let Start { loaded, options } = start;
         let mut housekeeping = tokio::time::interval(TICK);
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut this = Self {
@@ -141,25 +136,37 @@ impl MembershipLoop {
             commits: Commits::new(store, loaded.reserved),
             revision: loaded.revision,
             ticks_to_compaction: COMPACT_EVERY_TICKS,
-            authority,
+            authority: options.authority,
             housekeeping,
             stop: Box::pin(stop.cancelled_owned()),
         };
-        this.load(loaded.executors, resume);
+        this.load(loaded.executors, options.takeover_grace);
         this
     }
 
     /// Start-up: every stored executor comes back INITING with a fresh init
-    /// TTL (or, with a `resume` entry, its own TTL and time left). Those that
-    /// heartbeat carry on; the others expire.
-    fn load(&mut self, loaded: Vec<StoredExecutor>, resume: HashMap<String, Resume>) {
+    /// TTL; or, taking over (`grace`), with its recorded TTL (the init TTL
+    /// when none is) plus the grace. Those that heartbeat carry on; the
+    /// others expire.
+    fn load(&mut self, loaded: Vec<StoredExecutor>, grace: Option<Duration>) {
         let now = self.tables.clock.now_ms();
-        let ttl = duration_ms(self.tables.config.init_ttl);
+        let init_ttl = duration_ms(self.tables.config.init_ttl);
         for row in loaded {
-            let (ttl, left) = resume
-                .get(&row.id)
-                .map_or((ttl, ttl), |r| (duration_ms(r.ttl), duration_ms(r.left)));
-            self.insert_live(commit::loaded_entry(row, ttl, left, now));
+            let recorded = row.ttl.map(duration_ms);
+            let (ttl, left) = match grace {
+                None => (init_ttl, init_ttl),
+                Some(grace) => {
+                    let ttl = recorded.unwrap_or(init_ttl);
+                    (ttl, ttl.saturating_add(duration_ms(grace)))
+                }
+            };
+            let entry = commit::loaded_entry(row, ttl, left, now);
+            // What the store holds now: the recorded ceiling, or (none
+            // recorded) what a takeover would assume.
+            entry.record_ttl(
+                recorded.unwrap_or_else(|| self.tables.config.ttl_ceiling_ms(init_ttl)),
+            );
+            self.insert_live(entry);
         }
         self.publish();
         tracing::info!(executors = self.members.live(), "loaded stored membership");
@@ -188,12 +195,17 @@ impl MembershipLoop {
         self.finish().await;
     }
 
+    /// Whether this process may decide expiries now (see [`Authority`]).
+    fn may_expire(&self) -> bool {
+        self.authority.as_ref().is_none_or(|may| may())
+    }
+
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Turn> {
         let mut turn = Turn::default();
         // Expired queue entries first, all of them: one pass. Without the
         // authority to decide expiries they stay queued (the housekeeping
         // tick brings the next turn).
-        if self.authority.as_ref().is_none_or(|may| may()) {
+        if self.may_expire() {
             self.wheel.poll_expired(cx, &mut turn.expired);
         }
         turn.purged = self.members.poll_purge(cx);
@@ -210,7 +222,7 @@ impl MembershipLoop {
         }
         while turn.notices.len() < MAX_COMMANDS_PER_TURN {
             match self.notices.poll_recv(cx) {
-                Poll::Ready(Some(entry)) => turn.notices.push(entry),
+                Poll::Ready(Some(notice)) => turn.notices.push(notice),
                 _ => break,
             }
         }
@@ -250,9 +262,12 @@ impl MembershipLoop {
         for (entry, armed) in turn.expired {
             self.expire_or_rearm(entry, armed, now, removal, &mut changes);
         }
-        self.guard_turn(now, turn.housekeeping, &mut removal, &mut changes);
-        for entry in turn.notices {
-            self.noticed(entry, &mut changes);
+        // The guard's releases are expiries too: only with the authority.
+        let may_expire = self.may_expire();
+        let review = turn.housekeeping && may_expire;
+        self.guard_turn(now, review, &mut removal, &mut changes);
+        for notice in turn.notices {
+            self.noticed(notice, &mut changes);
         }
         for command in turn.commands {
             match command {
@@ -267,6 +282,12 @@ impl MembershipLoop {
                             let _ = reply.send(Err(e));
                         }
                     }
+                }
+                Command::ReleaseGuard { reply } if !may_expire => {
+                    let _ = reply.send(Err(RegistryError::Unavailable(
+                        "this replica's leadership is not confirmed: it expires nothing; retry"
+                            .into(),
+                    )));
                 }
                 Command::ReleaseGuard { reply } => {
                     self.release_guard(now, &mut removal, reply, &mut changes)
@@ -285,7 +306,7 @@ impl MembershipLoop {
         self.finish_turn(changes);
         self.publish_guard();
         for (reply, released) in guard_releases {
-            let _ = reply.send(released);
+            let _ = reply.send(Ok(released));
         }
         #[cfg(test)]
         for reply in barriers {
@@ -295,12 +316,18 @@ impl MembershipLoop {
     }
 
     /// An entry the heartbeat path pointed out: its first heartbeat is
-    /// announced (RUNNING, once per lifetime: the flag is the revision),
-    /// and a deadline moved below the queued one is queued again.
-    fn noticed(&mut self, entry: Arc<Entry>, changes: &mut Changes) {
+    /// announced (RUNNING, once per lifetime: the flag is the revision), a
+    /// new TTL ceiling goes to the store, and a deadline moved below the
+    /// queued one is queued again.
+    fn noticed(&mut self, notice: Notice, changes: &mut Changes) {
+        let Notice { entry, ttl_changed } = notice;
         let state = entry.state();
         if state.status() == Status::Tombstone {
             return;
+        }
+        if ttl_changed {
+            self.commits
+                .record_ttl(entry.id().clone(), entry.recorded_ttl_ms());
         }
         if state.status() == Status::Running && !entry.announced_running() {
             let revision = self.next_revision();
@@ -445,6 +472,12 @@ impl MembershipLoop {
     }
 
     fn insert_live(&mut self, entry: Arc<Entry>) {
+        if entry.recorded_ttl_ms() == u64::MAX {
+            // A registration: the store holds no TTL for it, which a
+            // takeover reads as the init TTL.
+            let init_ttl = duration_ms(self.tables.config.init_ttl);
+            entry.record_ttl(self.tables.config.ttl_ceiling_ms(init_ttl));
+        }
         let deadline = entry.state().deadline_ms();
         self.members.insert(&self.tables, entry.clone());
         self.wheel.arm(&self.tables.clock, entry, deadline);

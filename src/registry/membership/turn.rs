@@ -14,6 +14,7 @@ use super::commit::{Committed, RegisterReply};
 use crate::registry::entry::Entry;
 use crate::registry::error::RegistryError;
 use crate::registry::registration::ValidRegistration;
+use crate::registry::tables::Notice;
 use crate::registry::watch::Event;
 
 /// A request to the loop.
@@ -27,7 +28,9 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), RegistryError>>,
     },
     /// Operator release of the mass-expiry guard: the number expired.
-    ReleaseGuard { reply: oneshot::Sender<u64> },
+    ReleaseGuard {
+        reply: oneshot::Sender<Result<u64, RegistryError>>,
+    },
     /// Answered once a turn that saw everything sent before it (commands
     /// and notices) is published: tests wait for the loop with it.
     #[cfg(test)]
@@ -43,7 +46,7 @@ pub(super) struct Turn {
     pub(super) commands: Vec<Command>,
     /// Entries the heartbeat path pointed out (first heartbeat, shorter
     /// deadline).
-    pub(super) notices: Vec<Arc<Entry>>,
+    pub(super) notices: Vec<Notice>,
     pub(super) committed: Option<Committed>,
     pub(super) housekeeping: bool,
     /// Entries left in the live table by a mass change wait to be moved out.
@@ -78,5 +81,5 @@ pub(super) struct Changes {
     /// Executors the guard had held that expired in this turn.
     pub(super) released: u64,
     /// Operator releases, answered after the turn is published.
-    pub(super) guard_releases: Vec<(oneshot::Sender<u64>, u64)>,
+    pub(super) guard_releases: Vec<(oneshot::Sender<Result<u64, RegistryError>>, u64)>,
 }

@@ -479,3 +479,56 @@ async fn after_a_restart_a_fleet_that_does_not_come_back_trips_the_guard_again()
         .heartbeat(&stored_ids[40], ttl(60_000))
         .expect("a held executor's heartbeat is OK");
 }
+
+/// Releases are expiries too: a replica whose leadership is not confirmed
+/// releases nothing it holds — not at the max hold, not for an operator —
+/// until it is again.
+#[tokio::test(start_paused = true)]
+async fn without_the_authority_held_executors_are_not_released_by_the_max_hold_nor_by_an_operator()
+{
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let max_hold = Duration::from_secs(30);
+    let leading = Arc::new(AtomicBool::new(true));
+    let authority: Authority = {
+        let leading = leading.clone();
+        Arc::new(move || leading.load(Ordering::SeqCst))
+    };
+    let seen = Arc::new(Seen::default());
+    let (registry, _task) = Registry::start_with(
+        guarded(0.5, max_hold),
+        Box::new(MemoryStore::new()),
+        seen.clone(),
+        StartOptions {
+            takeover_grace: None,
+            authority: Some(authority),
+        },
+    )
+    .expect("the in-memory store loads");
+    let (alive, _silent, deadline) = sixty_percent_silent(&registry).await;
+    let _beater = Beater::start(&registry, &alive);
+    sleep_until(at(&registry, deadline) + 2 * TICK).await;
+    assert!(registry.expiry_guard().active, "held");
+    assert_eq!(registry.count(None), 1_000);
+
+    // The lease is lost: past the max hold, nothing is released...
+    leading.store(false, Ordering::SeqCst);
+    sleep_until(at(&registry, deadline + duration_ms(max_hold)) + 5 * TICK).await;
+    assert_eq!(
+        registry.count(None),
+        1_000,
+        "released without the authority"
+    );
+    assert!(seen.released().is_empty());
+    // ...nor by an operator, who is told why.
+    match registry.release_expiry_guard().await {
+        Err(RegistryError::Unavailable(why)) => assert!(why.contains("not confirmed"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(registry.count(None), 1_000);
+
+    // Back: the max hold has passed, so what it holds expires, in one pass.
+    leading.store(true, Ordering::SeqCst);
+    sleep(2 * TICK).await;
+    assert_eq!(registry.count(None), 400);
+    assert_eq!(seen.released(), [600]);
+}

@@ -249,3 +249,175 @@ async fn revisions_go_on_above_every_earlier_one_after_a_restart_on_the_same_sto
         (EventKind::Running, start + 1)
     );
 }
+
+// ------------------------------------------------- takeover (replicas)
+
+/// A recording store that counts the TTL records written to it.
+#[derive(Clone)]
+struct CountingTtls {
+    inner: MemoryStore,
+    written: Arc<Mutex<Vec<(String, Duration)>>>,
+}
+
+impl MembershipStore for CountingTtls {
+    fn load_all(&mut self) -> Result<Vec<StoredExecutor>, StoreError> {
+        self.inner.load_all()
+    }
+    fn revision_floor(&mut self) -> Result<u64, StoreError> {
+        self.inner.revision_floor()
+    }
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        self.written
+            .lock()
+            .expect("lock")
+            .extend(batch.ttls.iter().cloned());
+        self.inner.commit(batch)
+    }
+    fn records_ttls(&self) -> bool {
+        true
+    }
+    fn blocks(&self) -> bool {
+        false
+    }
+}
+
+/// A store that records TTLs gets each executor's TTL ceiling (rounded up
+/// to the granularity) when it changes, never per heartbeat.
+#[tokio::test(start_paused = true)]
+async fn a_recording_store_gets_a_ttl_ceiling_per_change_not_per_heartbeat() {
+    let store = CountingTtls {
+        inner: MemoryStore::recording_ttls(),
+        written: Arc::default(),
+    };
+    let (registry, task) = Registry::start(
+        RegistryConfig::default(),
+        Box::new(store.clone()),
+        Arc::new(NoopObserver),
+    )
+    .expect("loads");
+    let mut entries = register_many(&registry, "w", 3).await;
+    entries.sort_by(|a, b| id(a).cmp(id(b)));
+    let written =
+        || -> Vec<(String, Duration)> { std::mem::take(&mut *store.written.lock().expect("lock")) };
+    let stored_ttl = |i: usize| {
+        let rows = store.inner.clone().load_all().expect("load");
+        rows.into_iter()
+            .find(|r| r.id == id(&entries[i]))
+            .and_then(|r| r.ttl)
+    };
+    assert!(written().is_empty(), "registered: nothing recorded");
+    // 1.5 s is recorded as 5 s; 12 s as 15 s; the third never heartbeats.
+    registry
+        .heartbeat(id(&entries[0]), ttl(1_500))
+        .expect("live");
+    registry
+        .heartbeat(id(&entries[1]), ttl(12_000))
+        .expect("live");
+    still(registry.settled()).await;
+    let mut first = written();
+    first.sort();
+    assert_eq!(
+        first,
+        [
+            (id(&entries[0]).to_owned(), Duration::from_secs(5)),
+            (id(&entries[1]).to_owned(), Duration::from_secs(15)),
+        ]
+    );
+    assert_eq!(stored_ttl(0), Some(Duration::from_secs(5)));
+    assert_eq!(stored_ttl(2), None);
+    // Heartbeats with the same TTL, or one in the same 5 s step, or keeping
+    // it: nothing to record.
+    for _ in 0..10 {
+        registry
+            .heartbeat(id(&entries[0]), ttl(1_500))
+            .expect("live");
+        registry
+            .heartbeat(id(&entries[0]), ttl(4_000))
+            .expect("live");
+        registry.heartbeat(id(&entries[1]), ttl(0)).expect("live");
+        still(registry.settled()).await;
+    }
+    assert!(written().is_empty(), "no record per heartbeat");
+    // A TTL in another step is recorded, once.
+    registry
+        .heartbeat(id(&entries[0]), ttl(31_000))
+        .expect("live");
+    registry
+        .heartbeat(id(&entries[0]), ttl(31_000))
+        .expect("live");
+    still(registry.settled()).await;
+    assert_eq!(
+        written(),
+        [(id(&entries[0]).to_owned(), Duration::from_secs(35))]
+    );
+    // A departure takes its record with its row.
+    registry.deregister(id(&entries[1])).await.expect("live");
+    still(registry.settled()).await;
+    assert_eq!(store.inner.clone().load_all().expect("load").len(), 2);
+    task.stop().await;
+}
+
+/// A registry taking over gives each member its recorded TTL plus the
+/// grace from the takeover: one that keeps heartbeating is never expired;
+/// one that died before goes OFFLINE at takeover + TTL ceiling + grace, not
+/// before; one with no record (never heartbeated) gets the init TTL.
+#[tokio::test(start_paused = true)]
+async fn a_takeover_gives_each_member_its_recorded_ttl_plus_the_grace() {
+    let store = MemoryStore::recording_ttls();
+    let config = RegistryConfig::default();
+    let (old, task) = start_on(config.clone(), &store);
+    let entries = register_many(&old, "w", 3).await;
+    let (alive, dead, never) = (
+        id(&entries[0]).to_owned(),
+        id(&entries[1]).to_owned(),
+        id(&entries[2]).to_owned(),
+    );
+    old.heartbeat(&alive, ttl(3_000)).expect("live");
+    old.heartbeat(&dead, ttl(3_000)).expect("live");
+    still(old.settled()).await;
+    sleep(MS).await;
+    task.stop().await;
+
+    let grace = Duration::from_secs(11);
+    let (new, _task) = Registry::start_with(
+        config.clone(),
+        Box::new(store.clone()),
+        Arc::new(NoopObserver),
+        StartOptions {
+            takeover_grace: Some(grace),
+            authority: None,
+        },
+    )
+    .expect("loads");
+    let took_over = Instant::now();
+    let mut watch = new.watch();
+    // The live one heartbeats every second throughout.
+    let beating = tokio::spawn({
+        let (new, alive) = (new.clone(), alive.clone());
+        async move {
+            loop {
+                sleep(SECOND).await;
+                new.heartbeat(&alive, ttl(3_000)).expect("never expired");
+            }
+        }
+    });
+    // The dead one: recorded 5 s (3 s rounded up) + 11 s.
+    let first = next_event(&mut watch).await;
+    assert_eq!(
+        (id(&first.entry), first.kind),
+        (dead.as_str(), EventKind::Offline(OfflineReason::Expired))
+    );
+    let at = Instant::now() - took_over;
+    assert!(
+        at >= Duration::from_secs(16) && at <= Duration::from_secs(16) + MS * MAX_LAG_MS as u32,
+        "the dead one expired {at:?} after the takeover"
+    );
+    // The one that never heartbeated: the init TTL (20 s) + 11 s.
+    let second = next_event(&mut watch).await;
+    assert_eq!(id(&second.entry), never);
+    let at = Instant::now() - took_over;
+    assert!(at >= Duration::from_secs(31), "{at:?}");
+    sleep(Duration::from_secs(60)).await;
+    assert!(new.get(&alive).is_ok(), "the live one was never expired");
+    beating.abort();
+}
