@@ -22,6 +22,8 @@ use crate::registry::{
     DEFAULT_MAX_HEARTBEATS_PER_SECOND, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, DEFAULT_STALL_THRESHOLD,
     DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_HISTORY, ExpiryGuardConfig, RegistryConfig,
 };
+
+use crate::server::tls::OutboundTls;
 use crate::server::{
     AdminToken, Auth, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, DEFAULT_SHUTDOWN_GRACE,
     Security, tls,
@@ -225,6 +227,18 @@ pub struct ServeArgs {
     /// client certificates asked).
     #[arg(long, env = "EXECUTOR_REGISTRY_METRICS_TLS")]
     pub metrics_tls: bool,
+
+    /// CA (PEM) that signed etcd's certificate: talk to etcd over TLS.
+    #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to etcd (with --etcd-key).
+    #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// The security settings the flags describe, files read.
@@ -234,6 +248,9 @@ pub struct SecuritySetup {
     pub grpc: Security,
     /// TLS for the metrics listener (`--metrics-tls`).
     pub metrics_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+
+    /// Replicas: TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub etcd_tls: Option<OutboundTls>,
 }
 
 /// Which membership store to run on (`--store`).
@@ -282,6 +299,21 @@ impl fmt::Display for StoreKind {
             StoreKind::Etcd(endpoints) => write!(f, "etcd://{}", endpoints.join(",")),
         }
     }
+}
+
+/// The contents of the file `flag` names; the error names both.
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError(format!("{flag} {}: cannot read: {e}", path.display())))
+}
+
+/// Items of a comma-separated list flag, trimmed, without empty ones.
+fn trimmed(items: &[String]) -> Vec<String> {
+    items
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// A refused flag combination; the message names the flag.
@@ -392,10 +424,23 @@ impl ServeArgs {
         Ok(Some(ExpiryGuardConfig { fraction, max_hold }))
     }
 
-    /// The flags of replicas on etcd, when `--store` is etcd.
+    /// The flags of replicas on etcd: those that need `--store etcd://`,
+    /// and, when it is, their values and combinations.
     fn check_replicas(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
         let StoreKind::Etcd(_) = self.store else {
+            for (flag, given) in [
+                ("--etcd-ca", self.etcd_ca.is_some()),
+                ("--etcd-cert", self.etcd_cert.is_some()),
+                ("--etcd-key", self.etcd_key.is_some()),
+            ] {
+                if given {
+                    return err(format!(
+                        "{flag} is for replicas: it only makes sense with --store etcd://host:port (--store is {})",
+                        self.store
+                    ));
+                }
+            }
             return Ok(());
         };
         if *self.leader_lease < Duration::from_secs(1) {
@@ -419,6 +464,15 @@ impl ServeArgs {
                 self.listen
             ));
         }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return err("--etcd-cert and --etcd-key go together: give both or neither".into());
+        }
+        if self.etcd_cert.is_some() && self.etcd_ca.is_none() {
+            return err(
+                "--etcd-cert/--etcd-key need --etcd-ca: the CA etcd's certificate is verified against (no system roots are loaded)".into(),
+            );
+        }
+
         if self.tls_cert.is_some()
             || self.tls_client_ca.is_some()
             || self.admin_token_file.is_some()
@@ -474,36 +528,33 @@ impl ServeArgs {
 
     /// `--admin-identities`, trimmed, without empty items.
     fn admin_identities(&self) -> Vec<String> {
-        self.admin_identities
-            .iter()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect()
+        trimmed(&self.admin_identities)
     }
 
     /// Reads the certificate, key, CA and token files the flags name; the
     /// error names the flag and the file.
     pub fn security(&self) -> Result<SecuritySetup, ConfigError> {
         self.check_security()?;
-        fn read(flag: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-            std::fs::read(path)
-                .map_err(|e| ConfigError(format!("{flag} {}: cannot read: {e}", path.display())))
-        }
-        let mut setup = SecuritySetup::default();
+        self.check_replicas()?;
+        let mut setup = SecuritySetup {
+            etcd_tls: self.etcd_tls()?,
+            ..SecuritySetup::default()
+        };
         if let Some(path) = &self.admin_token_file {
-            let token = AdminToken::from_file_contents(&read("--admin-token-file", path)?)
+            let token = AdminToken::from_file_contents(&read_file("--admin-token-file", path)?)
                 .map_err(|why| {
                     ConfigError(format!("--admin-token-file {}: {why}", path.display()))
                 })?;
+
             setup.grpc.auth = Auth::Token(token);
         }
         let (Some(cert_path), Some(key_path)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(setup);
         };
-        let cert = read("--tls-cert", cert_path)?;
-        let key = read("--tls-key", key_path)?;
+        let cert = read_file("--tls-cert", cert_path)?;
+        let key = read_file("--tls-key", key_path)?;
         let ca = match &self.tls_client_ca {
-            Some(path) => Some(read("--tls-client-ca", path)?),
+            Some(path) => Some(read_file("--tls-client-ca", path)?),
             None => None,
         };
         let named = |e: String| {
@@ -528,7 +579,37 @@ impl ServeArgs {
             setup.metrics_tls =
                 Some(tls::server_config(&cert, &key, None, &[b"http/1.1"]).map_err(named)?);
         }
+
         Ok(setup)
+    }
+
+    /// TLS to etcd from `--etcd-ca`, `--etcd-cert`, `--etcd-key` (None
+    /// without them: plaintext).
+    fn etcd_tls(&self) -> Result<Option<OutboundTls>, ConfigError> {
+        let Some(ca_path) = &self.etcd_ca else {
+            return Ok(None);
+        };
+        let ca = read_file("--etcd-ca", ca_path)?;
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some((
+                read_file("--etcd-cert", cert)?,
+                read_file("--etcd-key", key)?,
+            )),
+            _ => None,
+        };
+        let identity = identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+        OutboundTls::new(&ca, identity).map(Some).map_err(|e| {
+            let files = [
+                ("--etcd-ca", Some(ca_path)),
+                ("--etcd-cert", self.etcd_cert.as_ref()),
+                ("--etcd-key", self.etcd_key.as_ref()),
+            ]
+            .iter()
+            .filter_map(|(flag, path)| path.map(|p| format!("{flag} {}", p.display())))
+            .collect::<Vec<_>>()
+            .join(" / ");
+            ConfigError(format!("{files}: {e}"))
+        })
     }
 }
 
@@ -795,7 +876,7 @@ mod tests {
         ]);
         mutual.validate().unwrap();
         match mutual.security().unwrap().grpc.auth {
-            Auth::Mutual { admins } => {
+            Auth::Mutual { admins, .. } => {
                 let mut names: Vec<_> = admins.iter().cloned().collect();
                 names.sort();
                 assert_eq!(names, ["ops", "sched"]);
@@ -808,5 +889,137 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--tls-key") && e.contains("key"), "{e}");
+    }
+
+    /// A CA and, signed by it, a certificate for `localhost`/`127.0.0.1`
+    /// with `usages` (none: no extended key usage extension), as files.
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn new(usages: &[rcgen::ExtendedKeyUsagePurpose], sans: &[&str]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca_cert = ca.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca, ca_key);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            let mut params = rcgen::CertificateParams::new(sans).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.extended_key_usages = usages.to_vec();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+            std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+            std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
+            Self { dir }
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.dir.path().join(name).to_str().unwrap().to_owned()
+        }
+    }
+
+    const ETCD: &str = "etcd://127.0.0.1:2379";
+
+    #[test]
+    fn etcd_tls_flags_are_refused_where_they_make_no_sense() {
+        for (args, named) in [
+            (&["--etcd-ca", "ca.pem"][..], "--etcd-ca"),
+            (
+                &["--etcd-cert", "c.pem", "--etcd-key", "k.pem"],
+                "--etcd-cert",
+            ),
+            (&["--store", ETCD, "--etcd-cert", "c.pem"], "--etcd-key"),
+            (&["--store", ETCD, "--etcd-key", "k.pem"], "--etcd-cert"),
+            (
+                &[
+                    "--store",
+                    ETCD,
+                    "--etcd-cert",
+                    "c.pem",
+                    "--etcd-key",
+                    "k.pem",
+                ],
+                "--etcd-ca",
+            ),
+        ] {
+            let e = parse(args)
+                .validate()
+                .expect_err(&format!("{args:?} should be refused"))
+                .to_string();
+            assert!(e.contains(named), "{args:?}: {e}");
+        }
+        // TLS to etcd without a client certificate is fine.
+        parse(&["--store", ETCD, "--etcd-ca", "ca.pem"])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn etcd_tls_files_are_read_and_a_bad_one_is_named() {
+        let both = [
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let f = Files::new(&both, &["etcd-client"]);
+        let (c, k, ca) = (f.path("c.pem"), f.path("k.pem"), f.path("ca.pem"));
+        let setup = parse(&[
+            "--store",
+            ETCD,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &c,
+            "--etcd-key",
+            &k,
+        ])
+        .security()
+        .unwrap();
+        assert!(setup.etcd_tls.unwrap().has_client_certificate());
+        let setup = parse(&["--store", ETCD, "--etcd-ca", &ca])
+            .security()
+            .unwrap();
+        assert!(!setup.etcd_tls.unwrap().has_client_certificate());
+
+        let missing = f.path("nope.pem");
+        let e = parse(&["--store", ETCD, "--etcd-ca", &missing])
+            .security()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--etcd-ca") && e.contains("nope.pem"), "{e}");
+        // A key that is not one (the certificate given twice) is named.
+        let e = parse(&[
+            "--store",
+            ETCD,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &c,
+            "--etcd-key",
+            &c,
+        ])
+        .security()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--etcd-key") && e.contains("key"), "{e}");
+        // A key of another certificate.
+        let other = Files::new(&both, &["other"]);
+        let e = parse(&[
+            "--store",
+            ETCD,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &c,
+            "--etcd-key",
+            &other.path("k.pem"),
+        ])
+        .security()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("do not match"), "{e}");
     }
 }
