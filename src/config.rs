@@ -8,6 +8,7 @@
 //! made before start-up, alone or across flags, is made in
 //! [`ServeArgs::validate`], with a message that names the flag.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use crate::registry::{
     DEFAULT_MAX_HEARTBEATS_PER_SECOND, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, DEFAULT_STALL_THRESHOLD,
     DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_HISTORY, ExpiryGuardConfig, RegistryConfig,
 };
-
+use crate::replica::front::Forwarding;
 use crate::server::tls::OutboundTls;
 use crate::server::{
     AdminToken, Auth, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, DEFAULT_SHUTDOWN_GRACE,
@@ -228,6 +229,21 @@ pub struct ServeArgs {
     #[arg(long, env = "EXECUTOR_REGISTRY_METRICS_TLS")]
     pub metrics_tls: bool,
 
+    /// Replicas with --tls-client-ca: certificate identities of the
+    /// replicas, whose connections may name the caller of a call they
+    /// forward (default: the identity of this replica's own --tls-cert).
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_REPLICA_IDENTITIES",
+        value_delimiter = ','
+    )]
+    pub replica_identities: Vec<String>,
+
+    /// Replicas with --tls-cert: CA (PEM) a follower verifies the leader's
+    /// certificate against (default: --tls-client-ca; required without it).
+    #[arg(long, env = "EXECUTOR_REGISTRY_REPLICA_CA")]
+    pub replica_ca: Option<PathBuf>,
+
     /// CA (PEM) that signed etcd's certificate: talk to etcd over TLS.
     #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
@@ -248,7 +264,9 @@ pub struct SecuritySetup {
     pub grpc: Security,
     /// TLS for the metrics listener (`--metrics-tls`).
     pub metrics_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-
+    /// Replicas: how a follower reaches the leader and vouches for its
+    /// callers (default for a single process: unused).
+    pub forwarding: Forwarding,
     /// Replicas: TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
     pub etcd_tls: Option<OutboundTls>,
 }
@@ -433,6 +451,11 @@ impl ServeArgs {
                 ("--etcd-ca", self.etcd_ca.is_some()),
                 ("--etcd-cert", self.etcd_cert.is_some()),
                 ("--etcd-key", self.etcd_key.is_some()),
+                ("--replica-ca", self.replica_ca.is_some()),
+                (
+                    "--replica-identities",
+                    !self.replica_identities().is_empty(),
+                ),
             ] {
                 if given {
                     return err(format!(
@@ -472,14 +495,19 @@ impl ServeArgs {
                 "--etcd-cert/--etcd-key need --etcd-ca: the CA etcd's certificate is verified against (no system roots are loaded)".into(),
             );
         }
-
-        if self.tls_cert.is_some()
-            || self.tls_client_ca.is_some()
-            || self.admin_token_file.is_some()
-            || self.metrics_tls
-        {
+        if self.replica_ca.is_some() && self.tls_cert.is_none() {
             return err(
-                "--store etcd:// does not support --tls-cert, --tls-client-ca, --admin-token-file or --metrics-tls yet: a follower forwards calls to the leader without the caller's identity".into(),
+                "--replica-ca needs --tls-cert: without TLS, followers reach the leader in plaintext".into(),
+            );
+        }
+        if self.tls_cert.is_some() && self.tls_client_ca.is_none() && self.replica_ca.is_none() {
+            return err(
+                "--store etcd:// with --tls-cert but without --tls-client-ca needs --replica-ca: the CA a follower verifies the leader's certificate against".into(),
+            );
+        }
+        if !self.replica_identities().is_empty() && self.tls_client_ca.is_none() {
+            return err(
+                "--replica-identities needs --tls-client-ca: replicas recognise each other by client certificate".into(),
             );
         }
         Ok(())
@@ -531,6 +559,11 @@ impl ServeArgs {
         trimmed(&self.admin_identities)
     }
 
+    /// `--replica-identities`, trimmed, without empty items.
+    fn replica_identities(&self) -> Vec<String> {
+        trimmed(&self.replica_identities)
+    }
+
     /// Reads the certificate, key, CA and token files the flags name; the
     /// error names the flag and the file.
     pub fn security(&self) -> Result<SecuritySetup, ConfigError> {
@@ -545,7 +578,8 @@ impl ServeArgs {
                 .map_err(|why| {
                     ConfigError(format!("--admin-token-file {}: {why}", path.display()))
                 })?;
-
+            // A follower proves to the leader that it is a replica with it.
+            setup.forwarding.token = Some(token.clone());
             setup.grpc.auth = Auth::Token(token);
         }
         let (Some(cert_path), Some(key_path)) = (&self.tls_cert, &self.tls_key) else {
@@ -570,17 +604,86 @@ impl ServeArgs {
         };
         setup.grpc.tls =
             Some(tls::server_config(&cert, &key, ca.as_deref(), &[b"h2"]).map_err(named)?);
+        let replicas = matches!(self.store, StoreKind::Etcd(_));
         if ca.is_some() {
+            let replica_identities = if replicas {
+                self.replica_identities_or_own(cert_path, &cert)?
+            } else {
+                HashSet::new()
+            };
             setup.grpc.auth = Auth::Mutual {
                 admins: Arc::new(self.admin_identities().into_iter().collect()),
+                replicas: Arc::new(replica_identities),
             };
         }
         if self.metrics_tls {
             setup.metrics_tls =
                 Some(tls::server_config(&cert, &key, None, &[b"http/1.1"]).map_err(named)?);
         }
-
+        if replicas {
+            setup.forwarding.tls = Some(self.tls_to_the_leader(&cert, &key, ca.as_deref())?);
+        }
         Ok(setup)
+    }
+
+    /// How a follower connects to the leader when TLS is on: it verifies the
+    /// leader against `--replica-ca`, else the client CA (which signed the
+    /// replicas' certificates, since they present them to each other), and
+    /// under mutual TLS presents its own certificate.
+    fn tls_to_the_leader(
+        &self,
+        cert: &[u8],
+        key: &[u8],
+        client_ca: Option<&[u8]>,
+    ) -> Result<OutboundTls, ConfigError> {
+        let (flag, path, ca) = match (&self.replica_ca, &self.tls_client_ca, client_ca) {
+            (Some(path), _, _) => ("--replica-ca", path, read_file("--replica-ca", path)?),
+            (None, Some(path), Some(pem)) => ("--tls-client-ca", path, pem.to_vec()),
+            _ => {
+                return Err(ConfigError(
+                    "--store etcd:// with --tls-cert but without --tls-client-ca needs --replica-ca"
+                        .into(),
+                ));
+            }
+        };
+        let identity = client_ca.is_some().then_some((cert, key));
+        OutboundTls::new(&ca, identity).map_err(|e| {
+            ConfigError(format!(
+                "{flag} {} (verifying the leader), with this replica's --tls-cert/--tls-key as its client certificate: {e}",
+                path.display()
+            ))
+        })
+    }
+
+    /// Under mutual TLS on etcd: `--replica-identities`, else the identity
+    /// of this replica's own certificate — which it presents to the leader
+    /// as a client certificate, so it must allow client authentication.
+    fn replica_identities_or_own(
+        &self,
+        cert_path: &Path,
+        cert_pem: &[u8],
+    ) -> Result<HashSet<String>, ConfigError> {
+        let named = |e: String| ConfigError(format!("--tls-cert {}: {e}", cert_path.display()));
+        let leaf = tls::certificates(cert_pem)
+            .map_err(|e| named(format!("server certificate {e}")))?
+            .into_iter()
+            .next()
+            .expect("certificates() returns at least one or an error");
+        if !tls::allows_client_auth(&leaf) {
+            return Err(named(
+                "replicas present their own certificate to the leader as a client certificate, but its extended key usage lacks clientAuth: issue it for both serverAuth and clientAuth".into(),
+            ));
+        }
+        let listed = self.replica_identities();
+        if !listed.is_empty() {
+            return Ok(listed.into_iter().collect());
+        }
+        match tls::identity(&leaf) {
+            Some(own) => Ok([own].into()),
+            None => Err(named(
+                "names no identity (no DNS, URI or e-mail SAN, no CN) to recognise the other replicas by: give --replica-identities".into(),
+            )),
+        }
     }
 
     /// TLS to etcd from `--etcd-ca`, `--etcd-cert`, `--etcd-key` (None
@@ -925,13 +1028,162 @@ mod tests {
     const ETCD: &str = "etcd://127.0.0.1:2379";
 
     #[test]
-    fn etcd_tls_flags_are_refused_where_they_make_no_sense() {
+    fn every_security_flag_is_accepted_with_replicas() {
+        let both = [
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let f = Files::new(&both, &["replica.fleet", "127.0.0.1"]);
+        let (c, k, ca) = (f.path("c.pem"), f.path("k.pem"), f.path("ca.pem"));
+        let token = f.path("token");
+        std::fs::write(&token, "s3cret").unwrap();
+
+        // Mutual TLS: the replicas are known by this one's own identity,
+        // and a follower presents its certificate to the leader.
+        let mutual = parse(&[
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+            "--admin-identities",
+            "ops",
+            "--metrics-tls",
+        ]);
+        mutual.validate().unwrap();
+        let setup = mutual.security().unwrap();
+        match &setup.grpc.auth {
+            Auth::Mutual { replicas, .. } => {
+                assert_eq!(replicas.iter().collect::<Vec<_>>(), ["replica.fleet"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let tls = setup.forwarding.tls.as_ref().expect("TLS to the leader");
+        assert!(tls.has_client_certificate());
+        assert!(setup.forwarding.token.is_none());
+        assert!(setup.metrics_tls.is_some());
+
+        // --replica-identities overrides.
+        let listed = parse(&[
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+            "--replica-identities",
+            "r1, r2,",
+        ]);
+        match listed.security().unwrap().grpc.auth {
+            Auth::Mutual { replicas, .. } => {
+                let mut names: Vec<_> = replicas.iter().cloned().collect();
+                names.sort();
+                assert_eq!(names, ["r1", "r2"]);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Token mode over TLS: the leader verified against --replica-ca, no
+        // client certificate, the token as the replica's proof.
+        let token_tls = parse(&[
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--replica-ca",
+            &ca,
+            "--admin-token-file",
+            &token,
+        ]);
+        token_tls.validate().unwrap();
+        let setup = token_tls.security().unwrap();
+        assert!(
+            !setup
+                .forwarding
+                .tls
+                .as_ref()
+                .unwrap()
+                .has_client_certificate()
+        );
+        assert!(setup.forwarding.token.as_ref().unwrap().matches(b"s3cret"));
+        // Plaintext token mode.
+        let plain = parse(&["--store", ETCD, "--admin-token-file", &token]);
+        plain.validate().unwrap();
+        let setup = plain.security().unwrap();
+        assert!(setup.forwarding.tls.is_none() && setup.forwarding.token.is_some());
+        // A single process recognises no replica.
+        let single = parse(&["--tls-cert", &c, "--tls-key", &k, "--tls-client-ca", &ca]);
+        match single.security().unwrap().grpc.auth {
+            Auth::Mutual { replicas, .. } => assert!(replicas.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_replica_certificate_must_allow_client_authentication_and_name_an_identity() {
+        let server_only = Files::new(&[rcgen::ExtendedKeyUsagePurpose::ServerAuth], &["r.fleet"]);
+        let (c, k, ca) = (
+            server_only.path("c.pem"),
+            server_only.path("k.pem"),
+            server_only.path("ca.pem"),
+        );
+        let args = [
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+        ];
+        let e = parse(&args).security().unwrap_err().to_string();
+        assert!(e.contains("--tls-cert") && e.contains("clientAuth"), "{e}");
+        // Without replicas the same certificate is fine.
+        parse(&args[2..]).security().unwrap();
+
+        // No extended key usage at all allows every usage; but a
+        // certificate without a name needs --replica-identities.
+        let nameless = Files::new(&[], &["127.0.0.1"]);
+        let (c, k, ca) = (
+            nameless.path("c.pem"),
+            nameless.path("k.pem"),
+            nameless.path("ca.pem"),
+        );
+        let args = [
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+        ];
+        let e = parse(&args).security().unwrap_err().to_string();
+        assert!(e.contains("--replica-identities"), "{e}");
+        let mut named = args.to_vec();
+        named.extend(["--replica-identities", "r1"]);
+        parse(&named).security().unwrap();
+    }
+
+    #[test]
+    fn replica_and_etcd_tls_flags_are_refused_where_they_make_no_sense() {
         for (args, named) in [
             (&["--etcd-ca", "ca.pem"][..], "--etcd-ca"),
             (
                 &["--etcd-cert", "c.pem", "--etcd-key", "k.pem"],
                 "--etcd-cert",
             ),
+            (&["--replica-ca", "ca.pem"], "--replica-ca"),
+            (&["--replica-identities", "r1"], "--replica-identities"),
             (&["--store", ETCD, "--etcd-cert", "c.pem"], "--etcd-key"),
             (&["--store", ETCD, "--etcd-key", "k.pem"], "--etcd-cert"),
             (
@@ -944,6 +1196,26 @@ mod tests {
                     "k.pem",
                 ],
                 "--etcd-ca",
+            ),
+            (&["--store", ETCD, "--replica-ca", "ca.pem"], "--tls-cert"),
+            (
+                &["--store", ETCD, "--tls-cert", "c", "--tls-key", "k"],
+                "--replica-ca",
+            ),
+            (
+                &[
+                    "--store",
+                    ETCD,
+                    "--tls-cert",
+                    "c",
+                    "--tls-key",
+                    "k",
+                    "--replica-ca",
+                    "ca",
+                    "--replica-identities",
+                    "r1",
+                ],
+                "--tls-client-ca",
             ),
         ] {
             let e = parse(args)

@@ -154,6 +154,7 @@ async fn serve_replica(
     let options = ReplicaOptions {
         endpoints,
         etcd_tls: security.etcd_tls.clone(),
+        forwarding: security.forwarding.clone(),
         prefix: args.etcd_prefix.clone(),
         // etcd leases count whole seconds.
         lease: Duration::from_secs(args.leader_lease.as_secs_f64().ceil() as u64),
@@ -165,7 +166,8 @@ async fn serve_replica(
     let (front, replica) = executor_registry::replica::start(options, metrics.clone())
         .await
         .context("cannot start the replica (--store)")?;
-    tracing::info!(listen = %listener.local_addr()?, %advertise, metrics = %args.metrics_listen, etcd_tls = security.etcd_tls.is_some(), "executor-registry replica serving");
+    let (tls, admin_token) = describe(&security.grpc);
+    tracing::info!(listen = %listener.local_addr()?, %advertise, metrics = %args.metrics_listen, tls, admin_token, metrics_tls = security.metrics_tls.is_some(), etcd_tls = security.etcd_tls.is_some(), "executor-registry replica serving");
     // At shutdown the server cancels this: the replica steps down, which
     // ends the streams it serves, so the server can drain.
     let streams_stop = CancellationToken::new();
@@ -182,7 +184,7 @@ async fn serve_replica(
         streams_stop,
         grace: *args.shutdown_grace,
         max_concurrent_streams: Some(executor_registry::replica::MAX_FORWARDED_STREAMS),
-        security: server::Security::default(),
+        security: security.grpc,
         observer: metrics.clone(),
     };
     let stopped = server::serve_service(listener, front, admin, shutdown_signal(), serving).await?;

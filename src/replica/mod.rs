@@ -43,7 +43,7 @@ use crate::registry::{Registry, RegistryConfig};
 use crate::server::tls::OutboundTls;
 use crate::server::{Admission, Limits};
 use crate::store::EtcdStore;
-use front::{Front, Route};
+use front::{Forwarding, Front, Route};
 
 /// Most concurrent HTTP/2 streams per connection a replica accepts: a
 /// follower forwards every client's streams over one connection to the
@@ -61,6 +61,8 @@ pub struct ReplicaOptions {
     /// TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`); None:
     /// plaintext.
     pub etcd_tls: Option<OutboundTls>,
+    /// How a follower reaches the leader and vouches for its callers.
+    pub forwarding: Forwarding,
     /// Key prefix (`--etcd-prefix`).
     pub prefix: String,
     /// Leader lease (`--leader-lease`), whole seconds (etcd's unit).
@@ -180,7 +182,7 @@ pub async fn start(
             )));
         }
     }
-    let front = Front::default();
+    let front = Front::new(options.forwarding.clone());
     let stop = CancellationToken::new();
     let controller = Controller {
         keys,
