@@ -23,7 +23,8 @@ fi
 # - prometheus (and promtool): tests/prometheus.rs checks the exposition, the
 #   rules and the scrape config with promtool, and evaluates every dashboard
 #   and alert expression in a Prometheus of its own;
-# - etcd-server: tests/replicas.rs runs three replicas on an etcd of its own.
+# - etcd-server: tests/replicas.rs and tests/replicas_security.rs run three
+#   replicas on an etcd of their own (plaintext, or TLS with client certificates).
 # Each test starts its engine on free loopback ports with a temporary data
 # directory. The packages' own services are not wanted: where no policy-rc.d
 # already forbids them, one is put in place while this script runs.

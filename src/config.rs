@@ -8,6 +8,7 @@
 //! made before start-up, alone or across flags, is made in
 //! [`ServeArgs::validate`], with a message that names the flag.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ use crate::registry::{
     DEFAULT_MAX_HEARTBEATS_PER_SECOND, DEFAULT_MAX_TTL, DEFAULT_MIN_TTL, DEFAULT_STALL_THRESHOLD,
     DEFAULT_TOMBSTONE_RETENTION, DEFAULT_WATCH_HISTORY, ExpiryGuardConfig, RegistryConfig,
 };
+use crate::replica::front::Forwarding;
+use crate::server::tls::OutboundTls;
 use crate::server::{
     AdminToken, Auth, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, DEFAULT_SHUTDOWN_GRACE,
     Security, tls,
@@ -229,6 +232,33 @@ pub struct ServeArgs {
     /// client certificates asked).
     #[arg(long, env = "EXECUTOR_REGISTRY_METRICS_TLS")]
     pub metrics_tls: bool,
+
+    /// Replicas with --tls-client-ca: certificate identities of the
+    /// replicas, whose connections may name the caller of a call they
+    /// forward (default: the identity of this replica's own --tls-cert).
+    #[arg(
+        long,
+        env = "EXECUTOR_REGISTRY_REPLICA_IDENTITIES",
+        value_delimiter = ','
+    )]
+    pub replica_identities: Vec<String>,
+
+    /// Replicas with --tls-cert: CA (PEM) a follower verifies the leader's
+    /// certificate against (default: --tls-client-ca; required without it).
+    #[arg(long, env = "EXECUTOR_REGISTRY_REPLICA_CA")]
+    pub replica_ca: Option<PathBuf>,
+
+    /// CA (PEM) that signed etcd's certificate: talk to etcd over TLS.
+    #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to etcd (with --etcd-key).
+    #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "EXECUTOR_REGISTRY_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// The security settings the flags describe, files read.
@@ -238,6 +268,11 @@ pub struct SecuritySetup {
     pub grpc: Security,
     /// TLS for the metrics listener (`--metrics-tls`).
     pub metrics_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Replicas: how a follower reaches the leader and vouches for its
+    /// callers (default for a single process: unused).
+    pub forwarding: Forwarding,
+    /// Replicas: TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub etcd_tls: Option<OutboundTls>,
 }
 
 /// Which membership store to run on (`--store`).
@@ -286,6 +321,21 @@ impl fmt::Display for StoreKind {
             StoreKind::Etcd(endpoints) => write!(f, "etcd://{}", endpoints.join(",")),
         }
     }
+}
+
+/// The contents of the file `flag` names; the error names both.
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError(format!("{flag} {}: cannot read: {e}", path.display())))
+}
+
+/// Items of a comma-separated list flag, trimmed, without empty ones.
+fn trimmed(items: &[String]) -> Vec<String> {
+    items
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// A refused flag combination; the message names the flag.
@@ -397,10 +447,28 @@ impl ServeArgs {
         Ok(Some(ExpiryGuardConfig { fraction, max_hold }))
     }
 
-    /// The flags of replicas on etcd, when `--store` is etcd.
+    /// The flags of replicas on etcd: those that need `--store etcd://`,
+    /// and, when it is, their values and combinations.
     fn check_replicas(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
         let StoreKind::Etcd(_) = self.store else {
+            for (flag, given) in [
+                ("--etcd-ca", self.etcd_ca.is_some()),
+                ("--etcd-cert", self.etcd_cert.is_some()),
+                ("--etcd-key", self.etcd_key.is_some()),
+                ("--replica-ca", self.replica_ca.is_some()),
+                (
+                    "--replica-identities",
+                    !self.replica_identities().is_empty(),
+                ),
+            ] {
+                if given {
+                    return err(format!(
+                        "{flag} is for replicas: it only makes sense with --store etcd://host:port (--store is {})",
+                        self.store
+                    ));
+                }
+            }
             return Ok(());
         };
         if *self.leader_lease < Duration::from_secs(1) {
@@ -424,13 +492,27 @@ impl ServeArgs {
                 self.listen
             ));
         }
-        if self.tls_cert.is_some()
-            || self.tls_client_ca.is_some()
-            || self.admin_token_file.is_some()
-            || self.metrics_tls
-        {
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return err("--etcd-cert and --etcd-key go together: give both or neither".into());
+        }
+        if self.etcd_cert.is_some() && self.etcd_ca.is_none() {
             return err(
-                "--store etcd:// does not support --tls-cert, --tls-client-ca, --admin-token-file or --metrics-tls yet: a follower forwards calls to the leader without the caller's identity".into(),
+                "--etcd-cert/--etcd-key need --etcd-ca: the CA etcd's certificate is verified against (no system roots are loaded)".into(),
+            );
+        }
+        if self.replica_ca.is_some() && self.tls_cert.is_none() {
+            return err(
+                "--replica-ca needs --tls-cert: without TLS, followers reach the leader in plaintext".into(),
+            );
+        }
+        if self.tls_cert.is_some() && self.tls_client_ca.is_none() && self.replica_ca.is_none() {
+            return err(
+                "--store etcd:// with --tls-cert but without --tls-client-ca needs --replica-ca: the CA a follower verifies the leader's certificate against".into(),
+            );
+        }
+        if !self.replica_identities().is_empty() && self.tls_client_ca.is_none() {
+            return err(
+                "--replica-identities needs --tls-client-ca: replicas recognise each other by client certificate".into(),
             );
         }
         Ok(())
@@ -479,36 +561,39 @@ impl ServeArgs {
 
     /// `--admin-identities`, trimmed, without empty items.
     fn admin_identities(&self) -> Vec<String> {
-        self.admin_identities
-            .iter()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect()
+        trimmed(&self.admin_identities)
+    }
+
+    /// `--replica-identities`, trimmed, without empty items.
+    fn replica_identities(&self) -> Vec<String> {
+        trimmed(&self.replica_identities)
     }
 
     /// Reads the certificate, key, CA and token files the flags name; the
     /// error names the flag and the file.
     pub fn security(&self) -> Result<SecuritySetup, ConfigError> {
         self.check_security()?;
-        fn read(flag: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-            std::fs::read(path)
-                .map_err(|e| ConfigError(format!("{flag} {}: cannot read: {e}", path.display())))
-        }
-        let mut setup = SecuritySetup::default();
+        self.check_replicas()?;
+        let mut setup = SecuritySetup {
+            etcd_tls: self.etcd_tls()?,
+            ..SecuritySetup::default()
+        };
         if let Some(path) = &self.admin_token_file {
-            let token = AdminToken::from_file_contents(&read("--admin-token-file", path)?)
+            let token = AdminToken::from_file_contents(&read_file("--admin-token-file", path)?)
                 .map_err(|why| {
                     ConfigError(format!("--admin-token-file {}: {why}", path.display()))
                 })?;
+            // A follower proves to the leader that it is a replica with it.
+            setup.forwarding.token = Some(token.clone());
             setup.grpc.auth = Auth::Token(token);
         }
         let (Some(cert_path), Some(key_path)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(setup);
         };
-        let cert = read("--tls-cert", cert_path)?;
-        let key = read("--tls-key", key_path)?;
+        let cert = read_file("--tls-cert", cert_path)?;
+        let key = read_file("--tls-key", key_path)?;
         let ca = match &self.tls_client_ca {
-            Some(path) => Some(read("--tls-client-ca", path)?),
+            Some(path) => Some(read_file("--tls-client-ca", path)?),
             None => None,
         };
         let named = |e: String| {
@@ -524,16 +609,115 @@ impl ServeArgs {
         };
         setup.grpc.tls =
             Some(tls::server_config(&cert, &key, ca.as_deref(), &[b"h2"]).map_err(named)?);
+        let replicas = matches!(self.store, StoreKind::Etcd(_));
         if ca.is_some() {
+            let replica_identities = if replicas {
+                self.replica_identities_or_own(cert_path, &cert)?
+            } else {
+                HashSet::new()
+            };
             setup.grpc.auth = Auth::Mutual {
                 admins: Arc::new(self.admin_identities().into_iter().collect()),
+                replicas: Arc::new(replica_identities),
             };
         }
         if self.metrics_tls {
             setup.metrics_tls =
                 Some(tls::server_config(&cert, &key, None, &[b"http/1.1"]).map_err(named)?);
         }
+        if replicas {
+            setup.forwarding.tls = Some(self.tls_to_the_leader(&cert, &key, ca.as_deref())?);
+        }
         Ok(setup)
+    }
+
+    /// How a follower connects to the leader when TLS is on: it verifies the
+    /// leader against `--replica-ca`, else the client CA (which signed the
+    /// replicas' certificates, since they present them to each other), and
+    /// under mutual TLS presents its own certificate.
+    fn tls_to_the_leader(
+        &self,
+        cert: &[u8],
+        key: &[u8],
+        client_ca: Option<&[u8]>,
+    ) -> Result<OutboundTls, ConfigError> {
+        let (flag, path, ca) = match (&self.replica_ca, &self.tls_client_ca, client_ca) {
+            (Some(path), _, _) => ("--replica-ca", path, read_file("--replica-ca", path)?),
+            (None, Some(path), Some(pem)) => ("--tls-client-ca", path, pem.to_vec()),
+            _ => {
+                return Err(ConfigError(
+                    "--store etcd:// with --tls-cert but without --tls-client-ca needs --replica-ca"
+                        .into(),
+                ));
+            }
+        };
+        let identity = client_ca.is_some().then_some((cert, key));
+        OutboundTls::new(&ca, identity).map_err(|e| {
+            ConfigError(format!(
+                "{flag} {} (verifying the leader), with this replica's --tls-cert/--tls-key as its client certificate: {e}",
+                path.display()
+            ))
+        })
+    }
+
+    /// Under mutual TLS on etcd: `--replica-identities`, else the identity
+    /// of this replica's own certificate — which it presents to the leader
+    /// as a client certificate, so it must allow client authentication.
+    fn replica_identities_or_own(
+        &self,
+        cert_path: &Path,
+        cert_pem: &[u8],
+    ) -> Result<HashSet<String>, ConfigError> {
+        let named = |e: String| ConfigError(format!("--tls-cert {}: {e}", cert_path.display()));
+        let leaf = tls::certificates(cert_pem)
+            .map_err(|e| named(format!("server certificate {e}")))?
+            .into_iter()
+            .next()
+            .expect("certificates() returns at least one or an error");
+        if !tls::allows_client_auth(&leaf) {
+            return Err(named(
+                "replicas present their own certificate to the leader as a client certificate, but its extended key usage lacks clientAuth: issue it for both serverAuth and clientAuth".into(),
+            ));
+        }
+        let listed = self.replica_identities();
+        if !listed.is_empty() {
+            return Ok(listed.into_iter().collect());
+        }
+        match tls::identity(&leaf) {
+            Some(own) => Ok([own].into()),
+            None => Err(named(
+                "names no identity (no DNS, URI or e-mail SAN, no CN) to recognise the other replicas by: give --replica-identities".into(),
+            )),
+        }
+    }
+
+    /// TLS to etcd from `--etcd-ca`, `--etcd-cert`, `--etcd-key` (None
+    /// without them: plaintext).
+    fn etcd_tls(&self) -> Result<Option<OutboundTls>, ConfigError> {
+        let Some(ca_path) = &self.etcd_ca else {
+            return Ok(None);
+        };
+        let ca = read_file("--etcd-ca", ca_path)?;
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some((
+                read_file("--etcd-cert", cert)?,
+                read_file("--etcd-key", key)?,
+            )),
+            _ => None,
+        };
+        let identity = identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+        OutboundTls::new(&ca, identity).map(Some).map_err(|e| {
+            let files = [
+                ("--etcd-ca", Some(ca_path)),
+                ("--etcd-cert", self.etcd_cert.as_ref()),
+                ("--etcd-key", self.etcd_key.as_ref()),
+            ]
+            .iter()
+            .filter_map(|(flag, path)| path.map(|p| format!("{flag} {}", p.display())))
+            .collect::<Vec<_>>()
+            .join(" / ");
+            ConfigError(format!("{files}: {e}"))
+        })
     }
 }
 
@@ -800,7 +984,7 @@ mod tests {
         ]);
         mutual.validate().unwrap();
         match mutual.security().unwrap().grpc.auth {
-            Auth::Mutual { admins } => {
+            Auth::Mutual { admins, .. } => {
                 let mut names: Vec<_> = admins.iter().cloned().collect();
                 names.sort();
                 assert_eq!(names, ["ops", "sched"]);
@@ -813,5 +997,306 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--tls-key") && e.contains("key"), "{e}");
+    }
+
+    /// A CA and, signed by it, a certificate for `localhost`/`127.0.0.1`
+    /// with `usages` (none: no extended key usage extension), as files.
+    struct Files {
+        dir: tempfile::TempDir,
+    }
+
+    impl Files {
+        fn new(usages: &[rcgen::ExtendedKeyUsagePurpose], sans: &[&str]) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca_cert = ca.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca, ca_key);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            let mut params = rcgen::CertificateParams::new(sans).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.extended_key_usages = usages.to_vec();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+            std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+            std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
+            Self { dir }
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.dir.path().join(name).to_str().unwrap().to_owned()
+        }
+    }
+
+    const ETCD: &str = "etcd://127.0.0.1:2379";
+
+    #[test]
+    fn every_security_flag_is_accepted_with_replicas() {
+        let both = [
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let f = Files::new(&both, &["replica.fleet", "127.0.0.1"]);
+        let (c, k, ca) = (f.path("c.pem"), f.path("k.pem"), f.path("ca.pem"));
+        let token = f.path("token");
+        std::fs::write(&token, "s3cret").unwrap();
+
+        // Mutual TLS: the replicas are known by this one's own identity,
+        // and a follower presents its certificate to the leader.
+        let mutual = parse(&[
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+            "--admin-identities",
+            "ops",
+            "--metrics-tls",
+        ]);
+        mutual.validate().unwrap();
+        let setup = mutual.security().unwrap();
+        match &setup.grpc.auth {
+            Auth::Mutual { replicas, .. } => {
+                assert_eq!(replicas.iter().collect::<Vec<_>>(), ["replica.fleet"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let tls = setup.forwarding.tls.as_ref().expect("TLS to the leader");
+        assert!(tls.has_client_certificate());
+        assert!(setup.forwarding.token.is_none());
+        assert!(setup.metrics_tls.is_some());
+
+        // --replica-identities overrides.
+        let listed = parse(&[
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+            "--replica-identities",
+            "r1, r2,",
+        ]);
+        match listed.security().unwrap().grpc.auth {
+            Auth::Mutual { replicas, .. } => {
+                let mut names: Vec<_> = replicas.iter().cloned().collect();
+                names.sort();
+                assert_eq!(names, ["r1", "r2"]);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Token mode over TLS: the leader verified against --replica-ca, no
+        // client certificate, the token as the replica's proof.
+        let token_tls = parse(&[
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--replica-ca",
+            &ca,
+            "--admin-token-file",
+            &token,
+        ]);
+        token_tls.validate().unwrap();
+        let setup = token_tls.security().unwrap();
+        assert!(
+            !setup
+                .forwarding
+                .tls
+                .as_ref()
+                .unwrap()
+                .has_client_certificate()
+        );
+        assert!(setup.forwarding.token.as_ref().unwrap().matches(b"s3cret"));
+        // Plaintext token mode.
+        let plain = parse(&["--store", ETCD, "--admin-token-file", &token]);
+        plain.validate().unwrap();
+        let setup = plain.security().unwrap();
+        assert!(setup.forwarding.tls.is_none() && setup.forwarding.token.is_some());
+        // A single process recognises no replica.
+        let single = parse(&["--tls-cert", &c, "--tls-key", &k, "--tls-client-ca", &ca]);
+        match single.security().unwrap().grpc.auth {
+            Auth::Mutual { replicas, .. } => assert!(replicas.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_replica_certificate_must_allow_client_authentication_and_name_an_identity() {
+        let server_only = Files::new(&[rcgen::ExtendedKeyUsagePurpose::ServerAuth], &["r.fleet"]);
+        let (c, k, ca) = (
+            server_only.path("c.pem"),
+            server_only.path("k.pem"),
+            server_only.path("ca.pem"),
+        );
+        let args = [
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+        ];
+        let e = parse(&args).security().unwrap_err().to_string();
+        assert!(e.contains("--tls-cert") && e.contains("clientAuth"), "{e}");
+        // Without replicas the same certificate is fine.
+        parse(&args[2..]).security().unwrap();
+
+        // No extended key usage at all allows every usage; but a
+        // certificate without a name needs --replica-identities.
+        let nameless = Files::new(&[], &["127.0.0.1"]);
+        let (c, k, ca) = (
+            nameless.path("c.pem"),
+            nameless.path("k.pem"),
+            nameless.path("ca.pem"),
+        );
+        let args = [
+            "--store",
+            ETCD,
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-client-ca",
+            &ca,
+        ];
+        let e = parse(&args).security().unwrap_err().to_string();
+        assert!(e.contains("--replica-identities"), "{e}");
+        let mut named = args.to_vec();
+        named.extend(["--replica-identities", "r1"]);
+        parse(&named).security().unwrap();
+    }
+
+    #[test]
+    fn replica_and_etcd_tls_flags_are_refused_where_they_make_no_sense() {
+        for (args, named) in [
+            (&["--etcd-ca", "ca.pem"][..], "--etcd-ca"),
+            (
+                &["--etcd-cert", "c.pem", "--etcd-key", "k.pem"],
+                "--etcd-cert",
+            ),
+            (&["--replica-ca", "ca.pem"], "--replica-ca"),
+            (&["--replica-identities", "r1"], "--replica-identities"),
+            (&["--store", ETCD, "--etcd-cert", "c.pem"], "--etcd-key"),
+            (&["--store", ETCD, "--etcd-key", "k.pem"], "--etcd-cert"),
+            (
+                &[
+                    "--store",
+                    ETCD,
+                    "--etcd-cert",
+                    "c.pem",
+                    "--etcd-key",
+                    "k.pem",
+                ],
+                "--etcd-ca",
+            ),
+            (&["--store", ETCD, "--replica-ca", "ca.pem"], "--tls-cert"),
+            (
+                &["--store", ETCD, "--tls-cert", "c", "--tls-key", "k"],
+                "--replica-ca",
+            ),
+            (
+                &[
+                    "--store",
+                    ETCD,
+                    "--tls-cert",
+                    "c",
+                    "--tls-key",
+                    "k",
+                    "--replica-ca",
+                    "ca",
+                    "--replica-identities",
+                    "r1",
+                ],
+                "--tls-client-ca",
+            ),
+        ] {
+            let e = parse(args)
+                .validate()
+                .expect_err(&format!("{args:?} should be refused"))
+                .to_string();
+            assert!(e.contains(named), "{args:?}: {e}");
+        }
+        // TLS to etcd without a client certificate is fine.
+        parse(&["--store", ETCD, "--etcd-ca", "ca.pem"])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn etcd_tls_files_are_read_and_a_bad_one_is_named() {
+        let both = [
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let f = Files::new(&both, &["etcd-client"]);
+        let (c, k, ca) = (f.path("c.pem"), f.path("k.pem"), f.path("ca.pem"));
+        let setup = parse(&[
+            "--store",
+            ETCD,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &c,
+            "--etcd-key",
+            &k,
+        ])
+        .security()
+        .unwrap();
+        assert!(setup.etcd_tls.unwrap().has_client_certificate());
+        let setup = parse(&["--store", ETCD, "--etcd-ca", &ca])
+            .security()
+            .unwrap();
+        assert!(!setup.etcd_tls.unwrap().has_client_certificate());
+
+        let missing = f.path("nope.pem");
+        let e = parse(&["--store", ETCD, "--etcd-ca", &missing])
+            .security()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--etcd-ca") && e.contains("nope.pem"), "{e}");
+        // A key that is not one (the certificate given twice) is named.
+        let e = parse(&[
+            "--store",
+            ETCD,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &c,
+            "--etcd-key",
+            &c,
+        ])
+        .security()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--etcd-key") && e.contains("key"), "{e}");
+        // A key of another certificate.
+        let other = Files::new(&both, &["other"]);
+        let e = parse(&[
+            "--store",
+            ETCD,
+            "--etcd-ca",
+            &ca,
+            "--etcd-cert",
+            &c,
+            "--etcd-key",
+            &other.path("k.pem"),
+        ])
+        .security()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("do not match"), "{e}");
     }
 }

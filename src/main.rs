@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::time::Duration;
 
-use executor_registry::config::{ServeArgs, StoreKind};
+use executor_registry::config::{SecuritySetup, ServeArgs, StoreKind};
 use executor_registry::registry::Registry;
 use executor_registry::registry::{MembershipStore, MemoryStore};
 use executor_registry::replica::ReplicaOptions;
@@ -68,7 +68,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store: Box<dyn MembershipStore> = match &args.store {
         StoreKind::Etcd(endpoints) => {
             let endpoints = endpoints.clone();
-            return serve_replica(args, config, endpoints).await;
+            return serve_replica(args, config, endpoints, security).await;
         }
         StoreKind::Memory => Box::new(MemoryStore::volatile()),
         StoreKind::Sqlite => Box::new(SqliteStore::open(&args.data_dir).with_context(|| {
@@ -81,12 +81,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (listener, metrics) = listen(&args, security.metrics_tls.clone()).await?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
-    let tls = match (&security.grpc.tls, &security.grpc.auth) {
-        (None, _) => "off",
-        (Some(_), server::Auth::Mutual { .. }) => "mutual",
-        (Some(_), _) => "on",
-    };
-    let admin_token = matches!(security.grpc.auth, server::Auth::Token(_));
+    let (tls, admin_token) = describe(&security.grpc);
     tracing::info!(listen = %listener.local_addr()?, metrics = %args.metrics_listen, tls, admin_token, metrics_tls = security.metrics_tls.is_some(), "executor-registry serving");
     let options = server::ServeOptions {
         grace: *args.shutdown_grace,
@@ -105,6 +100,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics.flush();
     tracing::info!("bye");
     Ok(())
+}
+
+/// For the start-up log: TLS on the listener (`off`, `on`, `mutual`), and
+/// whether the admin token guards it.
+fn describe(security: &server::Security) -> (&'static str, bool) {
+    let tls = match (&security.tls, &security.auth) {
+        (None, _) => "off",
+        (Some(_), server::Auth::Mutual { .. }) => "mutual",
+        (Some(_), _) => "on",
+    };
+    (tls, matches!(security.auth, server::Auth::Token(_)))
 }
 
 /// Binds the gRPC listener and serves `/metrics` (over TLS with `metrics_tls`).
@@ -134,8 +140,9 @@ async fn serve_replica(
     args: ServeArgs,
     config: executor_registry::registry::RegistryConfig,
     endpoints: Vec<String>,
+    security: SecuritySetup,
 ) -> anyhow::Result<()> {
-    let (listener, metrics) = listen(&args, None).await?;
+    let (listener, metrics) = listen(&args, security.metrics_tls.clone()).await?;
     // Not the leader until elected (the exporter starts at 1 for a single
     // process).
     metrics.start_as_follower();
@@ -146,6 +153,8 @@ async fn serve_replica(
     });
     let options = ReplicaOptions {
         endpoints,
+        etcd_tls: security.etcd_tls.clone(),
+        forwarding: security.forwarding.clone(),
         prefix: args.etcd_prefix.clone(),
         // etcd leases count whole seconds.
         lease: Duration::from_secs(args.leader_lease.as_secs_f64().ceil() as u64),
@@ -154,8 +163,10 @@ async fn serve_replica(
         limits: args.limits(),
     };
     let (front, replica) = executor_registry::replica::start(options, metrics.clone())
+        .await
         .context("cannot start the replica (--store)")?;
-    tracing::info!(listen = %listener.local_addr()?, %advertise, metrics = %args.metrics_listen, "executor-registry replica serving");
+    let (tls, admin_token) = describe(&security.grpc);
+    tracing::info!(listen = %listener.local_addr()?, %advertise, metrics = %args.metrics_listen, tls, admin_token, metrics_tls = security.metrics_tls.is_some(), etcd_tls = security.etcd_tls.is_some(), "executor-registry replica serving");
     // At shutdown the server cancels this: the replica steps down, which
     // ends the streams it serves, so the server can drain.
     let streams_stop = CancellationToken::new();
@@ -172,7 +183,7 @@ async fn serve_replica(
         streams_stop,
         grace: *args.shutdown_grace,
         max_concurrent_streams: Some(executor_registry::replica::MAX_FORWARDED_STREAMS),
-        security: server::Security::default(),
+        security: security.grpc,
         observer: metrics.clone(),
     };
     let stopped = server::serve_service(listener, front, admin, shutdown_signal(), serving).await?;

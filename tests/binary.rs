@@ -76,31 +76,36 @@ fn bad_flags_from_the_environment_are_refused_with_the_flag_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--expiry-guard-fraction"), "{stderr}");
 
-    // Replicas forward calls without the caller's identity: security flags
-    // are refused with --store etcd rather than silently unenforced.
-    let token = tempfile::NamedTempFile::new().expect("token file");
-    std::fs::write(token.path(), "s3cret-token").expect("write token");
+    // The etcd TLS flags are for replicas, and their key goes with the
+    // certificate: refused, naming the flag.
+    let out = run(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("EXECUTOR_REGISTRY_ETCD_CA", "/nonexistent/ca.pem")],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--etcd-ca") && stderr.contains("--store etcd://"),
+        "{stderr}"
+    );
     let out = run(
         &[
             "serve",
             "--listen",
             "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
             "--store",
             "etcd://127.0.0.1:1",
-            "--admin-token-file",
-            token.path().to_str().expect("utf-8 path"),
+            "--etcd-ca",
+            "/nonexistent/ca.pem",
         ],
-        &[],
+        &[("EXECUTOR_REGISTRY_ETCD_CERT", "/nonexistent/cert.pem")],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--store etcd://") && stderr.contains("--admin-token-file"),
+        stderr.contains("--etcd-cert") && stderr.contains("--etcd-key"),
         "{stderr}"
     );
-    assert!(!stderr.contains("s3cret-token"), "{stderr}");
 
     let out = run(&["serve", "--init-heartbeat-ttl", "soon"], &[]);
     assert!(!out.status.success());
@@ -131,6 +136,12 @@ fn bad_flags_from_the_environment_are_refused_with_the_flag_named() {
         "--tls-client-ca",
         "--admin-identities",
         "--admin-token-file",
+        "--replica-identities",
+        "--replica-ca",
+        "--etcd-ca",
+        "--etcd-cert",
+        "--etcd-key",
+        "EXECUTOR_REGISTRY_ETCD_CA",
         "--expiry-guard-fraction",
         "--expiry-guard-max-hold",
         "EXECUTOR_REGISTRY_LISTEN",
@@ -163,6 +174,52 @@ fn environment_variables_set_flags() {
         stderr.contains(&addr) && stderr.contains("--listen"),
         "{stderr}"
     );
+}
+
+/// Security flags work with replicas (they were once refused), and an etcd
+/// that is not there at all is waited for, not a reason to exit: the replica
+/// serves, answering UNAVAILABLE until a leader is elected.
+#[tokio::test]
+async fn a_replica_with_the_admin_token_waits_for_an_unreachable_etcd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "s3cret-token").expect("write token");
+    let log = dir.path().join("registry.log");
+    let unreachable = format!("etcd://{}", support::process::free_addr());
+    let process = RegistryProcess::start_logged(
+        dir.path(),
+        &[
+            "--store",
+            &unreachable,
+            "--admin-token-file",
+            token.to_str().expect("utf-8 path"),
+        ],
+        &log,
+    );
+    let mut client = RegistryClient::new(process.channel().await);
+    let status = client
+        .count_executors(executor_registry::proto::CountExecutorsRequest::default())
+        .await
+        .expect_err("no leader without etcd");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("no registry leader"),
+        "{status:?}"
+    );
+    // An open connection would hold the graceful shutdown for its grace.
+    drop(client);
+    process.signal("-TERM");
+    // Waited for off the runtime, which must close the connection.
+    let code = tokio::task::spawn_blocking(move || {
+        let mut process = process;
+        process.wait(Duration::from_secs(20))
+    })
+    .await
+    .expect("wait");
+    assert_eq!(code, Some(0));
+    let log = std::fs::read_to_string(&log).expect("read the log");
+    assert!(log.contains("cannot reach etcd"), "{log}");
+    assert!(!log.contains("s3cret-token"), "{log}");
 }
 
 #[tokio::test]

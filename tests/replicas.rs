@@ -20,7 +20,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +30,8 @@ use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{
     HeartbeatBatchRequest, HeartbeatRequest, HeartbeatStatus, ListExecutorsRequest,
 };
-use support::process::{RegistryProcess, free_addr};
+use support::etcd::EtcdProcess;
+use support::process::RegistryProcess;
 use tonic::transport::Channel;
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -43,60 +43,6 @@ const PREFIX: &str = "/test-registry";
 /// The tests run one at a time: each runs an etcd, three replicas and a
 /// load, and on a small machine two at once starve each other's leases.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A throwaway etcd on free loopback ports, killed on drop.
-struct EtcdProcess {
-    child: Child,
-    client: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl EtcdProcess {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let client = free_addr();
-        let peer = free_addr();
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.path().join("etcd"))
-            .args(["--name", "test"])
-            .args(["--listen-client-urls", &format!("http://{client}")])
-            .args(["--advertise-client-urls", &format!("http://{client}")])
-            .args(["--listen-peer-urls", &format!("http://{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
-            .args(["--initial-cluster", &format!("test=http://{peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd (Debian package etcd-server)");
-        Self {
-            child,
-            client,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("etcd://{}", self.client)
-    }
-
-    async fn client(&self) -> Etcd {
-        let etcd = Etcd::new(&[self.client.to_string()]).expect("etcd client");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while etcd.range_prefix(b"/").await.is_err() {
-            assert!(Instant::now() < deadline, "etcd never came up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        etcd
-    }
-}
-
-impl Drop for EtcdProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn start_replica(etcd: &EtcdProcess, dir: &Path, log: &Path, extra: &[&str]) -> RegistryProcess {
     let store = etcd.url();

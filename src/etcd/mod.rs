@@ -1,7 +1,10 @@
 //! A small etcd v3 client over the generated `etcdserverpb` stubs, and the
 //! registry's key layout in etcd.
 //!
-//! Owns: the gRPC channel to the etcd endpoints, paginated prefix reads,
+//! Owns: the gRPC channel to the etcd endpoints (plaintext, or TLS with a
+//! CA and optionally a client certificate), the start-up probe that tells
+//! an etcd that is not there from one this client cannot talk to
+//! ([`Etcd::probe`]), paginated prefix reads,
 //! fenced transactions chunked under etcd's per-transaction operation limit,
 //! and leases (grant, keep-alive, revoke); and [`Keys`], where each thing
 //! lives under `--etcd-prefix`. Used by the etcd store and by the
@@ -21,6 +24,8 @@ use tokio::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::server::tls::OutboundTls;
 
 /// The generated etcd types (the subset in `proto/etcd/etcd.proto`).
 #[allow(missing_docs, clippy::all)]
@@ -161,25 +166,81 @@ impl std::fmt::Debug for Etcd {
     }
 }
 
+/// What a probe of etcd found ([`Etcd::probe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// etcd answered: with data, or with a gRPC error of its own (no
+    /// leader yet, say), which the caller's retries deal with.
+    Answered,
+    /// Nothing answered: the connection was refused, found no route, or
+    /// timed out. etcd may be down or still starting; worth retrying.
+    Unreachable(String),
+    /// A connection was made but no call got through: the TLS handshake
+    /// failed, or the server did not speak (plaintext) HTTP/2 — TLS on one
+    /// side only, a CA that did not sign etcd's certificate, a client
+    /// certificate missing or refused. Retrying will not help.
+    Mismatch(String),
+}
+
+/// Walks an error's sources: unreachable when any is an I/O error of a
+/// connection that was never made (or timed out), a mismatch otherwise.
+fn classify(error: &(dyn std::error::Error + 'static)) -> Reach {
+    use std::io::ErrorKind;
+    let mut innermost = error;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    // "connection closed", "invalid peer certificate: UnknownIssuer", …
+    let described = innermost.to_string();
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::TimedOut
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::AddrNotAvailable
+            )
+        {
+            return Reach::Unreachable(described);
+        }
+        source = e.source();
+    }
+    Reach::Mismatch(described)
+}
+
 impl Etcd {
-    /// A client balancing over `endpoints` (`host:port`); connects lazily.
+    /// A plaintext client balancing over `endpoints` (`host:port`);
+    /// connects lazily.
     pub fn new(endpoints: &[String]) -> Result<Self, EtcdError> {
+        Self::connect(endpoints, None)
+    }
+
+    /// A client balancing over `endpoints` (`host:port`), over TLS with
+    /// `tls` (`https://`), plaintext without; connects lazily.
+    pub fn connect(endpoints: &[String], tls: Option<&OutboundTls>) -> Result<Self, EtcdError> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let list = endpoints
             .iter()
             .map(|e| {
                 let uri = if e.contains("://") {
                     e.clone()
                 } else {
-                    format!("http://{e}")
+                    format!("{scheme}://{e}")
                 };
-                Endpoint::from_shared(uri)
-                    .map(|ep| {
-                        ep.connect_timeout(Duration::from_secs(2))
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(5))
-                            .keep_alive_timeout(Duration::from_secs(3))
-                    })
-                    .map_err(|err| EtcdError::Call(format!("bad etcd endpoint {e:?}: {err}")))
+                let bad = |err: String| EtcdError::Call(format!("bad etcd endpoint {e:?}: {err}"));
+                let endpoint = Endpoint::from_shared(uri).map_err(|err| bad(err.to_string()))?;
+                let endpoint = match tls {
+                    Some(tls) => tls.apply(endpoint).map_err(|err| bad(err.to_string()))?,
+                    None => endpoint,
+                };
+                Ok(endpoint
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(3)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let channel = match list.as_slice() {
@@ -191,6 +252,27 @@ impl Etcd {
             kv: KvClient::new(channel.clone()).max_decoding_message_size(256 << 20),
             lease: LeaseClient::new(channel),
         })
+    }
+
+    /// One cheap read (a count of one key), to learn whether etcd can be
+    /// talked to at all, within `within`. A gRPC error from etcd itself
+    /// counts as an answer.
+    pub async fn probe(&self, key: &[u8], within: Duration) -> Reach {
+        let request = RangeRequest {
+            key: key.to_vec(),
+            count_only: true,
+            ..Default::default()
+        };
+        let mut kv = self.kv.clone();
+        match tokio::time::timeout(within, kv.range(request)).await {
+            Err(_) => Reach::Unreachable(format!("no answer within {within:?}")),
+            Ok(Ok(_)) => Reach::Answered,
+            Ok(Err(status)) => match std::error::Error::source(&status) {
+                // A status etcd sent carries no transport error.
+                None => Reach::Answered,
+                Some(_) => classify(&status),
+            },
+        }
     }
 
     /// Every key-value whose key starts with `prefix`, in key order, read in
@@ -385,6 +467,82 @@ impl Etcd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn no_connection_is_unreachable_and_a_failed_conversation_a_mismatch() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::TimedOut,
+            ErrorKind::HostUnreachable,
+        ] {
+            let reach = classify(&Wrapped(Error::from(kind)));
+            assert!(
+                matches!(reach, Reach::Unreachable(_)),
+                "{kind:?}: {reach:?}"
+            );
+        }
+        for error in [
+            Error::from(ErrorKind::ConnectionReset),
+            Error::from(ErrorKind::UnexpectedEof),
+            Error::new(
+                ErrorKind::InvalidData,
+                "invalid peer certificate: UnknownIssuer",
+            ),
+        ] {
+            let reach = classify(&Wrapped(error));
+            assert!(matches!(reach, Reach::Mismatch(_)), "{reach:?}");
+        }
+        // The innermost cause is what is reported.
+        let reach = classify(&Wrapped(Error::new(
+            ErrorKind::InvalidData,
+            "bad certificate",
+        )));
+        assert_eq!(reach, Reach::Mismatch("bad certificate".into()));
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_unreachable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let etcd = Etcd::new(&[port.to_string()]).unwrap();
+        let reach = etcd.probe(b"/k", Duration::from_secs(5)).await;
+        assert!(matches!(reach, Reach::Unreachable(_)), "{reach:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_does_not_speak_grpc_is_a_mismatch() {
+        // Accepts, reads a little, hangs up: what a TLS-only etcd does to
+        // a plaintext client.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                use tokio::io::AsyncReadExt as _;
+                let mut buf = [0u8; 64];
+                let _ = conn.read(&mut buf).await;
+            }
+        });
+        let etcd = Etcd::new(&[addr.to_string()]).unwrap();
+        let reach = etcd.probe(b"/k", Duration::from_secs(5)).await;
+        assert!(matches!(reach, Reach::Mismatch(_)), "{reach:?}");
+    }
 
     #[test]
     fn prefix_end_increments_the_last_byte_that_can_be() {

@@ -9,6 +9,15 @@
 //! streaming, is forwarded the same way: the request's HTTP/2 stream is
 //! relayed as is over a tonic channel, so the proxy decodes nothing.
 //!
+//! Security ([`Forwarding`]): with TLS on, the channel to the leader is TLS,
+//! the leader's certificate verified against a CA, and under mutual TLS this
+//! replica presents its own certificate. Before relaying a call the front
+//! removes any [`FORWARDED_IDENTITY`] or [`REPLICA_TOKEN`] header the client
+//! sent and names the caller this replica's auth layer authenticated (with
+//! the admin token as proof in token mode); the leader's auth layer believes
+//! that only from a replica ([`crate::server::auth`]), so authorization is
+//! decided on the client's own identity whichever replica it reached.
+//!
 //! Must not touch: membership; it holds no state but the route.
 
 use std::convert::Infallible;
@@ -27,7 +36,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::registry_server::RegistryServer;
-use crate::server::{AdminService, FramingChecked, RegistryService};
+use crate::registry::Caller;
+use crate::server::auth::{Authenticated, FORWARDED_IDENTITY, REPLICA_TOKEN};
+use crate::server::tls::OutboundTls;
+use crate::server::{AdminService, AdminToken, FramingChecked, RegistryService};
 
 /// Response metadata naming the leader's advertise address (SPEC §3).
 pub const LEADER_HEADER: &str = crate::client::LEADER_METADATA;
@@ -61,21 +73,41 @@ pub enum Route {
     },
 }
 
+/// How a follower reaches the leader and vouches for its callers. The
+/// default is plaintext with nobody to vouch for (every caller trusted).
+#[derive(Debug, Clone, Default)]
+pub struct Forwarding {
+    /// TLS to the leader (None: plaintext): the CA its certificate must
+    /// chain to, and under mutual TLS this replica's own certificate.
+    pub tls: Option<OutboundTls>,
+    /// Token mode: the admin token, sent in [`REPLICA_TOKEN`] as proof
+    /// that the caller named in [`FORWARDED_IDENTITY`] was authenticated by
+    /// a replica.
+    pub token: Option<AdminToken>,
+}
+
 /// The routed service (cheap to clone; clones share the route).
 #[derive(Clone)]
 pub struct Front {
     route: Arc<ArcSwap<Route>>,
+    forwarding: Arc<Forwarding>,
 }
 
 impl Default for Front {
     fn default() -> Self {
-        Self {
-            route: Arc::new(ArcSwap::from_pointee(Route::Unknown)),
-        }
+        Self::new(Forwarding::default())
     }
 }
 
 impl Front {
+    /// A front with no leader yet, forwarding as `forwarding` says.
+    pub fn new(forwarding: Forwarding) -> Self {
+        Self {
+            route: Arc::new(ArcSwap::from_pointee(Route::Unknown)),
+            forwarding: Arc::new(forwarding),
+        }
+    }
+
     /// Sets the route for calls from now on; calls forwarded on the
     /// previous route end (see [`Route::Remote::gone`]).
     pub fn set(&self, route: Route) {
@@ -95,12 +127,23 @@ impl Front {
         {
             return;
         }
+        let scheme = if self.forwarding.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let uri = if leader.contains("://") {
             leader.to_owned()
         } else {
-            format!("http://{leader}")
+            format!("{scheme}://{leader}")
         };
-        match Endpoint::from_shared(uri) {
+        let endpoint = Endpoint::from_shared(uri).map_err(|e| e.to_string());
+        let endpoint = match (&self.forwarding.tls, endpoint) {
+            (Some(tls), Ok(endpoint)) => tls.apply(endpoint).map_err(|e| e.to_string()),
+            (None, endpoint) => endpoint,
+            (_, Err(e)) => Err(e),
+        };
+        match endpoint {
             Ok(endpoint) => {
                 let channel = endpoint
                     .connect_timeout(std::time::Duration::from_secs(1))
@@ -179,10 +222,39 @@ impl Service<Request<Body>> for Front {
 }
 
 impl Front {
+    /// Replaces whatever the client sent in the identity headers with the
+    /// caller this replica authenticated (nothing when every caller is
+    /// trusted), and the replica's proof in token mode.
+    fn vouch(forwarding: &Forwarding, request: &mut Request<Body>) -> Result<(), tonic::Status> {
+        let caller = request
+            .extensions()
+            .get::<Authenticated>()
+            .map(|a| a.caller.clone());
+        let headers = request.headers_mut();
+        headers.remove(FORWARDED_IDENTITY);
+        headers.remove(REPLICA_TOKEN);
+        let Some(Caller::Identity { name, .. }) = caller else {
+            return Ok(());
+        };
+        // Certificate identities hold no control characters (`tls::identity`)
+        // and `peer:<ip>` none either: this refusal is for a broken invariant.
+        let value = HeaderValue::from_bytes(name.as_bytes()).map_err(|_| {
+            tonic::Status::unauthenticated(
+                "the caller's identity cannot be forwarded to the leader",
+            )
+        })?;
+        headers.insert(FORWARDED_IDENTITY, value);
+        if let Some(token) = &forwarding.token {
+            headers.insert(REPLICA_TOKEN, token.header_value());
+        }
+        Ok(())
+    }
+
     /// Routes one call: to the local registry (or, with `admin`, operator)
     /// service when leading, else to the leader.
     fn route(&self, mut request: Request<Body>, admin: bool) -> BoxFuture {
         let route = self.route.load_full();
+        let forwarding = self.forwarding.clone();
         Box::pin(async move {
             match &*route {
                 Route::Unknown => Ok(unavailable(
@@ -212,6 +284,9 @@ impl Front {
                             )),
                             leader,
                         ));
+                    }
+                    if let Err(refused) = Self::vouch(&forwarding, &mut request) {
+                        return Ok(with_leader(refused.into_http(), leader));
                     }
                     request
                         .headers_mut()
@@ -282,5 +357,61 @@ impl http_body::Body for Cut {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(caller: Option<Caller>) -> Request<Body> {
+        let mut request = Request::builder()
+            .uri("/registry.v1.Registry/Heartbeat")
+            .header(FORWARDED_IDENTITY, "exec-b")
+            .header(REPLICA_TOKEN, "guess")
+            .body(Body::empty())
+            .unwrap();
+        if let Some(caller) = caller {
+            request.extensions_mut().insert(Authenticated {
+                caller,
+                token_mode: false,
+            });
+        }
+        request
+    }
+
+    fn header<'a>(request: &'a Request<Body>, name: &str) -> Option<&'a [u8]> {
+        request.headers().get(name).map(HeaderValue::as_bytes)
+    }
+
+    #[test]
+    fn a_follower_names_the_caller_it_authenticated_not_the_one_the_client_claims() {
+        let mutual = Forwarding::default();
+        let mut relayed = request(Some(Caller::identity("exec-a")));
+        Front::vouch(&mutual, &mut relayed).unwrap();
+        assert_eq!(header(&relayed, FORWARDED_IDENTITY), Some(&b"exec-a"[..]));
+        assert_eq!(header(&relayed, REPLICA_TOKEN), None);
+
+        let token = Forwarding {
+            tls: None,
+            token: Some(AdminToken::from_file_contents(b"s3cret").unwrap()),
+        };
+        let mut relayed = request(Some(Caller::admin("peer:10.0.0.7")));
+        Front::vouch(&token, &mut relayed).unwrap();
+        assert_eq!(
+            header(&relayed, FORWARDED_IDENTITY),
+            Some(&b"peer:10.0.0.7"[..])
+        );
+        assert_eq!(header(&relayed, REPLICA_TOKEN), Some(&b"s3cret"[..]));
+        assert!(relayed.headers()[REPLICA_TOKEN].is_sensitive());
+
+        // Every caller trusted: nothing to vouch for, and nothing the client
+        // sent goes on.
+        for caller in [None, Some(Caller::Trusted)] {
+            let mut relayed = request(caller);
+            Front::vouch(&token, &mut relayed).unwrap();
+            assert_eq!(header(&relayed, FORWARDED_IDENTITY), None);
+            assert_eq!(header(&relayed, REPLICA_TOKEN), None);
+        }
     }
 }

@@ -39,20 +39,29 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::{self, Etcd, EtcdError, Fence, Keys};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryConfig, StartOptions};
+use crate::server::tls::OutboundTls;
 use crate::server::{Admission, Limits};
 use crate::store::EtcdStore;
-use front::{Front, Route};
+use front::{Forwarding, Front, Route};
 
 /// Most concurrent HTTP/2 streams per connection a replica accepts: a
 /// follower forwards every client's streams over one connection to the
 /// leader.
 pub const MAX_FORWARDED_STREAMS: u32 = 1 << 20;
 
+/// Longest the start-up probe of etcd waits for an answer.
+pub const ETCD_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How a replica runs.
 #[derive(Debug, Clone)]
 pub struct ReplicaOptions {
     /// etcd endpoints (`host:port`).
     pub endpoints: Vec<String>,
+    /// TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`); None:
+    /// plaintext.
+    pub etcd_tls: Option<OutboundTls>,
+    /// How a follower reaches the leader and vouches for its callers.
+    pub forwarding: Forwarding,
     /// Key prefix (`--etcd-prefix`).
     pub prefix: String,
     /// Leader lease (`--leader-lease`), whole seconds (etcd's unit).
@@ -97,17 +106,70 @@ impl ReplicaTask {
     }
 }
 
+/// Why a replica did not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// The etcd client could not be made (a bad endpoint).
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// etcd accepted a connection but no call got through: its TLS
+    /// settings and this replica's differ. The message names the flags.
+    #[error("{0}")]
+    EtcdMismatch(String),
+}
+
+/// What to check when etcd takes connections but no call gets through,
+/// given the TLS flags this replica has.
+fn mismatch_hint(tls: Option<&OutboundTls>) -> &'static str {
+    match tls {
+        None => "does it require TLS? set --etcd-ca/--etcd-cert/--etcd-key",
+        Some(tls) if !tls.has_client_certificate() => {
+            "does it require a client certificate (set --etcd-cert/--etcd-key), or not speak TLS, or is its certificate not signed by --etcd-ca?"
+        }
+        Some(_) => {
+            "check --etcd-ca/--etcd-cert/--etcd-key: does etcd speak TLS, is its certificate signed by --etcd-ca and valid for the endpoint's host, does it accept the client certificate?"
+        }
+    }
+}
+
 /// Starts the controller on the current runtime; serve the returned
 /// [`Front`] with [`crate::server::serve_service`].
-pub fn start(
+///
+/// First probes etcd (at most [`ETCD_PROBE_TIMEOUT`]): an etcd that takes
+/// connections but cannot be talked to with these TLS settings is an
+/// error naming the flags — retrying would never help. An etcd that is
+/// not reachable at all is retried by the controller, as it may be
+/// starting.
+pub async fn start(
     options: ReplicaOptions,
     metrics: Arc<Metrics>,
-) -> Result<(Front, ReplicaTask), EtcdError> {
-    let etcd = Etcd::new(&options.endpoints)?;
-    let front = Front::default();
+) -> Result<(Front, ReplicaTask), StartError> {
+    let etcd = Etcd::connect(&options.endpoints, options.etcd_tls.as_ref())?;
+    let keys = Keys::new(&options.prefix);
+    let leader_key = keys.leader();
+    let mut reach = etcd.probe(leader_key.as_bytes(), ETCD_PROBE_TIMEOUT).await;
+    if let etcd::Reach::Mismatch(_) = reach {
+        // Once more, in case that was a connection dropped by chance.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reach = etcd.probe(leader_key.as_bytes(), ETCD_PROBE_TIMEOUT).await;
+    }
+    let endpoints = options.endpoints.join(",");
+    match reach {
+        etcd::Reach::Answered => {}
+        etcd::Reach::Unreachable(why) => {
+            tracing::warn!(%endpoints, error = %why, "cannot reach etcd yet; retrying until it answers");
+        }
+        etcd::Reach::Mismatch(why) => {
+            return Err(StartError::EtcdMismatch(format!(
+                "cannot reach etcd at {endpoints}: {why} — {}",
+                mismatch_hint(options.etcd_tls.as_ref())
+            )));
+        }
+    }
+    let front = Front::new(options.forwarding.clone());
     let stop = CancellationToken::new();
     let controller = Controller {
-        keys: Keys::new(&options.prefix),
+        keys,
         admission: Admission::new(options.limits),
         options,
         etcd,

@@ -9,6 +9,16 @@
 //! and the constant-time token comparison. Refusals are counted through the
 //! registry's observer (`registry_auth_denied_total`).
 //!
+//! Also the one rule by which a replica's word about a caller is believed.
+//! A follower forwards calls to the leader over its own connection and
+//! names the caller it authenticated in [`FORWARDED_IDENTITY`]. The leader
+//! believes that header only with proof that the sender is a replica: under
+//! mutual TLS, the connection's certificate identity is one of the replica
+//! identities; in token mode, [`REPLICA_TOKEN`] holds the admin token.
+//! Everywhere else the header is ignored, and the layer removes both headers
+//! from every request it passes on, so nothing behind it (a handler, or a
+//! follower's forwarding) ever sees a client's copy.
+//!
 //! Must not touch: who owns which executor (that rule is the core's,
 //! [`crate::registry::allowed`]), the token's value in any log or message.
 
@@ -24,7 +34,7 @@ use tonic::Status;
 use tonic::transport::server::TcpConnectInfo;
 
 use super::tls::PeerInfo;
-use crate::registry::{Caller, Observer};
+use crate::registry::{Caller, MAX_OWNER_LEN, Observer};
 
 /// gRPC path prefix of the admin service: every method under it is
 /// admin-only, whatever the service implements.
@@ -32,6 +42,15 @@ pub const ADMIN_PREFIX: &str = "/registry.admin.v1.Admin/";
 
 /// The metadata key of the admin token (`authorization: Bearer <token>`).
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Request header in which a replica forwarding a call names the caller it
+/// authenticated (a certificate identity, or `peer:<ip>` in token mode).
+/// Believed only from a replica; see the module's header.
+pub const FORWARDED_IDENTITY: &str = "registry-forwarded-identity";
+
+/// Request header in which a replica forwarding a call in token mode
+/// presents the admin token as its proof of being a replica.
+pub const REPLICA_TOKEN: &str = "registry-replica-token";
 
 /// The admin bearer token. Its value never appears in `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -57,6 +76,15 @@ impl AdminToken {
     pub fn matches(&self, presented: &[u8]) -> bool {
         self.0.ct_eq(presented).into()
     }
+
+    /// The token as a header value marked sensitive (HPACK never indexes
+    /// it), for [`REPLICA_TOKEN`].
+    pub fn header_value(&self) -> http::HeaderValue {
+        let mut value = http::HeaderValue::from_bytes(&self.0)
+            .expect("a token is printable ASCII (checked when it was read)");
+        value.set_sensitive(true);
+        value
+    }
 }
 
 impl fmt::Debug for AdminToken {
@@ -80,6 +108,11 @@ pub enum Auth {
     Mutual {
         /// `--admin-identities`.
         admins: Arc<HashSet<String>>,
+        /// Identities of the other replicas (`--replica-identities`, by
+        /// default this replica's own certificate's): a call over a
+        /// connection with one of them may name its caller in
+        /// [`FORWARDED_IDENTITY`]. Empty for a single process.
+        replicas: Arc<HashSet<String>>,
     },
 }
 
@@ -174,6 +207,26 @@ fn remote_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
         .map(|a: SocketAddr| a.ip())
 }
 
+/// The caller a replica named in [`FORWARDED_IDENTITY`]: None without the
+/// header, a refusal when it is not a usable identity.
+fn forwarded<B>(request: &http::Request<B>) -> Option<Result<Arc<str>, Refusal>> {
+    let value = request.headers().get(FORWARDED_IDENTITY)?;
+    Some(
+        std::str::from_utf8(value.as_bytes())
+            .ok()
+            .filter(|name| !name.is_empty() && name.len() <= MAX_OWNER_LEN)
+            .map(Arc::from)
+            .ok_or_else(|| {
+                (
+                    Status::unauthenticated(format!(
+                        "a replica forwarded this call naming no usable caller in {FORWARDED_IDENTITY}"
+                    )),
+                    "unauthenticated",
+                )
+            }),
+    )
+}
+
 /// Decides one request: who calls, and whether it may go on.
 fn check<B>(auth: &Auth, request: &http::Request<B>) -> Result<Authenticated, Refusal> {
     let admin_path = request.uri().path().starts_with(ADMIN_PREFIX);
@@ -204,20 +257,34 @@ fn check<B>(auth: &Auth, request: &http::Request<B>) -> Result<Authenticated, Re
                     "unauthenticated",
                 ));
             }
-            let name = match remote_ip(request) {
-                Some(ip) => format!("peer:{ip}"),
-                None => "peer:unknown".to_owned(),
+            // A replica proves itself with the token: anyone holding it is
+            // an admin already, so a forged replica header gains nothing.
+            let from_replica = match request.headers().get(REPLICA_TOKEN) {
+                None => false,
+                Some(presented) if token.matches(presented.as_bytes()) => true,
+                Some(_) => {
+                    return Err((
+                        Status::unauthenticated(format!(
+                            "the token in {REPLICA_TOKEN} is not valid"
+                        )),
+                        "unauthenticated",
+                    ));
+                }
+            };
+            let name: Arc<str> = match forwarded(request).filter(|_| from_replica) {
+                Some(name) => name?,
+                None => match remote_ip(request) {
+                    Some(ip) => format!("peer:{ip}").into(),
+                    None => "peer:unknown".into(),
+                },
             };
             Ok(Authenticated {
-                caller: Caller::Identity {
-                    name: name.into(),
-                    admin,
-                },
+                caller: Caller::Identity { name, admin },
                 token_mode: true,
             })
         }
-        Auth::Mutual { admins } => {
-            let Some(identity) = request
+        Auth::Mutual { admins, replicas } => {
+            let Some(peer) = request
                 .extensions()
                 .get::<PeerInfo>()
                 .and_then(|p| p.identity.clone())
@@ -228,6 +295,12 @@ fn check<B>(auth: &Auth, request: &http::Request<B>) -> Result<Authenticated, Re
                     ),
                     "unauthenticated",
                 ));
+            };
+            // Only a replica may speak for another caller; anyone else's
+            // header is ignored (and removed by the layer).
+            let identity = match forwarded(request).filter(|_| replicas.contains(&*peer)) {
+                Some(name) => name?,
+                None => peer,
             };
             let admin = admins.contains(&*identity);
             if admin_path && !admin {
@@ -269,7 +342,11 @@ where
             // trusted, and plaintext heartbeats pay no allocation for it.
             return Either::Right(self.inner.call(request));
         }
-        match check(&self.auth, &request) {
+        let checked = check(&self.auth, &request);
+        let headers = request.headers_mut();
+        headers.remove(FORWARDED_IDENTITY);
+        headers.remove(REPLICA_TOKEN);
+        match checked {
             Ok(authenticated) => {
                 request.extensions_mut().insert(authenticated);
                 Either::Right(self.inner.call(request))
@@ -284,6 +361,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
     use super::*;
 
     fn request(path: &str, token: Option<&str>, identity: Option<&str>) -> http::Request<()> {
@@ -309,7 +388,19 @@ mod tests {
     fn mutual() -> Auth {
         Auth::Mutual {
             admins: Arc::new(["ops".to_owned()].into()),
+            replicas: Arc::new(["replica".to_owned()].into()),
         }
+    }
+
+    fn with_header(
+        mut request: http::Request<()>,
+        name: &'static str,
+        value: &str,
+    ) -> http::Request<()> {
+        request
+            .headers_mut()
+            .insert(name, http::HeaderValue::from_str(value).unwrap());
+        request
     }
 
     #[test]
@@ -392,5 +483,168 @@ mod tests {
             (status.code(), reason),
             (tonic::Code::Unauthenticated, "unauthenticated")
         );
+    }
+
+    #[test]
+    fn under_mutual_tls_only_a_replica_may_name_the_caller() {
+        let auth = mutual();
+        // A client naming someone else is itself.
+        let forged = with_header(
+            request(HEARTBEAT, None, Some("exec-a")),
+            FORWARDED_IDENTITY,
+            "exec-b",
+        );
+        assert_eq!(
+            check(&auth, &forged).unwrap().caller,
+            Caller::identity("exec-a")
+        );
+        let forged = with_header(
+            request(RELEASE, None, Some("exec-a")),
+            FORWARDED_IDENTITY,
+            "ops",
+        );
+        let (status, reason) = check(&auth, &forged).unwrap_err();
+        assert_eq!(
+            (status.code(), reason),
+            (tonic::Code::PermissionDenied, "not_admin")
+        );
+
+        // A replica's word is taken, and the caller's admin rights are the
+        // leader's to decide.
+        let relayed = with_header(
+            request(HEARTBEAT, None, Some("replica")),
+            FORWARDED_IDENTITY,
+            "exec-b",
+        );
+        assert_eq!(
+            check(&auth, &relayed).unwrap().caller,
+            Caller::identity("exec-b")
+        );
+        let relayed = with_header(
+            request(RELEASE, None, Some("replica")),
+            FORWARDED_IDENTITY,
+            "ops",
+        );
+        assert_eq!(check(&auth, &relayed).unwrap().caller, Caller::admin("ops"));
+        let relayed = with_header(
+            request(RELEASE, None, Some("replica")),
+            FORWARDED_IDENTITY,
+            "exec-b",
+        );
+        let (status, _) = check(&auth, &relayed).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        // A replica calling for itself is itself.
+        let own = request(HEARTBEAT, None, Some("replica"));
+        assert_eq!(
+            check(&auth, &own).unwrap().caller,
+            Caller::identity("replica")
+        );
+        let empty = with_header(
+            request(HEARTBEAT, None, Some("replica")),
+            FORWARDED_IDENTITY,
+            "",
+        );
+        let (status, reason) = check(&auth, &empty).unwrap_err();
+        assert_eq!(
+            (status.code(), reason),
+            (tonic::Code::Unauthenticated, "unauthenticated")
+        );
+        // Without replicas (one process) nobody may.
+        let single = Auth::Mutual {
+            admins: Arc::new(HashSet::new()),
+            replicas: Arc::new(HashSet::new()),
+        };
+        let relayed = with_header(
+            request(HEARTBEAT, None, Some("replica")),
+            FORWARDED_IDENTITY,
+            "exec-b",
+        );
+        assert_eq!(
+            check(&single, &relayed).unwrap().caller,
+            Caller::identity("replica")
+        );
+    }
+
+    #[test]
+    fn in_token_mode_a_replica_names_the_caller_only_with_the_token() {
+        let auth = token_auth();
+        let forged = with_header(
+            request(HEARTBEAT, None, None),
+            FORWARDED_IDENTITY,
+            "peer:10.9.9.9",
+        );
+        assert_eq!(
+            check(&auth, &forged).unwrap().caller,
+            Caller::identity("peer:10.1.2.3")
+        );
+
+        let relayed = with_header(forged, REPLICA_TOKEN, "s3cret");
+        let ok = check(&auth, &relayed).unwrap();
+        assert_eq!(ok.caller, Caller::identity("peer:10.9.9.9"));
+        assert!(ok.token_mode);
+        // The caller's own token makes it an admin, not the replica's.
+        let relayed = with_header(relayed, AUTHORIZATION, "Bearer s3cret");
+        assert_eq!(
+            check(&auth, &relayed).unwrap().caller,
+            Caller::admin("peer:10.9.9.9")
+        );
+
+        let wrong = with_header(request(HEARTBEAT, None, None), REPLICA_TOKEN, "guess");
+        let wrong = with_header(wrong, FORWARDED_IDENTITY, "peer:10.9.9.9");
+        let (status, reason) = check(&auth, &wrong).unwrap_err();
+        assert_eq!(
+            (status.code(), reason),
+            (tonic::Code::Unauthenticated, "unauthenticated")
+        );
+        assert!(!status.message().contains("s3cret"));
+    }
+
+    #[test]
+    fn the_layer_passes_no_identity_header_on() {
+        use tower::{Layer as _, Service as _};
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let inner = {
+            let seen = seen.clone();
+            tower::service_fn(move |request: http::Request<()>| {
+                let names: Vec<String> = request
+                    .headers()
+                    .keys()
+                    .map(|k| k.as_str().to_owned())
+                    .collect();
+                seen.lock().unwrap().push(names);
+                ready(Ok::<_, Infallible>(http::Response::new(())))
+            })
+        };
+        let observer: Arc<dyn Observer> = Arc::new(crate::registry::NoopObserver);
+        for auth in [mutual(), token_auth()] {
+            let mut service = AuthLayer::new(auth, observer.clone()).layer(inner.clone());
+            for peer in ["replica", "exec-a"] {
+                let request = with_header(
+                    request(HEARTBEAT, None, Some(peer)),
+                    FORWARDED_IDENTITY,
+                    "x",
+                );
+                let request = with_header(request, REPLICA_TOKEN, "s3cret");
+                let _ = futures_util::FutureExt::now_or_never(service.call(request));
+            }
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 4);
+        for names in seen.iter() {
+            assert!(
+                !names
+                    .iter()
+                    .any(|n| n == FORWARDED_IDENTITY || n == REPLICA_TOKEN),
+                "{names:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_replica_token_header_is_sensitive() {
+        let token = AdminToken::from_file_contents(b"s3cret").unwrap();
+        let value = token.header_value();
+        assert!(value.is_sensitive());
+        assert_eq!(value.as_bytes(), b"s3cret");
     }
 }

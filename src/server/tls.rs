@@ -8,10 +8,13 @@
 //! up the others; a refused handshake is counted as
 //! `registry_auth_denied_total{reason="handshake"}`), and the identity of a
 //! verified client certificate: its first DNS, URI or e-mail subject
-//! alternative name, else its subject common name.
+//! alternative name, else its subject common name. Also the client side of
+//! the registry's own outgoing TLS connections ([`OutboundTls`]: to etcd,
+//! and a follower's to its leader).
 //!
 //! Must not touch: authorization (see [`super::auth`]), registry state.
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -96,7 +99,8 @@ pub fn server_config(
 
 /// The identity of a (verified) certificate: its first DNS, URI or e-mail
 /// subject alternative name, else its subject common name. None when it has
-/// none of them, or only one longer than an owner may be.
+/// none of them, or only one longer than an owner may be or holding a
+/// control character (an identity travels in a header between replicas).
 pub fn identity(cert: &[u8]) -> Option<String> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -120,7 +124,86 @@ pub fn identity(cert: &[u8]) -> Option<String> {
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_owned)
     })?;
-    (!name.is_empty() && name.len() <= MAX_OWNER_LEN).then_some(name)
+    (!name.is_empty() && name.len() <= MAX_OWNER_LEN && !name.chars().any(char::is_control))
+        .then_some(name)
+}
+
+/// Whether a certificate may serve as a TLS client certificate: it has no
+/// extended key usage extension, or one naming `clientAuth` (or any usage).
+/// A replica presents its own `--tls-cert` to the leader as one.
+pub fn allows_client_auth(cert: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert) else {
+        return false;
+    };
+    match cert.extended_key_usage() {
+        Ok(None) => true,
+        Ok(Some(eku)) => eku.value.any || eku.value.client_auth,
+        Err(_) => false,
+    }
+}
+
+/// The client side of a TLS connection the registry makes: the CA the
+/// server's certificate must chain to and, for mutual TLS, this side's
+/// certificate and key. `Debug` shows neither PEM.
+#[derive(Clone)]
+pub struct OutboundTls {
+    config: tonic::transport::ClientTlsConfig,
+    client_certificate: bool,
+}
+
+impl fmt::Debug for OutboundTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboundTls")
+            .field("client_certificate", &self.client_certificate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutboundTls {
+    /// Trusts the CA certificates in `ca_pem`; presents `identity`
+    /// (certificate chain and key, PEM) when given. The PEM is checked
+    /// here, so a bad file is refused at start rather than at the first
+    /// connection; the error says which part is wrong.
+    pub fn new(ca_pem: &[u8], identity: Option<(&[u8], &[u8])>) -> Result<Self, String> {
+        let mut roots = RootCertStore::empty();
+        for ca in certificates(ca_pem).map_err(|e| format!("CA {e}"))? {
+            roots
+                .add(ca)
+                .map_err(|e| format!("CA certificate is unusable: {e}"))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        if let Some((cert_pem, key_pem)) = identity {
+            let certs = certificates(cert_pem).map_err(|e| format!("certificate {e}"))?;
+            let key = private_key(key_pem).map_err(|e| format!("key {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("certificate and key do not match or are unusable: {e}"))?;
+            config = config.identity(Identity::from_pem(cert_pem, key_pem));
+        }
+        Ok(Self {
+            config,
+            client_certificate: identity.is_some(),
+        })
+    }
+
+    /// Whether this side presents a certificate.
+    pub fn has_client_certificate(&self) -> bool {
+        self.client_certificate
+    }
+
+    /// `endpoint` over TLS with these settings (its URI must be `https://`).
+    pub fn apply(
+        &self,
+        endpoint: tonic::transport::Endpoint,
+    ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+        endpoint.tls_config(self.config.clone())
+    }
 }
 
 /// What the server knows about a TLS connection's peer; tonic puts it in
@@ -328,5 +411,58 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("do not match"), "{e}");
+    }
+
+    #[test]
+    fn a_certificate_allows_client_authentication_by_its_extended_key_usage() {
+        use rcgen::ExtendedKeyUsagePurpose::{Any, ClientAuth, ServerAuth};
+        let with = |usages: Vec<rcgen::ExtendedKeyUsagePurpose>| {
+            let mut params = rcgen::CertificateParams::new(vec!["r".into()]).unwrap();
+            params.extended_key_usages = usages;
+            cert(params)
+        };
+        assert!(allows_client_auth(&with(vec![])), "no extension: any usage");
+        assert!(allows_client_auth(&with(vec![ServerAuth, ClientAuth])));
+        assert!(allows_client_auth(&with(vec![Any])));
+        assert!(!allows_client_auth(&with(vec![ServerAuth])));
+        assert!(!allows_client_auth(b"garbage"));
+    }
+
+    #[test]
+    fn an_identity_with_a_control_character_is_none() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "exec\r\nx-forged: 1");
+        assert_eq!(identity(&cert(params)), None);
+    }
+
+    #[test]
+    fn outbound_tls_checks_its_pem_at_once() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        let (c, k) = (cert_pem.as_bytes(), key_pem.as_bytes());
+        let plain = OutboundTls::new(c, None).unwrap();
+        assert!(!plain.has_client_certificate());
+        let mutual = OutboundTls::new(c, Some((c, k))).unwrap();
+        assert!(mutual.has_client_certificate());
+        assert!(!format!("{mutual:?}").contains("PRIVATE"));
+        let e = OutboundTls::new(b"junk", None).unwrap_err();
+        assert!(e.starts_with("CA"), "{e}");
+        let e = OutboundTls::new(c, Some((b"junk", k))).unwrap_err();
+        assert!(e.starts_with("certificate"), "{e}");
+        let e = OutboundTls::new(c, Some((c, b"junk"))).unwrap_err();
+        assert!(e.starts_with("key"), "{e}");
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let e = OutboundTls::new(c, Some((c, other.as_bytes()))).unwrap_err();
+        assert!(e.contains("do not match"), "{e}");
+        // Applied to an https endpoint.
+        let endpoint = tonic::transport::Endpoint::from_static("https://127.0.0.1:1");
+        assert!(mutual.apply(endpoint).is_ok());
     }
 }

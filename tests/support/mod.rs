@@ -2,6 +2,7 @@
 //! server on `127.0.0.1:0`, and clients connected to it.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod pki;
 pub mod process;
 

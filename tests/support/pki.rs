@@ -1,6 +1,8 @@
 //! A throw-away PKI made at test time with rcgen: a CA, a server certificate
-//! for `localhost` and `127.0.0.1`, and client certificates — valid, expired,
-//! or from another CA — written as PEM files into a temporary directory.
+//! for `localhost` and `127.0.0.1` (also usable as a client certificate, as
+//! replicas use theirs with each other), other server certificates (etcd's),
+//! and client certificates — valid, expired, or from another CA — written as
+//! PEM files into a temporary directory.
 
 use std::path::{Path, PathBuf};
 
@@ -38,19 +40,28 @@ fn ca(name: &str) -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
 
 impl Pki {
     /// A new CA (`ca.pem`) and server certificate (`server.pem`,
-    /// `server.key`).
+    /// `server.key`; identity `localhost`).
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (cert, issuer) = ca("registry test CA");
         std::fs::write(dir.path().join("ca.pem"), cert.pem()).expect("write ca.pem");
         let pki = Self { dir, issuer };
-        let key = KeyPair::generate().expect("server key");
-        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("server params");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = params.signed_by(&key, &pki.issuer).expect("server cert");
-        pki.write("server", &cert.pem(), &key.serialize_pem());
+        pki.server_for("server", &["localhost", "127.0.0.1"]);
         pki
+    }
+
+    /// A certificate for the names (DNS or IP) in `sans`, for server and
+    /// client authentication both, as `<stem>.pem` and `<stem>.key`.
+    pub fn server_for(&self, stem: &str, sans: &[&str]) -> ClientFiles {
+        let key = KeyPair::generate().expect("server key");
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).expect("server params");
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).expect("server cert");
+        self.write(stem, &cert.pem(), &key.serialize_pem())
     }
 
     /// The directory holding the files.

@@ -51,17 +51,31 @@ impl RegistryProcess {
 
     /// Starts `serve` on `grpc` (e.g. again after a restart).
     pub fn start_on(grpc: SocketAddr, data_dir: &Path, extra: &[&str]) -> Self {
-        Self::spawn(grpc, data_dir, extra, Stdio::inherit())
+        Self::spawn(grpc, data_dir, extra, Stdio::null(), Stdio::inherit())
     }
 
-    /// Starts `serve` with its log (stderr) written to `log`, and
+    /// Starts `serve` with its output written to `log` — stdout, where
+    /// `tracing` logs, and stderr, where errors and panics go — and
     /// `RUST_BACKTRACE=1` so a panic would show in it.
     pub fn start_logged(data_dir: &Path, extra: &[&str], log: &Path) -> Self {
         let file = std::fs::File::create(log).expect("create the log file");
-        Self::spawn(free_addr(), data_dir, extra, Stdio::from(file))
+        let stdout = file.try_clone().expect("share the log file");
+        Self::spawn(
+            free_addr(),
+            data_dir,
+            extra,
+            Stdio::from(stdout),
+            Stdio::from(file),
+        )
     }
 
-    fn spawn(grpc: SocketAddr, data_dir: &Path, extra: &[&str], stderr: Stdio) -> Self {
+    fn spawn(
+        grpc: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Self {
         let metrics = free_addr();
         let child = Command::new(BIN)
             .args(["serve", "--listen", &grpc.to_string()])
@@ -71,7 +85,7 @@ impl RegistryProcess {
             .args(extra)
             .env("RUST_LOG", "warn")
             .env("RUST_BACKTRACE", "1")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("start the binary");
@@ -158,6 +172,7 @@ impl Drop for RegistryProcess {
         // A stopped process must be continued to die promptly.
         let _ = Command::new("kill")
             .args(["-CONT", &self.child.id().to_string()])
+            .stderr(Stdio::null())
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
