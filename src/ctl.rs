@@ -16,8 +16,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use executor_registry::client::{
-    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
-    describe_transport_error,
+    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, describe_transport_error,
 };
 use executor_registry::config::parse_duration;
 use executor_registry::proto::admin::admin_client::AdminClient;
@@ -354,8 +353,7 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
     let options = credentials(&args)?;
     let endpoint = normalize(&args.endpoint, options.tls.is_some());
     let channel = connect(&endpoint, args.timeout, &options).await?;
-    let mut client = RegistryClient::new(channel.clone())
-        .max_decoding_message_size(DEFAULT_MAX_DECODING_MESSAGE_SIZE);
+    let mut client = RegistryClient::new(channel.clone());
     let (json, timeout) = (args.json, args.timeout);
     let mut out = io::stdout().lock();
     let written = match args.command {

@@ -19,7 +19,8 @@
 //!
 //! Shared plumbing lives in the private submodules: endpoint lists and
 //! channel settings (`endpoints`), backoff and jitter (`backoff`), errors
-//! and retry classification (`error`).
+//! and retry classification (`error`). Every connection decodes with gRPC's
+//! default 4 MiB limit: the registry sends nothing larger.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), executor_registry::client::ClientError> {
@@ -50,8 +51,8 @@ mod membership;
 
 pub use backoff::Backoff;
 pub use endpoints::{
-    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
-    LEADER_METADATA, describe_transport_error,
+    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, LEADER_METADATA,
+    describe_transport_error,
 };
 pub use error::ClientError;
 pub use fleet::{Fleet, FleetChange, FleetView, FleetViewOptions, Member, OfflineReason};
