@@ -1,5 +1,6 @@
 //! A scheduler's view of the fleet built on `FleetView`: prints the live
-//! executors, then every change, until Ctrl-C.
+//! executors and which of them can be given work (RUNNING), then every
+//! change, until Ctrl-C.
 //!
 //! ```sh
 //! cargo run --example scheduler -- http://127.0.0.1:10240
@@ -26,12 +27,16 @@ async fn main() -> anyhow::Result<()> {
         .context("cannot watch the registry")?;
     let members = fleet.members();
     println!(
-        "{} executors at revision {}",
+        "{} executors ({} schedulable) at revision {}",
         members.len(),
+        members.running_len(),
         members.revision()
     );
     for member in members.iter() {
-        println!("  {} {} {:?}", member.id, member.address, member.labels);
+        println!(
+            "  {} {} {:?} {:?}",
+            member.id, member.address, member.status, member.labels
+        );
     }
     loop {
         let change = tokio::select! {
@@ -42,18 +47,30 @@ async fn main() -> anyhow::Result<()> {
             },
         };
         let via = if change.is_resync() { " (resync)" } else { "" };
+        let revision = change.revision();
         match change {
             FleetChange::Online { member, .. } => {
                 println!(
-                    "online  {} {} {:?}{via}",
-                    member.id, member.address, member.labels
+                    "{revision} online  {} {} {:?} {:?}{via}",
+                    member.id, member.address, member.status, member.labels
                 );
             }
+            FleetChange::Running { member, .. } => {
+                println!("{revision} running {} {}{via}", member.id, member.address);
+            }
             FleetChange::Offline { id, reason, .. } => {
-                println!("offline {id} {reason:?}{via}");
+                println!("{revision} offline {id} {reason:?}{via}");
             }
         }
-        println!("  now {} executors", fleet.members().len());
+        // What a scheduler places work on: RUNNING executors only.
+        let now = fleet.members();
+        println!(
+            "  now {} executors, {} schedulable (resumed {}, resynced {})",
+            now.len(),
+            now.running_len(),
+            fleet.resumes(),
+            fleet.resyncs()
+        );
     }
     Ok(())
 }

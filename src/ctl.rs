@@ -1,8 +1,15 @@
 //! `executor-registry ctl`: the operator CLI.
 //!
-//! Owns: the `ctl` flags, one RPC per subcommand, the output (aligned tables
-//! for people, `--json` for scripts) and the mapping of every failure to an
-//! exit code scripts can rely on ([`EXIT_CODES`]). It keeps no state.
+//! Owns: the `ctl` flags, the RPCs of each subcommand, the output (aligned
+//! tables for people, `--json` for scripts) and the mapping of every failure
+//! to an exit code scripts can rely on ([`EXIT_CODES`]). It keeps no state.
+//! The two subcommands that take more than one call have a module each:
+//! [`list`] pages through a listing, [`watch`] watches again when its
+//! stream breaks. Every answer is decoded with gRPC's default 4 MiB limit:
+//! the registry sends nothing larger.
+
+mod list;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -16,25 +23,24 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use executor_registry::client::{
-    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
-    describe_transport_error,
+    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, describe_transport_error,
 };
 use executor_registry::config::parse_duration;
+use executor_registry::proto;
 use executor_registry::proto::admin::admin_client::AdminClient;
 use executor_registry::proto::admin::{self, ExpiryGuardState};
 use executor_registry::proto::registry_client::RegistryClient;
-use executor_registry::proto::{self, watch_executors_response::Kind};
 use executor_registry::registry::check_label_part;
 
 /// Exit codes, as `ctl --help` shows them.
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  any other error (e.g. `watch` fell behind the registry and was ended, or
-     `guard release` on a registry without --expiry-guard-fraction)
+  1  any other error (e.g. `guard release` on a registry without --expiry-guard-fraction)
   2  usage: bad flags, selector or argument (also when the registry answers INVALID_ARGUMENT)
   3  not found: `get` or `deregister` of an id that is not a live executor
-  4  the registry is unreachable (connection refused, timeout, TLS handshake refused) or unavailable (UNAVAILABLE)";
+  4  the registry is unreachable (connection refused, timeout, TLS handshake refused) or unavailable
+     (UNAVAILABLE); `watch`: it could not watch again within --timeout after its stream broke";
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -54,7 +60,8 @@ pub struct CtlArgs {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Longest wait to connect, and for each answer.
+    /// Longest wait to connect, and for each answer; for `watch`, also
+    /// the longest it tries to watch again after its stream broke.
     #[arg(long, global = true, default_value = "10s", value_parser = parse_duration::<Duration>)]
     timeout: Duration,
 
@@ -82,7 +89,8 @@ pub struct CtlArgs {
 
 #[derive(Debug, Subcommand)]
 enum CtlCommand {
-    /// Live executors, sorted by id.
+    /// Live executors, sorted by id, all at one revision (printed on
+    /// stderr; in the document with --json), read page by page.
     #[command(after_help = EXIT_CODES)]
     List {
         /// Only executors with this status.
@@ -92,6 +100,13 @@ enum CtlCommand {
         /// (whole value matches); repeat to AND them.
         #[arg(long = "selector", value_name = "SELECTOR", value_parser = parse_selector)]
         selectors: Vec<proto::LabelSelector>,
+        /// Stop after the first N executors.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Executors asked for per call [default: the registry's, 1000; at
+        /// most 10000]. Every page comes from the same snapshot.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        page_size: Option<u32>,
     },
     /// One live executor.
     #[command(after_help = EXIT_CODES)]
@@ -106,8 +121,12 @@ enum CtlCommand {
         #[arg(long, value_enum)]
         status: Option<StatusArg>,
     },
-    /// The live fleet, then one line per executor coming or going, until
-    /// interrupted (Ctrl-C exits 0) or the registry ends the stream.
+    /// The live fleet, then one line per change (an executor coming,
+    /// becoming RUNNING, going), until interrupted (Ctrl-C exits 0). When
+    /// the stream breaks (it fell behind, the registry restarted or is
+    /// unreachable) it watches again from the last revision printed and says
+    /// on stderr whether it resumed or printed a new snapshot; it gives up
+    /// after --timeout without the registry.
     #[command(after_help = EXIT_CODES)]
     Watch,
     /// Removes an executor at once (OFFLINE, reason DEREGISTERED).
@@ -334,15 +353,15 @@ async fn connect(
     Ok(channel)
 }
 
-/// One unary call, bounded by `--timeout`.
-async fn call<T>(
+/// One call's answer, or the registry's error, bounded by `--timeout` (no
+/// answer in time is the outer error).
+async fn answer<T>(
     endpoint: &str,
     timeout: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, CtlError> {
+) -> Result<Result<T, tonic::Status>, CtlError> {
     match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(CtlError::from_status(endpoint, &status)),
+        Ok(result) => Ok(result.map(tonic::Response::into_inner)),
         Err(_) => Err(CtlError::Unavailable(format!(
             "the registry at {endpoint} did not answer within {}",
             humantime::format_duration(timeout)
@@ -350,36 +369,61 @@ async fn call<T>(
     }
 }
 
+/// One call, bounded by `--timeout`.
+async fn call<T>(
+    endpoint: &str,
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CtlError> {
+    answer(endpoint, timeout, call)
+        .await?
+        .map_err(|status| CtlError::from_status(endpoint, &status))
+}
+
 async fn execute(args: CtlArgs) -> Result<(), CtlError> {
     let options = credentials(&args)?;
     let endpoint = normalize(&args.endpoint, options.tls.is_some());
     let channel = connect(&endpoint, args.timeout, &options).await?;
-    let mut client = RegistryClient::new(channel.clone())
-        .max_decoding_message_size(DEFAULT_MAX_DECODING_MESSAGE_SIZE);
+    let mut client = RegistryClient::new(channel.clone());
     let (json, timeout) = (args.json, args.timeout);
     let mut out = io::stdout().lock();
     let written = match args.command {
-        CtlCommand::List { status, selectors } => {
-            let request = proto::ListExecutorsRequest {
-                status: status.map_or(proto::ExecutorStatus::Unspecified, StatusArg::wire) as i32,
+        CtlCommand::List {
+            status,
+            selectors,
+            limit,
+            page_size,
+        } => {
+            let query = list::Query {
+                status: status.map_or(proto::ExecutorStatus::Unspecified, StatusArg::wire),
                 selectors,
-                ..Default::default()
+                limit,
+                page_size,
             };
-            let list = call(
-                &endpoint,
-                timeout,
-                client.list_executors(options.request(request)),
-            )
-            .await?;
+            let list = list::list(&endpoint, timeout, &mut client, &options, &query).await?;
             if json {
                 let executors: Vec<Value> = list.executors.iter().map(executor_json).collect();
                 let document = json!({
                     "revision": list.revision,
                     "count": list.executors.len(),
                     "executors": executors,
+                    "pages": list.pages,
+                    "truncated": list.truncated,
                 });
                 writeln!(out, "{document:#}")
             } else {
+                // The table alone on stdout, for scripts; its revision for
+                // people.
+                let n = list.executors.len();
+                let executors = if n == 1 { "executor" } else { "executors" };
+                if list.truncated {
+                    eprintln!(
+                        "revision {}: the first {n} {executors} (--limit)",
+                        list.revision
+                    );
+                } else {
+                    eprintln!("revision {}: {n} {executors}", list.revision);
+                }
                 out.write_all(table(&list.executors, now_unix_ms()).as_bytes())
             }
         }
@@ -477,55 +521,10 @@ async fn execute(args: CtlArgs) -> Result<(), CtlError> {
         }
         CtlCommand::Watch => {
             drop(out);
-            return watch(&endpoint, timeout, &mut client, &options, json).await;
+            return watch::watch(&endpoint, timeout, &mut client, &options, json).await;
         }
     };
     written.or_else(|e| CtlError::from_io(e).map_or(Ok(()), Err))
-}
-
-/// Prints the snapshot, then one line per event, until Ctrl-C or the end of
-/// the stream.
-async fn watch(
-    endpoint: &str,
-    timeout: Duration,
-    client: &mut RegistryClient<Channel>,
-    options: &ChannelOptions,
-    json: bool,
-) -> Result<(), CtlError> {
-    let mut stream = call(
-        endpoint,
-        timeout,
-        client.watch_executors(options.request(proto::WatchExecutorsRequest::default())),
-    )
-    .await?;
-    let interrupted = tokio::signal::ctrl_c();
-    tokio::pin!(interrupted);
-    loop {
-        let message = tokio::select! {
-            _ = &mut interrupted => return Ok(()),
-            message = stream.message() => message,
-        };
-        let kind = match message {
-            Ok(Some(message)) => message.kind,
-            Ok(None) => return Ok(()),
-            Err(status) if status.code() == Code::ResourceExhausted => {
-                return Err(CtlError::Other(format!(
-                    "the watch fell behind the registry's --watch-buffer and was ended ({}); run it again",
-                    status.message()
-                )));
-            }
-            Err(status) => return Err(CtlError::from_status(endpoint, &status)),
-        };
-        let text = match kind {
-            Some(Kind::Snapshot(snapshot)) => snapshot_text(&snapshot, json),
-            Some(Kind::Event(event)) => event_line(&event, json),
-            None => continue,
-        };
-        let mut out = io::stdout().lock();
-        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-            return CtlError::from_io(e).map_or(Ok(()), Err);
-        }
-    }
 }
 
 fn snapshot_text(snapshot: &proto::Snapshot, json: bool) -> String {

@@ -1,6 +1,7 @@
 //! `executor-registry ctl`, the real binary, against a real registry served
 //! in-process: the output of every subcommand, tables and JSON, and the exit
-//! codes scripts rely on.
+//! codes scripts rely on; `list` through every page, `watch` through a lag,
+//! a broken connection and a restart.
 
 #![allow(
     clippy::disallowed_types,
@@ -8,17 +9,25 @@
     reason = "tests on real time wait and measure on the real clock"
 )]
 
+mod proxy;
 mod support;
 
+use std::collections::BTreeSet;
 use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use executor_registry::proto::{DeregisterRequest, HeartbeatRequest};
+use executor_registry::proto::registry_client::RegistryClient;
+use executor_registry::proto::{self, DeregisterRequest, HeartbeatRequest};
+use executor_registry::registry::RegistryConfig;
+use proxy::Proxy;
 use serde_json::Value;
 use support::process::ctl;
-use support::{TestServer, fast_config, register, register_request};
+use support::{SharedStore, TestServer, fast_config, register, register_request};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_executor-registry");
 
@@ -344,23 +353,31 @@ async fn usage_errors_exit_2_and_help_documents_the_exit_codes() {
 struct Watcher {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// Its stderr by lines, once [`Watcher::note`] was called.
+    notes: Option<Lines<BufReader<ChildStderr>>>,
 }
 
 impl Watcher {
     fn spawn(endpoint: &str, json: bool) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["ctl", "--endpoint", endpoint, "watch"]);
-        if json {
-            cmd.arg("--json");
-        }
-        let mut child = cmd
+        Self::spawn_with(endpoint, if json { &["--json"] } else { &[] })
+    }
+
+    /// `ctl --endpoint <endpoint> watch <args…>`.
+    fn spawn_with(endpoint: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["ctl", "--endpoint", endpoint, "watch"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn ctl watch");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
+        Self {
+            child,
+            lines,
+            notes: None,
+        }
     }
 
     async fn line(&mut self) -> String {
@@ -369,6 +386,19 @@ impl Watcher {
             .expect("a line within 10 s")
             .expect("read stdout")
             .expect("stdout open")
+    }
+
+    /// The next line on stderr.
+    async fn note(&mut self) -> String {
+        let child = &mut self.child;
+        let notes = self
+            .notes
+            .get_or_insert_with(|| BufReader::new(child.stderr.take().unwrap()).lines());
+        tokio::time::timeout(Duration::from_secs(10), notes.next_line())
+            .await
+            .expect("a line on stderr within 10 s")
+            .expect("read stderr")
+            .expect("stderr open")
     }
 
     async fn json(&mut self) -> Value {
@@ -441,7 +471,8 @@ async fn watch_json_prints_the_snapshot_then_one_object_per_event() {
 async fn watch_prints_readable_lines_and_exits_4_when_the_registry_goes_away() {
     let server = TestServer::start(fast_config()).await;
     let mut c = server.client().await;
-    let mut watcher = Watcher::spawn(&server.endpoint(), false);
+    // It tries to watch again for --timeout before it gives up.
+    let mut watcher = Watcher::spawn_with(&server.endpoint(), &["--timeout", "2s"]);
     assert_eq!(watcher.line().await, "SNAPSHOT revision=0 executors=0");
     let id = c
         .register(register_request("w", 7001, &[("zone", "a")]))
@@ -479,4 +510,343 @@ async fn watch_prints_readable_lines_and_exits_4_when_the_registry_goes_away() {
         err.starts_with("error: the registry at ") && err.contains("unavailable"),
         "{err}"
     );
+}
+
+/// Registers `name` with 32 labels of 60 bytes: events of about 2.5 KB, so
+/// a stalled watcher's 2 MiB HTTP/2 window fills after some 800.
+async fn register_large(c: &mut RegistryClient<Channel>, name: &str, port: u16) -> String {
+    let value = "v".repeat(60);
+    let labels: Vec<(String, String)> = (0..32)
+        .map(|i| (format!("label{i:02}"), value.clone()))
+        .collect();
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    c.register(register_request(name, port, &labels))
+        .await
+        .unwrap()
+        .into_inner()
+        .executor
+        .unwrap()
+        .id
+}
+
+/// The revision in a `KIND revision=N …` line.
+fn revision_of(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("revision="))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_through_every_page_and_stops_at_the_limit() {
+    let server = TestServer::start(fast_config()).await;
+    let e = server.endpoint();
+    let mut c = server.client().await;
+    let mut all = Vec::new();
+    for i in 0..25 {
+        let id = register(&mut c, "w", 7000 + i).await;
+        if i % 5 == 0 {
+            c.heartbeat(HeartbeatRequest {
+                executor_id: id.clone(),
+                ttl_ms: 30_000,
+            })
+            .await
+            .unwrap();
+        }
+        all.push(id);
+    }
+    all.sort();
+    let revision = server.registry.snapshot().revision();
+    let json = |args: &'static [&'static str]| {
+        let e = e.clone();
+        async move {
+            let out = ok(&ctl(&e, args).await);
+            serde_json::from_str::<Value>(&out).unwrap_or_else(|err| panic!("{err}: {out}"))
+        }
+    };
+    let ids_of = |doc: &Value| -> Vec<String> {
+        doc["executors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let out = ctl(&e, &["list", "--page-size", "4"]).await;
+    assert_eq!(ids(&ok(&out)), all, "every page, in id order");
+    assert_eq!(
+        stderr(&out),
+        format!("revision {revision}: 25 executors\n"),
+        "the listing's revision, for people"
+    );
+    let doc = json(&["list", "--json", "--page-size", "4"]).await;
+    assert_eq!(ids_of(&doc), all);
+    assert_eq!(doc["count"], 25);
+    assert_eq!(doc["revision"], revision);
+    assert_eq!(doc["pages"], 7);
+    assert_eq!(doc["truncated"], false);
+    // The registry's default page size: one page.
+    let doc = json(&["list", "--json"]).await;
+    assert_eq!(
+        (doc["pages"].as_u64(), doc["count"].as_u64()),
+        (Some(1), Some(25))
+    );
+
+    let out = ctl(&e, &["list", "--limit", "10", "--page-size", "4"]).await;
+    assert_eq!(ids(&ok(&out)), all[..10]);
+    assert_eq!(
+        stderr(&out),
+        format!("revision {revision}: the first 10 executors (--limit)\n")
+    );
+    let doc = json(&["list", "--json", "--limit", "10", "--page-size", "4"]).await;
+    assert_eq!(ids_of(&doc), all[..10]);
+    assert_eq!(
+        (doc["pages"].as_u64(), doc["truncated"].as_bool()),
+        (Some(3), Some(true))
+    );
+    let doc = json(&["list", "--json", "--limit", "25", "--page-size", "5"]).await;
+    assert_eq!(ids_of(&doc), all);
+    assert_eq!(doc["truncated"], false, "exactly the limit, nothing more");
+    let doc = json(&["list", "--json", "--limit", "3"]).await;
+    assert_eq!(ids_of(&doc), all[..3]);
+    assert_eq!(doc["truncated"], true);
+    let doc = json(&["list", "--json", "--limit", "40", "--page-size", "7"]).await;
+    assert_eq!(ids_of(&doc), all);
+    assert_eq!(doc["truncated"], false);
+    let doc = json(&["list", "--json", "--status", "running", "--page-size", "2"]).await;
+    assert_eq!(doc["count"], 5);
+    assert_eq!(doc["pages"], 3);
+    assert!(
+        doc["executors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["status"] == "running")
+    );
+
+    for args in [
+        &["list", "--limit", "0"][..],
+        &["list", "--page-size", "0"],
+        &["list", "--page-size", "10001"],
+        &["list", "--limit", "many"],
+    ] {
+        let out = ctl(&e, args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_come_from_one_revision_while_the_fleet_changes() {
+    let server = TestServer::start(fast_config()).await;
+    let mut c = server.client().await;
+    for i in 0..30 {
+        register(&mut c, "w", 7000 + i).await;
+    }
+    let (snapshot, mut events) = support::watch(&mut c).await;
+    let mut members: BTreeSet<String> = snapshot.executors.into_iter().map(|e| e.id).collect();
+
+    // Registrations and deregistrations between every two pages.
+    let churning = Arc::new(AtomicBool::new(true));
+    let churn = {
+        let (churning, mut c) = (churning.clone(), server.client().await);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while churning.load(Ordering::SeqCst) {
+                let id = register(&mut c, "churn", 8000 + i % 1000).await;
+                if i % 2 == 0 {
+                    c.deregister(DeregisterRequest { executor_id: id })
+                        .await
+                        .unwrap();
+                }
+                i += 1;
+            }
+        })
+    };
+    let out = ok(&ctl(&server.endpoint(), &["list", "--json", "--page-size", "1"]).await);
+    churning.store(false, Ordering::SeqCst);
+    churn.await.unwrap();
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let revision = doc["revision"].as_u64().unwrap();
+    let listed: Vec<String> = doc["executors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(doc["pages"].as_u64().unwrap() >= 30);
+    assert!(
+        revision > snapshot.revision,
+        "the fleet changed meanwhile (revision {revision})"
+    );
+
+    // The live set at the listing's revision, from the watch.
+    let mut at = snapshot.revision;
+    while at < revision {
+        let event = support::next_event(&mut events).await;
+        assert_eq!(event.revision, at + 1);
+        at = event.revision;
+        if event.r#type == proto::EventType::Offline as i32 {
+            members.remove(&event.executor_id);
+        } else {
+            members.insert(event.executor_id);
+        }
+    }
+    assert_eq!(
+        listed,
+        members.into_iter().collect::<Vec<_>>(),
+        "each executor live at revision {revision} exactly once, in id order"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_takes_a_new_snapshot_after_falling_behind_and_says_so() {
+    let server = TestServer::start(RegistryConfig {
+        watch_history: 64,
+        init_ttl: Duration::from_secs(60),
+        ..fast_config()
+    })
+    .await;
+    let mut watcher = Watcher::spawn(&server.endpoint(), false);
+    let start = revision_of(&watcher.line().await);
+
+    // The test stops reading: ctl blocks on its stdout, stops reading its
+    // stream, and the registry moves on past its 64-event history.
+    let mut tasks = Vec::new();
+    for t in 0..4u16 {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..300u16 {
+                register_large(&mut c, "burst", 1000 + t * 1000 + i).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let end = server.registry.snapshot().revision();
+    assert_eq!(end, start + 1_200);
+
+    // What it printed before it fell behind: consecutive events.
+    let mut expected = start + 1;
+    let snapshot = loop {
+        let line = watcher.line().await;
+        if line.starts_with("SNAPSHOT ") {
+            break line;
+        }
+        assert!(line.starts_with("ONLINE "), "{line}");
+        assert_eq!(revision_of(&line), expected, "no gap before the end");
+        expected += 1;
+    };
+    let last = expected - 1;
+    assert!(last < end, "it did fall behind");
+    assert_eq!(snapshot, format!("SNAPSHOT revision={end} executors=1200"));
+    let note = watcher.note().await;
+    assert!(
+        note.starts_with("watch: the watch fell behind the registry's watch history")
+            && note.contains(&format!(
+                "watched again from revision {last}: the registry no longer holds the events \
+                 after it, new snapshot at revision {end}"
+            )),
+        "{note}"
+    );
+    assert!(
+        watcher.line().await.starts_with("ID "),
+        "the snapshot's table"
+    );
+    for _ in 0..1_200 {
+        watcher.line().await;
+    }
+    let mut c = server.client().await;
+    let id = register(&mut c, "after", 7).await;
+    let line = watcher.line().await;
+    assert!(
+        line.starts_with(&format!("ONLINE revision={} id={id} ", end + 1)),
+        "{line}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_after_its_connection_breaks_and_says_so() {
+    let server = TestServer::start(RegistryConfig {
+        watch_history: 64,
+        init_ttl: Duration::from_secs(60),
+        ..fast_config()
+    })
+    .await;
+    let proxy = Proxy::start(server.addr).await;
+    let mut c = server.client().await;
+    let mut watcher = Watcher::spawn(&proxy.endpoint(), false);
+    assert_eq!(watcher.line().await, "SNAPSHOT revision=0 executors=0");
+    let a = register(&mut c, "a", 7001).await;
+    assert!(watcher.line().await.starts_with("ONLINE revision=1 "));
+
+    proxy.cut().await;
+    let b = register(&mut c, "b", 7002).await;
+    c.heartbeat(HeartbeatRequest {
+        executor_id: a.clone(),
+        ttl_ms: 30_000,
+    })
+    .await
+    .unwrap();
+    let note = watcher.note().await;
+    assert!(
+        note.starts_with("watch: ")
+            && note.ends_with("; watched again from revision 1: resumed, no event missed"),
+        "{note}"
+    );
+    assert_eq!(
+        watcher.line().await,
+        format!("ONLINE revision=2 id={b} address=127.0.0.1:7002 labels=-")
+    );
+    assert_eq!(
+        watcher.line().await,
+        format!("RUNNING revision=3 id={a} address=127.0.0.1:7001 labels=-")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_carries_on_across_a_registry_restart_with_a_new_snapshot() {
+    let store = SharedStore::default();
+    let server = TestServer::start_with_store(fast_config(), Box::new(store.clone())).await;
+    let addr = server.addr;
+    let mut c = server.client().await;
+    let mut watcher = Watcher::spawn(&server.endpoint(), true);
+    let first = watcher.json().await;
+    assert_eq!(first["type"], "snapshot");
+    let a = register(&mut c, "a", 7001).await;
+    let online = watcher.json().await;
+    assert_eq!(online["id"], a.as_str());
+    let before = online["revision"].as_u64().unwrap();
+
+    server.stop().await;
+    let server = TestServer::start_on(addr, fast_config(), Box::new(store.clone())).await;
+    let snapshot = watcher.json().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    let revision = snapshot["revision"].as_u64().unwrap();
+    assert!(revision > before, "revisions go on across the restart");
+    assert_eq!(snapshot["executors"][0]["id"], a.as_str());
+    assert_eq!(snapshot["executors"][0]["status"], "initing", "reloaded");
+    let note = watcher.note().await;
+    assert!(
+        note.starts_with("watch: the registry at ")
+            && note.contains(&format!(
+                "watched again from revision {before}: the registry no longer holds the events \
+                 after it, new snapshot at revision {revision}"
+            )),
+        "{note}"
+    );
+    let mut c = server.client().await;
+    let b = register(&mut c, "b", 7002).await;
+    let online = watcher.json().await;
+    assert_eq!(online["id"], b.as_str());
+    assert_eq!(online["revision"], revision + 1);
+    server.stop().await;
 }

@@ -19,8 +19,9 @@ use tonic::{Status, Streaming};
 pub type Client = RegistryClient<Channel>;
 
 /// Opens `connections` separate HTTP/2 connections to `endpoint`, with
-/// TCP_NODELAY and no limit on decoded message size (a watch snapshot of a
-/// million executors is about 100 MB).
+/// TCP_NODELAY and gRPC's default message limits (the registry sends no
+/// message over 4 MiB: lists come in pages, watch snapshots in chunks; the
+/// echo sends less).
 pub async fn connect(endpoint: &str, connections: usize) -> anyhow::Result<Vec<Client>> {
     connect_with(endpoint, connections, None).await
 }
@@ -46,11 +47,7 @@ pub async fn connect_with(
             .connect()
             .await
             .with_context(|| format!("cannot connect to {endpoint}"))?;
-        clients.push(
-            RegistryClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-        );
+        clients.push(RegistryClient::new(channel));
     }
     Ok(clients)
 }

@@ -707,12 +707,22 @@ async fn next_result(stream: Option<&mut StreamState>) -> Result<Option<Heartbea
 pub struct WatchSummary {
     /// ONLINE events (any executor).
     pub online_events: u64,
+    /// RUNNING events (any executor): first heartbeats.
+    pub running_events: u64,
     /// OFFLINE events (any executor).
     pub offline_events: u64,
     /// Watches opened again after the stream ended.
     pub rewatches: u64,
     /// Of those, ended by the server for lagging (RESOURCE_EXHAUSTED).
     pub lagged: u64,
+    /// Re-watches that resumed from the registry's history (no event
+    /// missed, nothing to reconcile).
+    pub resumes: u64,
+    /// Re-watches that began with a new snapshot (reconciled: executors
+    /// missing from it went OFFLINE in the gap).
+    pub resnapshots: u64,
+    /// Events out of order; each ended a watch.
+    pub gaps: u64,
     /// Executors found missing from a re-watch snapshot (counted OFFLINE at
     /// the snapshot's arrival: an approximate time).
     pub missing_from_snapshot: u64,
@@ -724,7 +734,8 @@ pub struct WatchSummary {
     pub errors: Tally,
 }
 
-/// Stamps OFFLINE events and reconciles re-watch snapshots.
+/// Stamps OFFLINE events and reconciles re-watch snapshots (a resumed
+/// watch needs no reconciling: it missed nothing).
 struct FleetWatch {
     fleet: Arc<Fleet>,
     summary: WatchSummary,
@@ -749,6 +760,8 @@ impl watch::Observer for FleetWatch {
             watch::Seen::Event(event) => {
                 if event.r#type == proto::EventType::Online as i32 {
                     out.online_events += 1;
+                } else if event.r#type == proto::EventType::Running as i32 {
+                    out.running_events += 1;
                 } else if event.r#type == proto::EventType::Offline as i32 {
                     out.offline_events += 1;
                     if let Some(index) = fleet.index_of(&event.executor_id) {
@@ -1174,6 +1187,9 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
     let watch = WatchSummary {
         rewatches: counts.rewatches,
         lagged: counts.lagged,
+        resumes: counts.resumes,
+        resnapshots: counts.resnapshots,
+        gaps: counts.gaps,
         first_snapshot_s: counts.first_snapshot_s,
         errors: counts.errors,
         ..observer.summary

@@ -25,7 +25,8 @@
 //! - [`client`] — connections and the three heartbeat transports, shared by
 //!   every generator (so registry and echo see identical clients).
 //! - [`wheel`] — the per-connection timing wheel of heartbeat deadlines.
-//! - [`watch`] — the verifying watch (open, first snapshot, re-watch).
+//! - [`watch`] — the verifying watch (open, chunked snapshots, re-watch by
+//!   revision: resumed or a new snapshot).
 //! - [`stats`] — latency summaries and error tallies.
 //! - [`prom`] — reading the registry's Prometheus `/metrics`.
 //! - [`report`] — the human-readable tables.

@@ -120,11 +120,16 @@ pub fn fleet(r: &FleetReport) -> String {
         &mut out,
         "watch",
         format!(
-            "{} online, {} offline events; re-watches {} (lagged {}), missing from snapshot {}",
+            "{} online, {} running, {} offline events; re-watches {} (lagged {}; resumed {}, \
+             new snapshot {}), gaps {}, missing from snapshot {}",
             thousands(w.online_events as f64),
+            thousands(w.running_events as f64),
             thousands(w.offline_events as f64),
             w.rewatches,
             w.lagged,
+            w.resumes,
+            w.resnapshots,
+            w.gaps,
             w.missing_from_snapshot
         ),
     );
@@ -365,7 +370,14 @@ pub fn soak(r: &crate::soak::SoakReport) -> String {
         ),
     );
     row(&mut out, "batch latency", latency(&r.heartbeat_latency));
-    row(&mut out, "rewatches", r.rewatches);
+    row(
+        &mut out,
+        "rewatches",
+        format!(
+            "{} (resumed {}, new snapshot {})",
+            r.rewatches, r.resumes, r.resnapshots
+        ),
+    );
     if !r.errors.0.is_empty() {
         row(&mut out, "errors", r.errors.summary());
     }

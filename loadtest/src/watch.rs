@@ -1,15 +1,25 @@
 //! The verifying watch, shared by [`crate::fleet`] and [`crate::soak`].
 //!
-//! Owns: one `WatchExecutors` stream at a time — opening it, telling the
-//! caller when the first snapshot arrived (or that the watch could not be
-//! opened), opening it again when the server ends it (lagging, shutdown),
-//! and counting those re-watches and stream errors. What a snapshot or an
-//! event means is the caller's: each is handed to its [`Observer`], which
-//! comes back when the watch ends.
+//! Owns: one `WatchExecutors` stream at a time — opening it, gathering a
+//! snapshot's chunks (until the one with `more = false`) into one snapshot,
+//! telling the caller when the first snapshot arrived (or that the watch
+//! could not be opened), the last revision handed on, and opening the watch
+//! again when the server ends it (lagging, shutdown) or it breaks, from that
+//! revision. The registry then either resumes it from its history (the next
+//! event, nothing missed) or starts it with a new snapshot; the two are
+//! counted apart, with stream errors. What a snapshot or an event means is
+//! the caller's: each is handed to its [`Observer`], which comes back when
+//! the watch ends.
+//!
+//! Every event handed on is the one after the last revision handed on: an
+//! event out of order (a gap) ends the watch, and the next one starts from
+//! a snapshot, so no caller ever reads past a gap unknowingly.
 
 use std::time::Duration;
 
-use executor_registry::proto::{self, ExecutorEvent, Snapshot, WatchExecutorsRequest};
+use executor_registry::proto::{
+    ExecutorEvent, Snapshot, WatchExecutorsRequest, watch_executors_response::Kind,
+};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,17 +30,17 @@ use crate::stats::{self, Tally};
 
 /// What the watch received.
 pub enum Seen<'a> {
-    /// A snapshot; `first` for the very first one of the run; `opened` is
-    /// when the watch that delivered it was opened.
+    /// A whole snapshot (every chunk); `first` for the very first one of the
+    /// run; `opened` is when the watch that delivered it was opened.
     Snapshot {
-        /// The snapshot.
+        /// The snapshot, its chunks gathered (`more` is false).
         snapshot: &'a Snapshot,
         /// The first snapshot of the run.
         first: bool,
         /// When this watch was opened.
         opened: Instant,
     },
-    /// A membership event.
+    /// A membership event: ONLINE, RUNNING or OFFLINE.
     Event(&'a ExecutorEvent),
 }
 
@@ -45,8 +55,16 @@ pub trait Observer: Send + 'static {
 pub struct WatchCounts {
     /// Watches opened again after the stream ended.
     pub rewatches: u64,
-    /// Of those, ended by the server for lagging (RESOURCE_EXHAUSTED).
+    /// Of those ends, by the server for lagging (RESOURCE_EXHAUSTED).
     pub lagged: u64,
+    /// Re-watches that resumed from the registry's history: no snapshot,
+    /// no event missed.
+    pub resumes: u64,
+    /// Re-watches that began with a new snapshot: the events in the gap
+    /// were not seen.
+    pub resnapshots: u64,
+    /// Events out of order (a watch ended for it).
+    pub gaps: u64,
     /// Seconds to receive the first snapshot.
     pub first_snapshot_s: f64,
     /// Stream failures by code.
@@ -64,12 +82,15 @@ pub async fn run<O: Observer>(
 ) -> (WatchCounts, O) {
     let mut ready = Some(ready);
     let mut out = WatchCounts::default();
+    // The last revision handed on; None: the next watch starts from a
+    // snapshot.
+    let mut last: Option<u64> = None;
     'watches: while !stop.is_cancelled() {
         let opened = Instant::now();
-        let mut stream = match client
-            .watch_executors(WatchExecutorsRequest { start_revision: 0 })
-            .await
-        {
+        let request = WatchExecutorsRequest {
+            start_revision: last.unwrap_or(0),
+        };
+        let mut stream = match client.watch_executors(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 out.errors.add(&stats::code_key("watch-open", &status), 1);
@@ -81,27 +102,70 @@ pub async fn run<O: Observer>(
                 continue;
             }
         };
+        // A watch after the first snapshot: it resumes or re-snapshots.
+        let rewatch = ready.is_none();
+        // Nothing of this watch handed on yet: its first snapshot or event
+        // tells how it began.
+        let mut began = false;
+        let mut chunks: Option<Snapshot> = None;
         loop {
             let message = tokio::select! {
                 () = stop.cancelled() => break 'watches,
                 m = stream.message() => m,
             };
             match message {
-                Ok(Some(m)) => match &m.kind {
-                    Some(proto::watch_executors_response::Kind::Snapshot(snapshot)) => {
-                        let first = ready.is_some();
-                        if let Some(ready) = ready.take() {
-                            out.first_snapshot_s = opened.elapsed().as_secs_f64();
-                            let _ = ready.send(Ok(()));
+                Ok(Some(m)) => match m.kind {
+                    Some(Kind::Snapshot(chunk)) => {
+                        let snapshot = match chunks.take() {
+                            None => chunk,
+                            Some(mut held) if held.revision == chunk.revision => {
+                                held.executors.extend(chunk.executors);
+                                held.more = chunk.more;
+                                held
+                            }
+                            Some(_) => {
+                                out.errors.add("watch:chunk_of_another_snapshot", 1);
+                                last = None;
+                                break;
+                            }
+                        };
+                        if snapshot.more {
+                            chunks = Some(snapshot);
+                            continue;
                         }
+                        if rewatch && !began {
+                            out.resnapshots += 1;
+                        }
+                        began = true;
+                        let first = ready.is_some();
+                        if first {
+                            out.first_snapshot_s = opened.elapsed().as_secs_f64();
+                        }
+                        last = Some(snapshot.revision);
                         on.seen(Seen::Snapshot {
-                            snapshot,
+                            snapshot: &snapshot,
                             first,
                             opened,
                         });
+                        // Ready once the caller has the snapshot.
+                        if let Some(ready) = ready.take() {
+                            let _ = ready.send(Ok(()));
+                        }
                     }
-                    Some(proto::watch_executors_response::Kind::Event(event)) => {
-                        on.seen(Seen::Event(event));
+                    Some(Kind::Event(event)) => {
+                        let due = last.map(|l| l + 1);
+                        if chunks.is_some() || due != Some(event.revision) {
+                            out.gaps += 1;
+                            out.errors.add("watch:event_out_of_order", 1);
+                            last = None;
+                            break;
+                        }
+                        if rewatch && !began {
+                            out.resumes += 1;
+                        }
+                        began = true;
+                        last = Some(event.revision);
+                        on.seen(Seen::Event(&event));
                     }
                     None => {}
                 },

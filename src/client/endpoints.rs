@@ -4,10 +4,11 @@
 //! Owns: URI parsing (`host:port` is taken as `http://host:port`), the
 //! round-robin position, and the tonic `Endpoint` configuration: connect
 //! timeout, HTTP/2 keepalive (so a dead peer is noticed on a long-lived
-//! heartbeat or watch stream even when nothing is sent), `TCP_NODELAY`, and
-//! the raised decoding limit (snapshots of a large fleet exceed 4 MiB) — and
-//! TLS: the CA the registry's certificate must chain to, the client's own
-//! certificate for mutual TLS, and the admin bearer token.
+//! heartbeat or watch stream even when nothing is sent) and `TCP_NODELAY` —
+//! and TLS: the CA the registry's certificate must chain to, the client's own
+//! certificate for mutual TLS, and the admin bearer token. Responses are
+//! decoded with gRPC's default 4 MiB limit: the registry sends no larger
+//! message (lists come in pages, snapshots in chunks).
 //!
 //! Replicas: every response names the leader in its `registry-leader`
 //! metadata. A stream opened through a follower works (the follower
@@ -30,10 +31,6 @@ use crate::proto::registry_client::RegistryClient;
 /// The registry's default gRPC address (`serve --listen`'s default).
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:10240";
 
-/// Default largest response a client decodes: 1 GiB, room for a snapshot of
-/// a few million executors (tonic's own default, 4 MiB, holds about 20,000).
-pub const DEFAULT_MAX_DECODING_MESSAGE_SIZE: usize = 1 << 30;
-
 /// Settings of every connection a client opens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelOptions {
@@ -49,8 +46,10 @@ pub struct ChannelOptions {
     pub initial_stream_window_size: Option<u32>,
     /// HTTP/2 connection window (None: hyper's default, 5 MiB).
     pub initial_connection_window_size: Option<u32>,
-    /// Largest response message decoded.
-    pub max_decoding_message_size: usize,
+    /// Largest response message decoded; None: gRPC's default, 4 MiB, which
+    /// is enough for any registry (it sends no message over 4 MiB, whatever
+    /// the fleet's size). Raise it only for a proxy that merges messages.
+    pub max_decoding_message_size: Option<usize>,
     /// TLS to the registry (None: plaintext). Bare `host:port` endpoints
     /// become `https://host:port`.
     pub tls: Option<ClientTls>,
@@ -168,7 +167,7 @@ impl Default for ChannelOptions {
             keepalive_timeout: Duration::from_secs(5),
             initial_stream_window_size: None,
             initial_connection_window_size: None,
-            max_decoding_message_size: DEFAULT_MAX_DECODING_MESSAGE_SIZE,
+            max_decoding_message_size: None,
             tls: None,
             admin_token: None,
         }
@@ -345,8 +344,13 @@ impl Endpoints {
     pub(crate) async fn connect(&self) -> Result<RegistryClient<Channel>, String> {
         let (uri, endpoint) = &self.list[self.current];
         match endpoint.connect().await {
-            Ok(channel) => Ok(RegistryClient::new(channel)
-                .max_decoding_message_size(self.options.max_decoding_message_size)),
+            Ok(channel) => {
+                let client = RegistryClient::new(channel);
+                Ok(match self.options.max_decoding_message_size {
+                    Some(limit) => client.max_decoding_message_size(limit),
+                    None => client,
+                })
+            }
             Err(e) => Err(format!("{uri}: {}", describe_transport_error(&e))),
         }
     }

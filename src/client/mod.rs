@@ -8,10 +8,12 @@
 //!   `HeartbeatStream` at the server's suggested interval, reconnects across
 //!   endpoints, re-registers when the registry forgot it, and tells the
 //!   application through a [`tokio::sync::watch`] of [`MembershipState`].
-//! - [`FleetView`] — a scheduler's local copy of the live fleet, kept from
-//!   `WatchExecutors`; when the watch ends (lag, restart, network) it watches
-//!   again and turns the fresh snapshot into the changes it missed, so its
-//!   consumer never misses one.
+//! - [`FleetView`] — a scheduler's local copy of the live fleet, each
+//!   member INITING or RUNNING, kept from `WatchExecutors`; when the watch
+//!   ends (lag, restart, network) it watches again from the last revision it
+//!   applied and resumes from the registry's history, or, when that no
+//!   longer holds what it missed, turns a fresh snapshot into the changes it
+//!   missed, so its consumer never misses one.
 //!
 //! Both end their task when dropped (a `CancellationToken` in a drop guard)
 //! and every `async fn` here is cancel-safe: dropping the future leaves no
@@ -19,7 +21,8 @@
 //!
 //! Shared plumbing lives in the private submodules: endpoint lists and
 //! channel settings (`endpoints`), backoff and jitter (`backoff`), errors
-//! and retry classification (`error`).
+//! and retry classification (`error`). Every connection decodes with gRPC's
+//! default 4 MiB limit: the registry sends nothing larger.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), executor_registry::client::ClientError> {
@@ -33,7 +36,7 @@
 //!
 //! // A scheduler.
 //! let mut fleet = FleetView::connect(["http://10.0.0.1:10240"]).await?;
-//! println!("{} executors", fleet.members().len());
+//! println!("{} executors, {} schedulable", fleet.members().len(), fleet.schedulable().len());
 //! while let Some(change) = fleet.next_change().await {
 //!     println!("{change:?}");
 //! }
@@ -50,9 +53,11 @@ mod membership;
 
 pub use backoff::Backoff;
 pub use endpoints::{
-    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, DEFAULT_MAX_DECODING_MESSAGE_SIZE,
-    LEADER_METADATA, describe_transport_error,
+    BearerToken, ChannelOptions, ClientTls, DEFAULT_ENDPOINT, LEADER_METADATA,
+    describe_transport_error,
 };
 pub use error::ClientError;
-pub use fleet::{Fleet, FleetChange, FleetView, FleetViewOptions, Member, OfflineReason};
+pub use fleet::{
+    Fleet, FleetChange, FleetView, FleetViewOptions, Member, MemberStatus, OfflineReason,
+};
 pub use membership::{Membership, MembershipOptions, MembershipState};
