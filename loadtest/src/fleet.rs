@@ -1121,7 +1121,8 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
     });
 
     // Heartbeat phase: kill at half, end at `duration` or TTL + slack after
-    // the kill, whichever is later.
+    // the kill, whichever is later (at `duration` when nobody is killed:
+    // there is no expiry to wait for).
     let beat_start = Instant::now();
     let beats_at_start = fleet.beats_ok.load(Ordering::Relaxed);
     let kill_at = beat_start + config.duration / 2;
@@ -1142,7 +1143,12 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         }
         if let Some(k) = killed_at {
             let ttl = Duration::from_millis(fleet.max_ttl_ms.load(Ordering::Relaxed));
-            if now >= (beat_start + config.duration).max(k + ttl + EXPIRY_SLACK) {
+            let expiries_seen = if kill_count == 0 {
+                k
+            } else {
+                k + ttl + EXPIRY_SLACK
+            };
+            if now >= (beat_start + config.duration).max(expiries_seen) {
                 break;
             }
         }

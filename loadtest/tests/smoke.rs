@@ -93,6 +93,29 @@ async fn unary_fleet_expires_exactly_the_killed_executors() {
     fleet_expires_exactly_the_killed_executors(Mode::Unary).await;
 }
 
+/// With nothing killed there is no expiry to wait for: the run ends at
+/// `duration`, not a TTL after the kill point (with a 10 minute TTL, a
+/// 2 s run took 5 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_run_without_kills_ends_at_its_duration_whatever_the_ttl() {
+    let server = Server::start().await;
+    let mut config = FleetConfig::new(format!("http://{}", server.addr), 50, Mode::Batch);
+    config.connections = 1;
+    config.duration = Duration::from_secs(2);
+    config.ttl = Some(Duration::from_secs(60));
+    config.kill_fraction = 0.0;
+    let started = tokio::time::Instant::now();
+    let report = fleet::run(&config).await.expect("fleet run");
+    let took = started.elapsed();
+    server.stop().await;
+    assert_eq!(report.expiry.killed, 0, "{report:#?}");
+    assert_eq!(report.expiry.false_expirations, 0, "{report:#?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "a 2 s run with a 60 s TTL took {took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_throughput_is_positive_in_every_mode() {
     let listener = TcpListener::bind("127.0.0.1:0")
