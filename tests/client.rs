@@ -688,14 +688,23 @@ async fn a_fleet_view_gathers_every_chunk_of_a_snapshot_before_applying_it() {
     for task in tasks {
         task.await.unwrap();
     }
-    let (_, mut stream) = support::watch(&mut server.client().await).await;
-    let mut chunks = 1;
-    while let proto::watch_executors_response::Kind::Snapshot(chunk) =
-        support::next_message(&mut stream).await.unwrap()
-    {
-        chunks += 1;
-        if !chunk.more {
-            break;
+    let mut stream = server
+        .client()
+        .await
+        .watch_executors(proto::WatchExecutorsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = 0;
+    loop {
+        match support::next_message(&mut stream).await.unwrap() {
+            proto::watch_executors_response::Kind::Snapshot(chunk) => {
+                chunks += 1;
+                if !chunk.more {
+                    break;
+                }
+            }
+            other => panic!("the snapshot's chunks first, got {other:?}"),
         }
     }
     assert!(chunks > 1, "the registry sent {chunks} chunk(s)");
