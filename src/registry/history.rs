@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 
 use super::entry::Entry;
-use super::watch::{Event, EventKind};
+use super::event::{Event, EventKind};
 
 /// The history's position, as watchers see it change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

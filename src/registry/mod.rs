@@ -22,6 +22,7 @@ mod clock;
 mod config;
 mod entry;
 mod error;
+mod event;
 mod guard;
 mod history;
 mod labels;
@@ -53,6 +54,7 @@ pub use config::{
 };
 pub use entry::{Entry, ExecutorId, State, Status};
 pub use error::RegistryError;
+pub use event::{Event, EventKind, OfflineReason};
 pub use guard::{ExpiryGuardConfig, ExpiryGuardStatus};
 pub use labels::{
     Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part, matches_all,
@@ -63,7 +65,7 @@ pub use observer::{HeartbeatResult, NoopObserver, Observer, RegistrationResult};
 pub use port::{Batch, IDLE_AFTER, MembershipStore, StoreError, StoredExecutor};
 pub use registration::{MAX_ADDRESS_LEN, MAX_NAME_LEN, MAX_OWNER_LEN, Registration};
 pub use snapshot::Snapshot;
-pub use watch::{Event, EventKind, OfflineReason, Watch, WatchError};
+pub use watch::{Watch, WatchError};
 pub use worker::{Commit, Loaded, StoreWorker};
 
 #[cfg(test)]

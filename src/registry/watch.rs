@@ -1,6 +1,6 @@
 //! Watching membership: a snapshot or a resume point, then every change.
 //!
-//! Owns: `Event` and the watcher's side of the shared history (its cursor,
+//! Owns: the watcher's side of the shared history (its cursor,
 //! and the few events it read ahead). The membership loop publishes each
 //! turn's snapshot, *then* appends the turn's events to the history, so a
 //! watcher that loads a snapshot at revision S and reads the history from
@@ -16,56 +16,13 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::entry::{Entry, Status};
+use super::event::Event;
 use super::history::{History, Position};
 use super::observer::Observer;
 use super::snapshot::Snapshot;
 
 /// Events a watcher takes from the history at a time.
 const READ_AHEAD: usize = 1024;
-
-/// Why an executor went offline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OfflineReason {
-    /// Its deadline passed.
-    Expired,
-    /// It left gracefully.
-    Deregistered,
-}
-
-/// What happened to an executor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    /// Registered (visible and durable); INITING.
-    Online,
-    /// Its first heartbeat since it registered or was loaded was accepted;
-    /// RUNNING.
-    Running,
-    /// Removed from the live set; TOMBSTONE.
-    Offline(OfflineReason),
-}
-
-impl EventKind {
-    /// The executor's status after the change.
-    pub fn status(self) -> Status {
-        match self {
-            EventKind::Online => Status::Initing,
-            EventKind::Running => Status::Running,
-            EventKind::Offline(_) => Status::Tombstone,
-        }
-    }
-}
-
-/// One membership change.
-#[derive(Debug, Clone)]
-pub struct Event {
-    /// Its revision; consecutive across all events.
-    pub revision: u64,
-    /// What happened.
-    pub kind: EventKind,
-    /// The executor it happened to.
-    pub entry: Arc<Entry>,
-}
 
 /// Why a watch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -23,6 +23,7 @@
 //! Must not touch: I/O (the store runs on its own thread), gRPC types.
 
 mod bulk;
+mod changes;
 mod commit;
 mod expiry;
 mod guarded;
@@ -41,15 +42,14 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::clock::duration_ms;
 use super::entry::{Entry, Expiry, Status};
 use super::error::RegistryError;
+use super::event::{Event, EventKind, OfflineReason};
 use super::guard::ExpiryGuard;
 use super::observer::RegistrationResult;
 use super::port::StoredExecutor;
-use super::registration::ValidRegistration;
 use super::tables::{Notice, Tables};
-use super::watch::{Event, EventKind, OfflineReason};
 use super::worker::{Loaded, StoreWorker};
 use bulk::{Members, Removal};
-use commit::{Commits, Committed, RegisterReply};
+use commit::Commits;
 
 pub(crate) use commit::REVISION_RANGE;
 use expiry::{Sifted, Wheel};
@@ -315,73 +315,6 @@ impl MembershipLoop {
         self.members.start_purge();
     }
 
-    /// An entry the heartbeat path pointed out: its first heartbeat is
-    /// announced (RUNNING, once per lifetime: the flag is the revision), a
-    /// new TTL ceiling goes to the store, and a deadline moved below the
-    /// queued one is queued again.
-    fn noticed(&mut self, notice: Notice, changes: &mut Changes) {
-        let Notice { entry, ttl_changed } = notice;
-        let state = entry.state();
-        if state.status() == Status::Tombstone {
-            return;
-        }
-        if ttl_changed {
-            self.commits
-                .record_ttl(entry.id().clone(), entry.recorded_ttl_ms());
-        }
-        if state.status() == Status::Running && !entry.announced_running() {
-            let revision = self.next_revision();
-            entry.set_running_rev(revision);
-            changes.events.push(Event {
-                revision,
-                kind: EventKind::Running,
-                entry: entry.clone(),
-            });
-        }
-        if state.deadline_ms() < entry.armed_ms() {
-            self.wheel
-                .arm(&self.tables.clock, entry, state.deadline_ms());
-        }
-    }
-
-    /// A registration command: an id is reserved and the registration waits
-    /// for the next batch (refused at stop, or beyond `max_executors`).
-    fn register(&mut self, registration: ValidRegistration, reply: RegisterReply, stop: bool) {
-        if stop {
-            let _ = reply.send(Err(RegistryError::ShuttingDown));
-            return;
-        }
-        let max = self.tables.config.max_executors;
-        if self.members.live() + self.commits.reserved() >= max {
-            self.tables
-                .observer
-                .registration(RegistrationResult::Unavailable);
-            let _ = reply.send(Err(RegistryError::ResourceExhausted(format!(
-                "the registry holds its maximum of {max} executors (--max-executors)"
-            ))));
-            return;
-        }
-        let id = self.commits.new_id(&registration.name, &self.tables);
-        self.commits.register(id, registration, reply);
-    }
-
-    /// A batch finished: its registrations become visible (or were refused).
-    fn committed(&mut self, committed: Committed, now: u64, changes: &mut Changes) {
-        let registered = self.commits.settle(committed, now, &*self.tables.observer);
-        let ttl = duration_ms(self.tables.config.init_ttl);
-        for pending in registered {
-            let (entry, reply) = pending.into_entry(ttl, now);
-            self.insert_live(entry.clone());
-            let revision = self.next_revision();
-            changes.events.push(Event {
-                revision,
-                kind: EventKind::Online,
-                entry: entry.clone(),
-            });
-            changes.registered.push((reply, entry));
-        }
-    }
-
     fn expire_or_rearm(
         &mut self,
         entry: Arc<Entry>,
@@ -441,34 +374,6 @@ impl MembershipLoop {
             }
             Expiry::AlreadyTombstone => {}
         }
-    }
-
-    fn deregister(
-        &mut self,
-        id: &str,
-        removal: Removal,
-        changes: &mut Changes,
-    ) -> Result<(), RegistryError> {
-        let entry = self
-            .tables
-            .live
-            .get(id)
-            .map(|slot| slot.key().0.clone())
-            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
-        let was = entry
-            .tombstone()
-            .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
-        self.tables.count_leaving(was);
-        let now = self.tables.clock.now_ms();
-        self.remove_live(&entry, now, removal);
-        let revision = self.next_revision();
-        entry.set_offline_rev(revision);
-        changes.events.push(Event {
-            revision,
-            kind: EventKind::Offline(OfflineReason::Deregistered),
-            entry,
-        });
-        Ok(())
     }
 
     fn insert_live(&mut self, entry: Arc<Entry>) {

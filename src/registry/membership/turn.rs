@@ -13,9 +13,9 @@ use super::bulk::Map;
 use super::commit::{Committed, RegisterReply};
 use crate::registry::entry::Entry;
 use crate::registry::error::RegistryError;
+use crate::registry::event::Event;
 use crate::registry::registration::ValidRegistration;
 use crate::registry::tables::Notice;
-use crate::registry::watch::Event;
 
 /// A request to the loop.
 pub(crate) enum Command {
