@@ -78,7 +78,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
         })?),
     };
-    let (listener, metrics) = listen(&args, security.metrics_tls.clone()).await?;
+    let (listener, metrics) = listen(&args, security.metrics_tls.clone(), true).await?;
     let (registry, task) = Registry::start(config, store, metrics.clone())
         .context("cannot load the membership store")?;
     let (tls, admin_token) = describe(&security.grpc);
@@ -117,6 +117,7 @@ fn describe(security: &server::Security) -> (&'static str, bool) {
 async fn listen(
     args: &ServeArgs,
     metrics_tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    leads: bool,
 ) -> anyhow::Result<(
     TcpListener,
     std::sync::Arc<executor_registry::metrics::Metrics>,
@@ -124,14 +125,15 @@ async fn listen(
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let metrics = executor_registry::metrics::install_with_tls(args.metrics_listen, metrics_tls)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot serve metrics on {} (--metrics-listen)",
-                args.metrics_listen
-            )
-        })?;
+    let metrics =
+        executor_registry::metrics::install_with_tls(args.metrics_listen, metrics_tls, leads)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot serve metrics on {} (--metrics-listen)",
+                    args.metrics_listen
+                )
+            })?;
     Ok((listener, metrics))
 }
 
@@ -142,10 +144,8 @@ async fn serve_replica(
     endpoints: Vec<String>,
     security: SecuritySetup,
 ) -> anyhow::Result<()> {
-    let (listener, metrics) = listen(&args, security.metrics_tls.clone()).await?;
-    // Not the leader until elected (the exporter starts at 1 for a single
-    // process).
-    metrics.start_as_follower();
+    // Not the leader until elected (a single process leads from the start).
+    let (listener, metrics) = listen(&args, security.metrics_tls.clone(), false).await?;
     let advertise = args.advertise_address.clone().unwrap_or_else(|| {
         listener
             .local_addr()

@@ -172,13 +172,14 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
 ///
 /// Fails if `listen` cannot be bound or a global recorder is already set.
 pub async fn install(listen: SocketAddr) -> anyhow::Result<Arc<Metrics>> {
-    install_with_tls(listen, None).await
+    install_with_tls(listen, None, true).await
 }
 
 /// [`install`], serving HTTPS with `tls` when given (`--metrics-tls`).
 pub async fn install_with_tls(
     listen: SocketAddr,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    leads: bool,
 ) -> anyhow::Result<Arc<Metrics>> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -188,6 +189,11 @@ pub async fn install_with_tls(
     ::metrics::set_global_recorder(recorder)
         .context("a global metrics recorder is already installed")?;
     let metrics = Arc::new(::metrics::with_recorder(Metrics::new));
+    // A replica is a follower until elected: never let a scrape see it
+    // leading before that (a scrape may come as soon as the endpoint serves).
+    if !leads {
+        metrics.start_as_follower();
+    }
     spawn_upkeep(Arc::downgrade(&metrics), handle.clone())
         .context("starting the metrics upkeep thread")?;
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
