@@ -5,7 +5,10 @@
 # registered and RUNNING, it samples etcd's own counters over a window and
 # prints puts/s (etcd_mvcc_put_total), bytes/s received
 # (etcd_network_client_grpc_received_bytes_total) and the fleet's heartbeat
-# rate on the leader over the same window.
+# rate on the leader over the same window. Then it kills the leader
+# (kill -9) and prints how long until another replica leads with every
+# executor loaded, and — from the fleet's own verifying watch, at the end of
+# its run — how many executors that kept heartbeating went OFFLINE.
 #
 #   scripts/etcd-load.sh [EXECUTORS] [WINDOW_SECONDS]     (default 100000 20)
 #
@@ -14,7 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-100000}
 window=${2:-20}
-cargo build --release --locked --bin executor-registry -p loadtest >&2
+cargo build --release --locked -p executor-registry --bin executor-registry >&2
+cargo build --release --locked -p loadtest --bin loadtest >&2
 dir=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
@@ -49,7 +53,7 @@ echo "leader: replica $leader; the fleet goes through replica $follower" >&2
 
 target/release/loadtest fleet --endpoint "http://127.0.0.1:1026$follower" \
   --executors "$n" --mode batch --kill-fraction 0 --duration "$(( window * 3 + 60 ))s" \
-  --progress-every 10s >"$dir/fleet.json" 2>"$dir/fleet.log" &
+  --progress-every 10s --json >"$dir/fleet.json" 2>"$dir/fleet.log" &
 fleet=$!
 pids+=($fleet)
 leader_metrics=http://127.0.0.1:947$leader
@@ -71,3 +75,29 @@ awk -v n="$n" -v w="$window" -v p=$((p1 - p0)) -v b=$((b1 - b0)) -v h=$((h1 - h0
   printf "executors %d, window %d s: etcd %.1f puts/s, %.1f KB/s received; heartbeats %.0f/s through the leader\n",
     n, w, p / w, b / w / 1000, h / w
 }'
+
+# kill -9 of the leader: how long until another one serves the whole fleet.
+killed=${pids[$leader]}
+kill -9 "$killed"
+t0=$(date +%s.%N)
+new=""
+while [ -z "$new" ]; do
+  for i in 1 2 3; do
+    [ "$i" = "$leader" ] && continue
+    live=$(( $(metric http://127.0.0.1:947$i 'registry_executors{status="running"}') + $(metric http://127.0.0.1:947$i 'registry_executors{status="initing"}') ))
+    if [ "$(metric http://127.0.0.1:947$i registry_is_leader)" = 1 ] && [ "$live" -ge "$n" ]; then new=$i; fi
+  done
+  sleep 0.05
+done
+t1=$(date +%s.%N)
+awk -v a="$t0" -v b="$t1" -v r="$new" 'BEGIN { printf "kill -9 of the leader: replica %d leads with every executor loaded after %.2f s (lease 5 s)\n", r, b - a }'
+grep -h '"leading"\|leading' "$dir/replica$new.log" | tail -1 >&2 || true
+wait "$fleet" || true
+python3 - "$dir/fleet.json" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+report = json.loads(text[text.index("{"):]) if "{" in text else {}
+expiry = report.get("expiry", {})
+print("fleet after the failover: false expirations {}, passed {}".format(
+    expiry.get("false_expirations"), report.get("passed")))
+PY

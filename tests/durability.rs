@@ -451,7 +451,8 @@ fn data_dir() -> (tempfile::TempDir, PathBuf) {
 
 // ------------------------------------------------------------ acceptance
 
-/// Issue 3's first acceptance criterion, end to end.
+/// Durability end to end: every stored executor comes back INITING after a
+/// kill -9, and only those that heartbeat again survive.
 #[tokio::test]
 async fn after_kill_9_all_200_come_back_initing_and_only_those_that_heartbeat_survive_a_clean_restart()
  {
@@ -629,8 +630,8 @@ async fn storm(
     tasks
 }
 
-/// Issue 3: "no registration answered OK is ever lost across kill -9 (20
-/// random kill points)". Replay a failure with the seed it printed:
+/// No registration answered OK is ever lost across kill -9, at 20 random
+/// kill points. Replay a failure with the seed it printed:
 /// `CRASH_SEED=<seed> cargo test --test durability no_registration`.
 #[tokio::test]
 async fn no_registration_answered_ok_is_lost_across_kill_9_at_20_random_points() {
