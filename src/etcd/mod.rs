@@ -182,6 +182,19 @@ pub enum Reach {
     Mismatch(String),
 }
 
+/// One unary call to etcd, bounded by [`CALL_TIMEOUT`]; `what` names it
+/// in the timeout's error.
+async fn call<T>(
+    what: &str,
+    request: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, EtcdError> {
+    tokio::time::timeout(CALL_TIMEOUT, request)
+        .await
+        .map_err(|_| EtcdError::Call(format!("{what} timed out")))?
+        .map(tonic::Response::into_inner)
+        .map_err(call_error)
+}
+
 /// Walks an error's sources: unreachable when any is an I/O error of a
 /// connection that was never made (or timed out), a mismatch otherwise.
 fn classify(error: &(dyn std::error::Error + 'static)) -> Reach {
@@ -291,11 +304,7 @@ impl Etcd {
                 ..Default::default()
             };
             let mut kv = self.kv.clone();
-            let response = tokio::time::timeout(CALL_TIMEOUT, kv.range(request))
-                .await
-                .map_err(|_| EtcdError::Call("range timed out".into()))?
-                .map_err(call_error)?
-                .into_inner();
+            let response = call("range", kv.range(request)).await?;
             if revision == 0 {
                 revision = response.header.map(|h| h.revision).unwrap_or(0);
             }
@@ -318,22 +327,14 @@ impl Etcd {
             ..Default::default()
         };
         let mut kv = self.kv.clone();
-        let response = tokio::time::timeout(CALL_TIMEOUT, kv.range(request))
-            .await
-            .map_err(|_| EtcdError::Call("range timed out".into()))?
-            .map_err(call_error)?
-            .into_inner();
+        let response = call("range", kv.range(request)).await?;
         Ok(response.kvs.into_iter().next().map(|kv| kv.value))
     }
 
     /// One transaction.
     pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, EtcdError> {
         let mut kv = self.kv.clone();
-        tokio::time::timeout(CALL_TIMEOUT, kv.txn(request))
-            .await
-            .map_err(|_| EtcdError::Call("transaction timed out".into()))?
-            .map(tonic::Response::into_inner)
-            .map_err(call_error)
+        call("transaction", kv.txn(request)).await
     }
 
     /// Applies `ops` in transactions of at most [`MAX_TXN_OPS`] operations,
@@ -364,11 +365,7 @@ impl Etcd {
             ttl: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             id: 0,
         };
-        let response = tokio::time::timeout(CALL_TIMEOUT, lease.lease_grant(request))
-            .await
-            .map_err(|_| EtcdError::Call("lease grant timed out".into()))?
-            .map_err(call_error)?
-            .into_inner();
+        let response = call("lease grant", lease.lease_grant(request)).await?;
         if !response.error.is_empty() {
             return Err(EtcdError::Call(response.error));
         }
@@ -381,11 +378,12 @@ impl Etcd {
     /// Revokes a lease (its keys are deleted at once). Best effort.
     pub async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
         let mut lease = self.lease.clone();
-        tokio::time::timeout(CALL_TIMEOUT, lease.lease_revoke(LeaseRevokeRequest { id }))
-            .await
-            .map_err(|_| EtcdError::Call("lease revoke timed out".into()))?
-            .map(|_| ())
-            .map_err(call_error)
+        call(
+            "lease revoke",
+            lease.lease_revoke(LeaseRevokeRequest { id }),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Keeps lease `id` alive every `period`, reporting after each answer
