@@ -107,14 +107,7 @@ impl MembershipLoop {
             .ok_or_else(|| RegistryError::NotFound(id.to_owned()))?;
         self.tables.count_leaving(was);
         let now = self.tables.clock.now_ms();
-        self.remove_live(&entry, now, removal);
-        let revision = self.next_revision();
-        entry.set_offline_rev(revision);
-        changes.events.push(Event {
-            revision,
-            kind: EventKind::Offline(OfflineReason::Deregistered),
-            entry,
-        });
+        self.go_offline(entry, now, removal, OfflineReason::Deregistered, changes);
         Ok(())
     }
 }

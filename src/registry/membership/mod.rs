@@ -363,14 +363,7 @@ impl MembershipLoop {
                         .lags
                         .push(Duration::from_millis(now.saturating_sub(deadline_ms)));
                 }
-                self.remove_live(&entry, now, removal);
-                let revision = self.next_revision();
-                entry.set_offline_rev(revision);
-                changes.events.push(Event {
-                    revision,
-                    kind: EventKind::Offline(OfflineReason::Expired),
-                    entry,
-                });
+                self.go_offline(entry, now, removal, OfflineReason::Expired, changes);
             }
             Expiry::AlreadyTombstone => {}
         }
@@ -388,12 +381,28 @@ impl MembershipLoop {
         self.wheel.arm(&self.tables.clock, entry, deadline);
     }
 
-    /// Takes a (tombstoned) entry out of the live set; the id is remembered
-    /// as a tombstone for the retention, and deleted from the store.
-    fn remove_live(&mut self, entry: &Arc<Entry>, now: u64, removal: Removal) {
+    /// Takes a (tombstoned) entry out of the live set — the id is
+    /// remembered as a tombstone for the retention, and deleted from the
+    /// store — and records its OFFLINE event for `reason`.
+    fn go_offline(
+        &mut self,
+        entry: Arc<Entry>,
+        now: u64,
+        removal: Removal,
+        reason: OfflineReason,
+        changes: &mut Changes,
+    ) {
         let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
-        self.members.remove(&self.tables, entry, forget_at, removal);
+        self.members
+            .remove(&self.tables, &entry, forget_at, removal);
         self.commits.delete(entry.id().clone());
+        let revision = self.next_revision();
+        entry.set_offline_rev(revision);
+        changes.events.push(Event {
+            revision,
+            kind: EventKind::Offline(reason),
+            entry,
+        });
     }
 
     /// Every [`TICK`]: tombstones past their retention are forgotten, the
