@@ -5,10 +5,15 @@
 # registered and RUNNING, it samples etcd's own counters over a window and
 # prints puts/s (etcd_mvcc_put_total), bytes/s received
 # (etcd_network_client_grpc_received_bytes_total) and the fleet's heartbeat
-# rate on the leader over the same window. Then it kills the leader
-# (kill -9) and prints how long until another replica leads with every
-# executor loaded, and — from the fleet's own verifying watch, at the end of
-# its run — how many executors that kept heartbeating went OFFLINE.
+# rate on the leader over the same window. Then a share of the fleet
+# (KILL_FRACTION, default 0.01) stops heartbeating, and a second later the
+# leader is killed (kill -9): it prints how long until another replica leads
+# with every executor loaded and — from the fleet's own verifying watch, at
+# the end of its run — how many executors that kept heartbeating went
+# OFFLINE, whether every stopped one went OFFLINE within its TTL +
+# 2 × lease + 2 × the suggested interval + the TTL granularity a new leader
+# assumes (--watermark-interval, 5 s) after the new leader served, and
+# whether the watch ever saw a revision go backwards.
 #
 #   scripts/etcd-load.sh [EXECUTORS] [WINDOW_SECONDS]     (default 100000 20)
 #
@@ -17,6 +22,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-100000}
 window=${2:-20}
+kill_fraction=${KILL_FRACTION:-0.01}
+lease_s=5
+granularity_s=5
 cargo build --release --locked -p executor-registry --bin executor-registry >&2
 cargo build --release --locked -p loadtest --bin loadtest >&2
 dir=$(mktemp -d)
@@ -32,7 +40,7 @@ sleep 2
 for i in 1 2 3; do
   target/release/executor-registry serve --store etcd://127.0.0.1:23790 \
     --listen 127.0.0.1:1026$i --metrics-listen 127.0.0.1:947$i \
-    --advertise-address 127.0.0.1:1026$i --leader-lease 5s \
+    --advertise-address 127.0.0.1:1026$i --leader-lease "${lease_s}s" \
     --max-executors 2000000 >"$dir/replica$i.log" 2>&1 &
   pids+=($!)
 done
@@ -52,8 +60,8 @@ follower=$(( leader % 3 + 1 ))
 echo "leader: replica $leader; the fleet goes through replica $follower" >&2
 
 target/release/loadtest fleet --endpoint "http://127.0.0.1:1026$follower" \
-  --executors "$n" --mode batch --kill-fraction 0 --duration "$(( window * 3 + 60 ))s" \
-  --progress-every 10s --json >"$dir/fleet.json" 2>"$dir/fleet.log" &
+  --executors "$n" --mode batch --kill-fraction "$kill_fraction" --expiry-allowance 120s \
+  --duration "$(( window * 3 + 60 ))s" --progress-every 10s --json >"$dir/fleet.json" 2>"$dir/fleet.log" &
 fleet=$!
 pids+=($fleet)
 leader_metrics=http://127.0.0.1:947$leader
@@ -76,8 +84,18 @@ awk -v n="$n" -v w="$window" -v p=$((p1 - p0)) -v b=$((b1 - b0)) -v h=$((h1 - h0
     n, w, p / w, b / w / 1000, h / w
 }'
 
-# kill -9 of the leader: how long until another one serves the whole fleet.
+# The fleet stops a share of its executors halfway through its run; a second
+# later, kill -9 of the leader: how long until another one serves the whole
+# fleet (every executor that kept heartbeating loaded).
+until grep -q "stopping heartbeats" "$dir/fleet.log"; do
+  kill -0 "$fleet" || { cat "$dir/fleet.log" >&2; exit 1; }
+  sleep 0.2
+done
+echo "the fleet stopped heartbeating $kill_fraction of its executors; kill -9 of the leader in 1 s" >&2
+sleep 1
 killed=${pids[$leader]}
+# Every executor that kept heartbeating (the stopped ones may be gone already).
+kept=$(awk -v n="$n" -v f="$kill_fraction" 'BEGIN { printf "%d", n - int(n * f + 0.5) }')
 kill -9 "$killed"
 t0=$(date +%s.%N)
 new=""
@@ -85,19 +103,44 @@ while [ -z "$new" ]; do
   for i in 1 2 3; do
     [ "$i" = "$leader" ] && continue
     live=$(( $(metric http://127.0.0.1:947$i 'registry_executors{status="running"}') + $(metric http://127.0.0.1:947$i 'registry_executors{status="initing"}') ))
-    if [ "$(metric http://127.0.0.1:947$i registry_is_leader)" = 1 ] && [ "$live" -ge "$n" ]; then new=$i; fi
+    if [ "$(metric http://127.0.0.1:947$i registry_is_leader)" = 1 ] && [ "$live" -ge "$kept" ]; then new=$i; fi
   done
   sleep 0.05
 done
 t1=$(date +%s.%N)
-awk -v a="$t0" -v b="$t1" -v r="$new" 'BEGIN { printf "kill -9 of the leader: replica %d leads with every executor loaded after %.2f s (lease 5 s)\n", r, b - a }'
+served_ms=$(awk -v t="$t1" 'BEGIN { printf "%.0f", t * 1000 }')
+awk -v a="$t0" -v b="$t1" -v r="$new" -v l="$lease_s" 'BEGIN { printf "kill -9 of the leader: replica %d leads with every executor that kept heartbeating loaded after %.2f s (lease %d s)\n", r, b - a, l }'
 grep -h '"leading"\|leading' "$dir/replica$new.log" | tail -1 >&2 || true
 wait "$fleet" || true
-python3 - "$dir/fleet.json" <<'PY'
+python3 - "$dir/fleet.json" "$served_ms" "$lease_s" "$granularity_s" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()
+served_ms, lease_s, granularity_s = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 report = json.loads(text[text.index("{"):]) if "{" in text else {}
 expiry = report.get("expiry", {})
-print("fleet after the failover: false expirations {}, passed {}".format(
-    expiry.get("false_expirations"), report.get("passed")))
+beats = report.get("heartbeats", {})
+watch = report.get("watch", {})
+print("fleet after the failover: false expirations {}, passed {}{}".format(
+    expiry.get("false_expirations"), report.get("passed"),
+    "" if report.get("passed") else " ({})".format("; ".join(report.get("failures", [])))))
+killed = expiry.get("killed", 0)
+if killed:
+    ttl_s = beats.get("max_ttl_ms", 0) / 1000
+    interval_s = beats.get("interval_ms", 0) / 1000
+    bound_s = ttl_s + 2 * lease_s + 2 * interval_s + granularity_s
+    last_ms = expiry.get("last_killed_offline_unix_ms", 0)
+    after_s = (last_ms - served_ms) / 1000
+    ok = expiry.get("killed_not_offline") == 0 and expiry.get("killed_premature") == 0 \
+        and after_s <= bound_s
+    print("{} executors stopped {:.2f} s before the new leader served: OFFLINE {}, never {}, before their "
+          "deadline {}; the last {:.2f} s after the new leader served (bound TTL {:.1f} + "
+          "2 × lease {:.0f} + 2 × interval {:.1f} + granularity {:.0f} = {:.1f} s): {}".format(
+              killed, (served_ms - expiry.get("kill_unix_ms", 0)) / 1000,
+              expiry.get("killed_offline"), expiry.get("killed_not_offline"),
+              expiry.get("killed_premature"), after_s, ttl_s, lease_s, interval_s,
+              granularity_s, bound_s, "within" if ok else "NOT within"))
+print("the watch: {} re-watches ({} resumed, {} new snapshots), revisions up to {}, "
+      "went backwards {} times".format(
+          watch.get("rewatches"), watch.get("resumes"), watch.get("resnapshots"),
+          watch.get("highest_revision"), watch.get("backwards")))
 PY

@@ -65,16 +65,17 @@ const REGISTER_ATTEMPTS: u32 = 5;
 const STREAM_REOPEN_DELAY: Duration = Duration::from_millis(200);
 /// Slack after the kill beyond the largest TTL before the run ends.
 const EXPIRY_SLACK: Duration = Duration::from_millis(1_500);
-/// A killed executor must be OFFLINE within TTL + this.
+/// A killed executor must be OFFLINE within TTL + this (by default).
 pub const EXPIRY_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// The verdict on killed executors, shared by the fleet run and the soak:
-/// every one OFFLINE, none later than TTL + [`EXPIRY_ALLOWANCE`], none
-/// before its last heartbeat + TTL. Appends a line per breach.
+/// every one OFFLINE, none later than TTL + `allowance`, none before its
+/// last heartbeat + TTL. Appends a line per breach.
 pub(crate) fn kill_failures(
     not_offline: u64,
     late: u64,
     premature: u64,
+    allowance: Duration,
     failures: &mut Vec<String>,
 ) {
     if not_offline > 0 {
@@ -82,8 +83,8 @@ pub(crate) fn kill_failures(
     }
     if late > 0 {
         failures.push(format!(
-            "{late} killed executors went OFFLINE later than TTL + {} s",
-            EXPIRY_ALLOWANCE.as_secs()
+            "{late} killed executors went OFFLINE later than TTL + {}",
+            humantime::format_duration(allowance)
         ));
     }
     if premature > 0 {
@@ -132,6 +133,10 @@ pub struct FleetConfig {
     pub ttl: Option<Duration>,
     /// Share of the fleet that stops heartbeating halfway.
     pub kill_fraction: f64,
+    /// A killed executor is late when OFFLINE more than this after its last
+    /// OK heartbeat + TTL ([`EXPIRY_ALLOWANCE`]; more where a failover of
+    /// replicas falls in between).
+    pub expiry_allowance: Duration,
     /// Registrations in flight, over all connections.
     pub register_concurrency: usize,
     /// Per connection: unary calls, batch calls, or stream messages in flight.
@@ -158,6 +163,7 @@ impl FleetConfig {
             duration: Duration::from_secs(60),
             ttl: None,
             kill_fraction: 0.1,
+            expiry_allowance: EXPIRY_ALLOWANCE,
             register_concurrency: 1_024,
             inflight: default_inflight(mode),
             batch_size: 1_000,
@@ -181,6 +187,8 @@ pub fn default_inflight(mode: Mode) -> usize {
 /// worker that owns it (and the watch, for `offline_*`).
 struct Fleet {
     start: Instant,
+    /// `start` on the wall clock, microseconds since the Unix epoch.
+    start_unix_us: u64,
     /// Names are `<prefix><index>`, so ids are `<prefix><index>-<hex>`.
     prefix: String,
     killed: Vec<bool>,
@@ -723,6 +731,11 @@ pub struct WatchSummary {
     pub resnapshots: u64,
     /// Events out of order; each ended a watch.
     pub gaps: u64,
+    /// Snapshots or events whose revision went below one handed on before
+    /// (never, across restarts and leader terms too).
+    pub backwards: u64,
+    /// The highest revision the watch saw.
+    pub highest_revision: u64,
     /// Executors found missing from a re-watch snapshot (counted OFFLINE at
     /// the snapshot's arrival: an approximate time).
     pub missing_from_snapshot: u64,
@@ -851,7 +864,8 @@ pub struct ExpirySummary {
     pub killed_offline: u64,
     /// Killed and never seen OFFLINE.
     pub killed_not_offline: u64,
-    /// Killed, OFFLINE more than TTL + 1 s after the last OK heartbeat.
+    /// Killed, OFFLINE more than TTL + the allowance after the last OK
+    /// heartbeat.
     pub killed_late: u64,
     /// Killed, OFFLINE more than the registry's clock granularity (1 ms)
     /// before last OK heartbeat + TTL.
@@ -860,6 +874,13 @@ pub struct ExpirySummary {
     pub killed_without_heartbeat: u64,
     /// OFFLINE time − (last OK heartbeat sent + TTL), milliseconds.
     pub lag_ms: LagSummary,
+    /// When the killed set stopped heartbeating, milliseconds since the
+    /// Unix epoch (0: nobody was killed).
+    pub kill_unix_ms: u64,
+    /// When the last killed executor went OFFLINE, milliseconds since the
+    /// Unix epoch (0: none did): to set against an outside event, such as
+    /// a new leader serving.
+    pub last_killed_offline_unix_ms: u64,
     /// Executors that kept heartbeating on time (or were not yet stopped)
     /// and went OFFLINE anyway: the registry's fault (or the transport's).
     pub false_expirations: u64,
@@ -999,6 +1020,9 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
     }
     let fleet = Arc::new(Fleet {
         start: Instant::now(),
+        start_unix_us: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64),
         prefix: format!("lt{:08x}x", rng.random::<u32>()),
         killed,
         fixed_ttl_ms: config.ttl.map(|t| t.as_millis() as u64),
@@ -1196,6 +1220,8 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         resumes: counts.resumes,
         resnapshots: counts.resnapshots,
         gaps: counts.gaps,
+        backwards: counts.backwards,
+        highest_revision: counts.highest_revision,
         first_snapshot_s: counts.first_snapshot_s,
         errors: counts.errors,
         ..observer.summary
@@ -1234,7 +1260,7 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         _ => None,
     };
 
-    let expiry = check_expiry(&fleet);
+    let expiry = check_expiry(&fleet, config.expiry_allowance);
     let mut failures = Vec::new();
     if registered == 0 {
         failures.push("no executor registered".to_owned());
@@ -1243,6 +1269,12 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         failures.push(format!(
             "{} executors went OFFLINE while heartbeating (false expirations)",
             expiry.false_expirations
+        ));
+    }
+    if watch.backwards > 0 {
+        failures.push(format!(
+            "the watch saw a revision go backwards {} times",
+            watch.backwards
         ));
     }
     if expiry.expired_after_late_send > 0 {
@@ -1267,6 +1299,7 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
         expiry.killed_not_offline,
         expiry.killed_late,
         expiry.killed_premature,
+        config.expiry_allowance,
         &mut failures,
     );
     Ok(FleetReport {
@@ -1310,9 +1343,10 @@ pub async fn run(config: &FleetConfig) -> anyhow::Result<FleetReport> {
     })
 }
 
-fn check_expiry(fleet: &Fleet) -> ExpirySummary {
+fn check_expiry(fleet: &Fleet, allowance: Duration) -> ExpirySummary {
     let kill_us = fleet.kill_us.load(Ordering::Relaxed);
-    let allowance_us = EXPIRY_ALLOWANCE.as_micros() as i64;
+    let allowance_us = allowance.as_micros() as i64;
+    let unix_ms = |us: u64| (fleet.start_unix_us + us) / 1_000;
     let mut s = ExpirySummary {
         killed: 0,
         killed_offline: 0,
@@ -1321,6 +1355,8 @@ fn check_expiry(fleet: &Fleet) -> ExpirySummary {
         killed_premature: 0,
         killed_without_heartbeat: 0,
         lag_ms: LagSummary::default(),
+        kill_unix_ms: if kill_us == 0 { 0 } else { unix_ms(kill_us) },
+        last_killed_offline_unix_ms: 0,
         false_expirations: 0,
         expired_after_late_send: 0,
         expired_answered_late: 0,
@@ -1367,6 +1403,7 @@ fn check_expiry(fleet: &Fleet) -> ExpirySummary {
             continue;
         }
         s.killed_offline += 1;
+        s.last_killed_offline_unix_ms = s.last_killed_offline_unix_ms.max(unix_ms(offline));
         let last = fleet.last_ok_us[index].load(Ordering::Relaxed);
         if last == 0 {
             s.killed_without_heartbeat += 1;

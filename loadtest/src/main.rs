@@ -110,6 +110,11 @@ struct FleetArgs {
     /// Share of the fleet that stops heartbeating halfway.
     #[arg(long, default_value_t = 0.1)]
     kill_fraction: f64,
+    /// A killed executor counts as late when OFFLINE more than this after
+    /// its last OK heartbeat + TTL (raise it where a failover of replicas
+    /// falls in between).
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "1s")]
+    expiry_allowance: Duration,
     /// Registrations in flight, over all connections.
     #[arg(long, default_value_t = 1_024)]
     register_concurrency: usize,
@@ -363,6 +368,7 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
     config.duration = args.duration;
     config.ttl = args.ttl;
     config.kill_fraction = args.kill_fraction;
+    config.expiry_allowance = args.expiry_allowance;
     config.register_concurrency = args.register_concurrency;
     config.inflight = args.inflight.unwrap_or(fleet::default_inflight(args.mode));
     config.batch_size = args.batch_size;

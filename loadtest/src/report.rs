@@ -121,7 +121,8 @@ pub fn fleet(r: &FleetReport) -> String {
         "watch",
         format!(
             "{} online, {} running, {} offline events; re-watches {} (lagged {}; resumed {}, \
-             new snapshot {}), gaps {}, missing from snapshot {}",
+             new snapshot {}), gaps {}, missing from snapshot {}, revisions up to {} \
+             (went backwards {})",
             thousands(w.online_events as f64),
             thousands(w.running_events as f64),
             thousands(w.offline_events as f64),
@@ -130,7 +131,9 @@ pub fn fleet(r: &FleetReport) -> String {
             w.resumes,
             w.resnapshots,
             w.gaps,
-            w.missing_from_snapshot
+            w.missing_from_snapshot,
+            w.highest_revision,
+            w.backwards
         ),
     );
     row(&mut out, "errors", r.errors.summary());

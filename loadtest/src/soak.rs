@@ -991,6 +991,7 @@ pub async fn run(config: &SoakConfig) -> anyhow::Result<SoakReport> {
         churn.killed_not_offline,
         churn.killed_late,
         churn.killed_premature,
+        EXPIRY_ALLOWANCE,
         &mut failures,
     );
     if churn.deregistered_not_offline > 0 {
@@ -1005,6 +1006,12 @@ pub async fn run(config: &SoakConfig) -> anyhow::Result<SoakReport> {
             "the watch needed {} new snapshots ({} events out of order): events in the gaps \
              were not checked",
             watch.resnapshots, watch.gaps
+        ));
+    }
+    if watch.backwards > 0 {
+        failures.push(format!(
+            "the watch saw a revision go backwards {} times",
+            watch.backwards
         ));
     }
     if (memory.live_ratio - 1.0).abs() > 0.01 {

@@ -13,7 +13,9 @@
 //!
 //! Every event handed on is the one after the last revision handed on: an
 //! event out of order (a gap) ends the watch, and the next one starts from
-//! a snapshot, so no caller ever reads past a gap unknowingly.
+//! a snapshot, so no caller ever reads past a gap unknowingly. Revisions
+//! never go backwards, across restarts and leader terms too: a snapshot or
+//! event below the highest revision handed on is counted.
 
 use std::time::Duration;
 
@@ -65,6 +67,11 @@ pub struct WatchCounts {
     pub resnapshots: u64,
     /// Events out of order (a watch ended for it).
     pub gaps: u64,
+    /// Snapshots below, or events at or below, the highest revision handed
+    /// on before them: a revision that went backwards.
+    pub backwards: u64,
+    /// The highest revision handed on.
+    pub highest_revision: u64,
     /// Seconds to receive the first snapshot.
     pub first_snapshot_s: f64,
     /// Stream failures by code.
@@ -141,6 +148,10 @@ pub async fn run<O: Observer>(
                         if first {
                             out.first_snapshot_s = opened.elapsed().as_secs_f64();
                         }
+                        if went_back(out.highest_revision, snapshot.revision, false) {
+                            out.backwards += 1;
+                        }
+                        out.highest_revision = out.highest_revision.max(snapshot.revision);
                         last = Some(snapshot.revision);
                         on.seen(Seen::Snapshot {
                             snapshot: &snapshot,
@@ -154,6 +165,9 @@ pub async fn run<O: Observer>(
                     }
                     Some(Kind::Event(event)) => {
                         let due = last.map(|l| l + 1);
+                        if went_back(out.highest_revision, event.revision, true) {
+                            out.backwards += 1;
+                        }
                         if chunks.is_some() || due != Some(event.revision) {
                             out.gaps += 1;
                             out.errors.add("watch:event_out_of_order", 1);
@@ -164,6 +178,7 @@ pub async fn run<O: Observer>(
                             out.resumes += 1;
                         }
                         began = true;
+                        out.highest_revision = event.revision;
                         last = Some(event.revision);
                         on.seen(Seen::Event(&event));
                     }
@@ -189,6 +204,17 @@ pub async fn run<O: Observer>(
     (out, on)
 }
 
+/// Whether a snapshot (`event` false) or an event at `revision` goes below
+/// `highest`, the highest revision handed on so far (0: none yet): a
+/// snapshot may repeat it (nothing changed since), an event may not.
+fn went_back(highest: u64, revision: u64, event: bool) -> bool {
+    if event {
+        highest > 0 && revision <= highest
+    } else {
+        revision < highest
+    }
+}
+
 /// Starts [`run`] as a task and waits (at most 120 s) for its first
 /// snapshot.
 pub async fn start<O: Observer>(
@@ -203,5 +229,25 @@ pub async fn start<O: Observer>(
         Ok(Ok(Err(e))) => Err(e),
         Ok(Err(_)) => anyhow::bail!("the watch task ended before its first snapshot"),
         Err(_) => anyhow::bail!("no watch snapshot within 120 s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::went_back;
+
+    #[test]
+    fn a_revision_goes_back_below_the_highest_handed_on() {
+        // Nothing handed on yet: anything goes.
+        assert!(!went_back(0, 1, true));
+        assert!(!went_back(0, 0, false));
+        // A snapshot may repeat the highest revision, not go below it.
+        assert!(!went_back(10, 10, false));
+        assert!(!went_back(10, 11, false));
+        assert!(went_back(10, 9, false));
+        // An event must be above it.
+        assert!(went_back(10, 10, true));
+        assert!(went_back(10, 3, true));
+        assert!(!went_back(10, 11, true));
     }
 }
