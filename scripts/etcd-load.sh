@@ -99,7 +99,17 @@ kept=$(awk -v n="$n" -v f="$kill_fraction" 'BEGIN { printf "%d", n - int(n * f +
 kill -9 "$killed"
 t0=$(date +%s.%N)
 new=""
+deadline=$(( $(date +%s) + 60 ))
 while [ -z "$new" ]; do
+  if [ "$(date +%s)" -gt "$deadline" ]; then
+    echo "no replica led with $kept executors loaded within 60 s of the kill" >&2
+    for i in 1 2 3; do
+      [ "$i" = "$leader" ] && continue
+      echo "replica $i: leader $(metric http://127.0.0.1:947$i registry_is_leader), running $(metric http://127.0.0.1:947$i 'registry_executors{status="running"}'), initing $(metric http://127.0.0.1:947$i 'registry_executors{status="initing"}')" >&2
+    done
+    tail -3 "$dir/fleet.log" >&2
+    exit 1
+  fi
   for i in 1 2 3; do
     [ "$i" = "$leader" ] && continue
     live=$(( $(metric http://127.0.0.1:947$i 'registry_executors{status="running"}') + $(metric http://127.0.0.1:947$i 'registry_executors{status="initing"}') ))
