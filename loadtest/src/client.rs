@@ -35,21 +35,27 @@ pub async fn connect_with(
 ) -> anyhow::Result<Vec<Client>> {
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections.max(1) {
-        let mut target = Endpoint::from_shared(endpoint.to_owned())
-            .with_context(|| format!("invalid endpoint {endpoint:?}"))?
-            .tcp_nodelay(true);
-        if let Some(tls) = tls {
-            target = target
-                .tls_config(tls.tonic_config())
-                .context("TLS settings")?;
-        }
-        let channel = target
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {endpoint}"))?;
-        clients.push(RegistryClient::new(channel));
+        clients.push(RegistryClient::new(channel(endpoint, tls).await?));
     }
     Ok(clients)
+}
+
+/// One HTTP/2 connection to `endpoint` with the settings of [`connect`],
+/// for callers that need the bare channel (e.g. to decode a response with
+/// their own message types).
+pub async fn channel(endpoint: &str, tls: Option<&ClientTls>) -> anyhow::Result<Channel> {
+    let mut target = Endpoint::from_shared(endpoint.to_owned())
+        .with_context(|| format!("invalid endpoint {endpoint:?}"))?
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        target = target
+            .tls_config(tls.tonic_config())
+            .context("TLS settings")?;
+    }
+    target
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {endpoint}"))
 }
 
 /// A heartbeat request.

@@ -17,6 +17,10 @@
 //! - [`soak`] — the churn soak: a fleet of constant size that keeps
 //!   deregistering, registering and dying for a long time, expiry verified
 //!   from a watch and the server's memory sampled from `/metrics`.
+//! - [`watchers`] — many watchers snapshotting a large fleet at once, and
+//!   one watcher that stops reading while many executors expire together:
+//!   the server's RSS (from procfs) and the latency of a steady heartbeat
+//!   load, against goals.
 //! - [`echo`] — a trivial `registry.v1.Registry` that answers at once: the
 //!   bare transport's cost, driven by exactly the same client code.
 //!
@@ -44,6 +48,7 @@ pub mod stats;
 pub mod throughput;
 pub mod tls_compare;
 pub mod watch;
+pub mod watchers;
 pub mod wheel;
 
 use serde::Serialize;

@@ -1,5 +1,6 @@
 //! `loadtest`: fleet simulator, closed-loop throughput, registry ÷ echo
-//! comparison, and the echo server. See the crate docs of `loadtest`.
+//! comparison, the soak, the watchers scenario, and the echo server. See the
+//! crate docs of `loadtest`.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use loadtest::fleet::{self, FleetConfig};
 use loadtest::soak::{self, SoakConfig};
 use loadtest::throughput::{self, Load};
 use loadtest::tls_compare::{self, TlsCompareConfig};
+use loadtest::watchers::{self, WatchersConfig};
 use loadtest::{Mode, echo, report};
 
 /// Load tests for executor-registry. Without a subcommand: the fleet
@@ -48,6 +50,10 @@ enum Command {
     TlsCompare(TlsCompareArgs),
     /// Long churn soak at a constant live set, with the server's memory curve.
     Soak(SoakArgs),
+    /// Many watchers snapshotting a large fleet at once, and one watcher
+    /// that stops reading through a mass expiry: the server's RSS and
+    /// heartbeat latency.
+    Watchers(WatchersArgs),
     /// Serve the trivial echo `registry.v1.Registry` (the transport baseline).
     EchoServer(EchoServerArgs),
 }
@@ -181,6 +187,83 @@ struct SoakArgs {
     #[arg(long, default_value_t = 1_000)]
     batch_size: usize,
     /// Print one JSON document on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct WatchersArgs {
+    /// Registry gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:10240")]
+    endpoint: String,
+    /// Registry Prometheus endpoint, for its watch counters at the end.
+    #[arg(long, default_value = "http://127.0.0.1:9464/metrics")]
+    metrics: String,
+    /// The registry's process id: its RSS is sampled from /proc/<pid>/status
+    /// (without it, RSS is neither measured nor judged).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Fleet size.
+    #[arg(long, default_value_t = 1_000_000)]
+    executors: usize,
+    /// Phase A: watchers taking a snapshot at the same moment (one
+    /// connection each).
+    #[arg(long, default_value_t = 64)]
+    watchers: usize,
+    /// Phase B: executors that expire together while the watcher stalls.
+    #[arg(long, default_value_t = 100_000)]
+    expiring: usize,
+    /// Phase B: how long the watcher stops reading.
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "10s")]
+    stall: Duration,
+    /// Phase B: TTL of the expiring executors' last heartbeat (sent at the
+    /// start of the stall).
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "2s")]
+    expiring_ttl: Duration,
+    /// TTL of every other heartbeat: longer than the run, at most the
+    /// server's --max-heartbeat-ttl.
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "10m")]
+    fleet_ttl: Duration,
+    /// Connections for registration and batch heartbeats.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Registrations in flight, over all connections.
+    #[arg(long, default_value_t = 1_024)]
+    register_concurrency: usize,
+    /// Executors of the background heartbeat load.
+    #[arg(long, default_value_t = 10_000)]
+    beat_sample: usize,
+    /// Background heartbeats per second (unary, open loop).
+    #[arg(long, default_value_t = 2_000.0)]
+    beat_rate: f64,
+    /// Connections of the background heartbeat load.
+    #[arg(long, default_value_t = 2)]
+    beat_connections: usize,
+    /// Quiet window before phase A: the baseline RSS and heartbeat latency.
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "10s")]
+    quiet: Duration,
+    /// After phase A, until the "after" RSS.
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "5s")]
+    settle: Duration,
+    /// Period of the RSS samples.
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "50ms")]
+    rss_every: Duration,
+    /// Largest peak ÷ before RSS in phase A that passes.
+    #[arg(long, default_value_t = 1.25)]
+    max_peak_ratio: f64,
+    /// Largest after ÷ before RSS in phase A that passes.
+    #[arg(long, default_value_t = 1.10)]
+    max_after_ratio: f64,
+    /// Heartbeat p99 during phase A passes at most this × the quiet p99…
+    #[arg(long, default_value_t = 1.5)]
+    max_p99_ratio: f64,
+    /// …or at most this much above it, whichever allows more.
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "1ms")]
+    p99_slack: Duration,
+    /// Period of progress lines.
+    #[arg(long, value_parser = parse_duration::<Duration>, default_value = "5s")]
+    progress_every: Duration,
+    /// Print one JSON document on stdout instead of the summary.
     #[arg(long)]
     json: bool,
 }
@@ -328,6 +411,7 @@ async fn main() -> ExitCode {
         Some(Command::Compare(args)) => run_compare(args).await,
         Some(Command::TlsCompare(args)) => run_tls_compare(args).await,
         Some(Command::Soak(args)) => run_soak(args).await,
+        Some(Command::Watchers(args)) => run_watchers(args).await,
         Some(Command::EchoServer(args)) => run_echo_server(args).await,
     };
     match result {
@@ -396,6 +480,34 @@ async fn run_soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
     config.progress = true;
     let report = soak::run(&config).await?;
     emit(&report, args.json, report::soak)?;
+    Ok(verdict(report.passed))
+}
+
+async fn run_watchers(args: WatchersArgs) -> anyhow::Result<ExitCode> {
+    let mut config = WatchersConfig::new(args.endpoint, args.executors);
+    config.metrics = Some(args.metrics);
+    config.server_pid = args.server_pid;
+    config.watchers = args.watchers;
+    config.expiring = args.expiring;
+    config.stall = args.stall;
+    config.expiring_ttl = args.expiring_ttl;
+    config.fleet_ttl = args.fleet_ttl;
+    config.connections = args.connections;
+    config.register_concurrency = args.register_concurrency;
+    config.beat_sample = args.beat_sample;
+    config.beat_rate = args.beat_rate;
+    config.beat_connections = args.beat_connections;
+    config.quiet = args.quiet;
+    config.settle = args.settle;
+    config.rss_every = args.rss_every;
+    config.goals.max_peak_ratio = args.max_peak_ratio;
+    config.goals.max_after_ratio = args.max_after_ratio;
+    config.goals.max_p99_ratio = args.max_p99_ratio;
+    config.goals.p99_slack_us = args.p99_slack.as_micros() as u64;
+    config.progress = true;
+    config.progress_every = args.progress_every;
+    let report = watchers::run(&config).await?;
+    emit(&report, args.json, report::watchers)?;
     Ok(verdict(report.passed))
 }
 

@@ -1,5 +1,5 @@
-//! Human-readable tables for the three reports (`--json` prints the
-//! structs themselves).
+//! Human-readable tables for the reports (`--json` prints the structs
+//! themselves).
 
 use std::fmt::Write as _;
 
@@ -8,6 +8,7 @@ use crate::fleet::FleetReport;
 use crate::stats::Latency;
 use crate::throughput::ThroughputReport;
 use crate::tls_compare::TlsCompareReport;
+use crate::watchers::WatchersReport;
 
 /// `1234567.8` → `1,234,568`.
 pub fn thousands(x: f64) -> String {
@@ -430,6 +431,210 @@ pub fn soak(r: &crate::soak::SoakReport) -> String {
             1.0 + r.max_rss_growth
         ),
     );
+    if r.passed {
+        let _ = writeln!(out, "  verdict: passed");
+    } else {
+        let _ = writeln!(out, "  verdict: FAILED");
+        for f in &r.failures {
+            let _ = writeln!(out, "    - {f}");
+        }
+    }
+    out
+}
+
+/// The watchers scenario as a summary, goals judged at the end.
+pub fn watchers(r: &WatchersReport) -> String {
+    let mut out = String::new();
+    let mib = |b: u64| format!("{:.1}", b as f64 / 1_048_576.0);
+    let _ = writeln!(
+        out,
+        "watchers: {} executors; phase A: {} watchers snapshot at once; phase B: one watcher \
+         stops reading {:.0} s while {} expire",
+        thousands(r.executors as f64),
+        r.watchers,
+        r.stall_s,
+        thousands(r.expiring as f64)
+    );
+    row(
+        &mut out,
+        "registered",
+        format!(
+            "{} in {:.1} s ({}/s), first heartbeats included",
+            thousands(r.executors as f64),
+            r.register_s,
+            thousands(r.registrations_per_s)
+        ),
+    );
+    let h = &r.heartbeats;
+    row(
+        &mut out,
+        "background heartbeats",
+        format!(
+            "{}/s unary on {} executors; skipped {}, errors {}",
+            thousands(h.rate),
+            thousands(h.sample as f64),
+            h.skipped,
+            h.errors.summary()
+        ),
+    );
+    if let Some(empty) = r.rss_empty_bytes {
+        row(&mut out, "server RSS, empty", format!("{} MiB", mib(empty)));
+    }
+    let _ = writeln!(out, "  phase A");
+    let a = &r.snapshots;
+    row(
+        &mut out,
+        "snapshots exact",
+        format!(
+            "{}/{} (each the whole fleet, every id once; {} revision(s))",
+            a.exact, a.watchers, a.revisions
+        ),
+    );
+    row(
+        &mut out,
+        "time to whole snapshot",
+        format!(
+            "median {:.2} s, max {:.2} s ({:.0} chunks each; all done in {:.2} s)",
+            a.whole_median_s, a.whole_max_s, a.chunks_median, a.phase_s
+        ),
+    );
+    row(
+        &mut out,
+        "time to first chunk",
+        format!(
+            "median {:.3} s, max {:.3} s",
+            a.first_chunk_median_s, a.first_chunk_max_s
+        ),
+    );
+    if !a.errors.0.is_empty() {
+        row(&mut out, "watch errors", a.errors.summary());
+    }
+    match &r.rss_a {
+        Some(m) => row(
+            &mut out,
+            "RSS before / peak / after",
+            format!(
+                "{} / {} / {} MiB (peak {:.3} × before, goal ≤ {}; after {:.3} ×, goal ≤ {})",
+                mib(m.before_bytes),
+                mib(m.peak_bytes),
+                mib(m.after_bytes),
+                m.peak_ratio,
+                r.goals.max_peak_ratio,
+                m.after_ratio,
+                r.goals.max_after_ratio
+            ),
+        ),
+        None => row(&mut out, "RSS", "not measured (no --server-pid)"),
+    }
+    row(&mut out, "heartbeats, quiet", latency(&h.quiet));
+    row(&mut out, "heartbeats, during A", latency(&h.watchers));
+    let cores = |c: Option<f64>| c.map_or_else(|| "?".to_owned(), |c| format!("{c:.2}"));
+    row(
+        &mut out,
+        "cores used, quiet / during A",
+        format!(
+            "server {} / {}, loadtest {} / {}",
+            cores(h.cpu_quiet.server_cores),
+            cores(h.cpu_watchers.server_cores),
+            cores(h.cpu_quiet.loadtest_cores),
+            cores(h.cpu_watchers.loadtest_cores)
+        ),
+    );
+    row(&mut out, "heartbeats, after A", latency(&h.settle));
+    let _ = writeln!(out, "  phase B");
+    let b = &r.stall;
+    row(
+        &mut out,
+        "snapshot before the stall",
+        format!(
+            "{} ids in {:.2} s at revision {}{}",
+            thousands(b.snapshot_ids as f64),
+            b.snapshot_s,
+            b.snapshot_revision,
+            b.snapshot_problem
+                .as_deref()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default()
+        ),
+    );
+    row(
+        &mut out,
+        "expiring together",
+        format!(
+            "{} short-TTL heartbeats in {:.2} s; all gone {} into the {:.1} s stall",
+            thousands(b.expiring as f64),
+            b.expiring_beats_s,
+            b.expired_after_s
+                .map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "not".to_owned()),
+            b.stall_s
+        ),
+    );
+    row(
+        &mut out,
+        "OFFLINE events received",
+        format!(
+            "{}/{} (reason EXPIRED {}), repeated {}, other executors {}, other events {}",
+            thousands(b.offline_received as f64),
+            thousands(b.expiring as f64),
+            thousands(b.offline_expired as f64),
+            b.offline_repeated,
+            b.offline_other,
+            b.other_events
+        ),
+    );
+    row(
+        &mut out,
+        "revisions",
+        format!(
+            "{} events, {} out of order, last {}",
+            thousands(b.chain.events as f64),
+            b.chain.gaps,
+            b.chain.last
+        ),
+    );
+    row(
+        &mut out,
+        "stream ended by the server",
+        format!(
+            "{} (lagging {}); re-watches resumed {}, snapshot {}",
+            b.server_ended, b.lagged, b.resumes, b.snapshots
+        ),
+    );
+    row(
+        &mut out,
+        "read after the stall",
+        format!("{:.2} s to the last OFFLINE", b.drain_s),
+    );
+    if !b.errors.0.is_empty() {
+        row(&mut out, "watch errors", b.errors.summary());
+    }
+    if let Some(m) = &r.rss_b {
+        row(
+            &mut out,
+            "RSS before / peak",
+            format!(
+                "{} / {} MiB ({:.3} × before)",
+                mib(m.before_bytes),
+                mib(m.peak_bytes),
+                m.peak_ratio
+            ),
+        );
+    }
+    row(&mut out, "heartbeats, during B", latency(&h.stall));
+    if let Some(c) = &r.server {
+        row(
+            &mut out,
+            "server watch counters",
+            format!(
+                "lagged {}, starts from snapshot {}, from history {}",
+                c.watchers_lagged, c.starts_from_snapshot, c.starts_from_history
+            ),
+        );
+    }
+    for note in &r.notes {
+        let _ = writeln!(out, "  note: {note}");
+    }
     if r.passed {
         let _ = writeln!(out, "  verdict: passed");
     } else {

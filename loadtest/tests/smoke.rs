@@ -9,6 +9,7 @@ use executor_registry::server::{self, Stopped};
 use loadtest::fleet::{self, FleetConfig};
 use loadtest::soak::{self, SoakConfig};
 use loadtest::throughput::{self, Load};
+use loadtest::watchers::{self, WatchersConfig};
 use loadtest::{Mode, echo};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -113,6 +114,53 @@ async fn a_fleet_run_without_kills_ends_at_its_duration_whatever_the_ttl() {
     assert!(
         took < Duration::from_secs(30),
         "a 2 s run with a 60 s TTL took {took:?}"
+    );
+}
+
+/// The watchers scenario, small and fast: every watcher gets exactly the
+/// fleet, and the stalled watcher every OFFLINE of the expiring executors,
+/// revisions consecutive, without a new snapshot. (The RSS and p99 ratios
+/// are not asserted: at this size they measure noise. The server runs in
+/// this process, so its "RSS" is this test's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_scenario_sees_whole_snapshots_and_every_offline_after_a_stall() {
+    let server = Server::start().await;
+    let mut config = WatchersConfig::new(format!("http://{}", server.addr), 1_000);
+    config.server_pid = Some(std::process::id());
+    config.watchers = 4;
+    config.expiring = 100;
+    config.stall = Duration::from_millis(1_500);
+    config.expiring_ttl = Duration::from_millis(300);
+    config.fleet_ttl = Duration::from_secs(60);
+    config.connections = 2;
+    config.beat_sample = 50;
+    config.beat_rate = 200.0;
+    config.warmup = Duration::from_millis(200);
+    config.quiet = Duration::from_millis(500);
+    config.settle = Duration::from_millis(300);
+    config.watch_timeout = Duration::from_secs(30);
+    let report = watchers::run(&config).await.expect("watchers run");
+    server.stop().await;
+
+    assert_eq!(report.snapshots.exact, 4, "{report:#?}");
+    assert_eq!(report.snapshots.revisions, 1, "{report:#?}");
+    let stall = &report.stall;
+    assert_eq!(stall.snapshot_ids, 1_000, "{report:#?}");
+    assert_eq!(stall.offline_received, 100, "{report:#?}");
+    assert_eq!(stall.offline_expired, 100, "{report:#?}");
+    assert_eq!(stall.offline_other, 0, "{report:#?}");
+    assert_eq!(stall.chain.gaps, 0, "{report:#?}");
+    assert_eq!(stall.snapshots, 0, "{report:#?}");
+    assert_eq!(
+        stall.chain.last,
+        stall.snapshot_revision + 100,
+        "{report:#?}"
+    );
+    assert_eq!(report.heartbeats.errors.total(), 0, "{report:#?}");
+    assert!(report.heartbeats.quiet.count > 0, "{report:#?}");
+    assert!(
+        report.rss_a.is_some_and(|r| r.before_bytes > 0),
+        "{report:#?}"
     );
 }
 
