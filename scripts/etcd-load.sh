@@ -99,10 +99,12 @@ kept=$(awk -v n="$n" -v f="$kill_fraction" 'BEGIN { printf "%d", n - int(n * f +
 kill -9 "$killed"
 t0=$(date +%s.%N)
 new=""
-deadline=$(( $(date +%s) + 60 ))
+# 60 s, and 5 s more per 100,000 executors to load.
+wait_s=$(( 60 + n / 20000 ))
+deadline=$(( $(date +%s) + wait_s ))
 while [ -z "$new" ]; do
   if [ "$(date +%s)" -gt "$deadline" ]; then
-    echo "no replica led with $kept executors loaded within 60 s of the kill" >&2
+    echo "no replica led with $kept executors loaded within $wait_s s of the kill" >&2
     for i in 1 2 3; do
       [ "$i" = "$leader" ] && continue
       echo "replica $i: leader $(metric http://127.0.0.1:947$i registry_is_leader), running $(metric http://127.0.0.1:947$i 'registry_executors{status="running"}'), initing $(metric http://127.0.0.1:947$i 'registry_executors{status="initing"}')" >&2

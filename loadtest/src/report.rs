@@ -431,15 +431,20 @@ pub fn soak(r: &crate::soak::SoakReport) -> String {
             1.0 + r.max_rss_growth
         ),
     );
-    if r.passed {
+    verdict(&mut out, r.passed, &r.failures);
+    out
+}
+
+/// The verdict line, and a line per failed check.
+fn verdict(out: &mut String, passed: bool, failures: &[String]) {
+    if passed {
         let _ = writeln!(out, "  verdict: passed");
     } else {
         let _ = writeln!(out, "  verdict: FAILED");
-        for f in &r.failures {
+        for f in failures {
             let _ = writeln!(out, "    - {f}");
         }
     }
-    out
 }
 
 /// The watchers scenario as a summary, goals judged at the end.
@@ -635,14 +640,7 @@ pub fn watchers(r: &WatchersReport) -> String {
     for note in &r.notes {
         let _ = writeln!(out, "  note: {note}");
     }
-    if r.passed {
-        let _ = writeln!(out, "  verdict: passed");
-    } else {
-        let _ = writeln!(out, "  verdict: FAILED");
-        for f in &r.failures {
-            let _ = writeln!(out, "    - {f}");
-        }
-    }
+    verdict(&mut out, r.passed, &r.failures);
     out
 }
 

@@ -44,9 +44,17 @@ use pb::{
 
 /// etcd's default `--max-txn-ops`: most operations in one transaction.
 pub const MAX_TXN_OPS: usize = 128;
-/// Keys read per page when loading a prefix: a page of executors is about
-/// 700 KB (at most ~18 MB with every label at its largest).
+/// Keys read per page when loading a prefix, at least: a page of executors
+/// is about 700 KB (at most ~18 MB with every label at its largest).
 const PAGE: i64 = 2_000;
+/// A large prefix is read in about this many pages: etcd 3.4 applies a
+/// range's limit only after collecting every revision of the range from its
+/// index, so each page costs as much as the keys after it, and a load in
+/// fixed pages grows with the square of the fleet (1M executors in pages of
+/// 2,000: 500 scans of up to 1M keys, minutes).
+const TARGET_PAGES: i64 = 16;
+/// Largest page asked for, in bytes, by the mean key-value size seen so far.
+const PAGE_BYTES: i64 = 32 << 20;
 /// Longest single etcd call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -294,12 +302,13 @@ impl Etcd {
         let end = prefix_end(prefix);
         let mut from = prefix.to_vec();
         let mut revision = 0;
+        let mut limit = PAGE;
         let mut out = Vec::new();
         loop {
             let request = RangeRequest {
                 key: from.clone(),
                 range_end: end.clone(),
-                limit: PAGE,
+                limit,
                 revision,
                 ..Default::default()
             };
@@ -307,6 +316,8 @@ impl Etcd {
             let response = call("range", kv.range(request)).await?;
             if revision == 0 {
                 revision = response.header.map(|h| h.revision).unwrap_or(0);
+                // The first page counts the whole prefix.
+                limit = page_limit(response.count, kv_bytes(&response.kvs), response.kvs.len());
             }
             let more = response.more;
             if let Some(last) = response.kvs.last() {
@@ -462,6 +473,22 @@ impl Etcd {
     }
 }
 
+/// Bytes of keys and values in `kvs`.
+fn kv_bytes(kvs: &[KeyValue]) -> i64 {
+    kvs.iter()
+        .map(|kv| (kv.key.len() + kv.value.len()) as i64)
+        .sum()
+}
+
+/// Keys per page for a prefix of `count` keys whose first `seen` took
+/// `bytes`: about [`TARGET_PAGES`] pages, none over [`PAGE_BYTES`] at that
+/// mean size, none under [`PAGE`] keys.
+fn page_limit(count: i64, bytes: i64, seen: usize) -> i64 {
+    let mean = (bytes / (seen as i64).max(1)).max(1);
+    let by_count = (count + TARGET_PAGES - 1) / TARGET_PAGES;
+    by_count.min(PAGE_BYTES / mean).max(PAGE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +567,17 @@ mod tests {
         let etcd = Etcd::new(&[addr.to_string()]).unwrap();
         let reach = etcd.probe(b"/k", Duration::from_secs(5)).await;
         assert!(matches!(reach, Reach::Mismatch(_)), "{reach:?}");
+    }
+
+    #[test]
+    fn a_large_prefix_is_read_in_a_few_pages_of_bounded_bytes() {
+        // Small prefixes: the smallest page.
+        assert_eq!(page_limit(0, 0, 0), PAGE);
+        assert_eq!(page_limit(10_000, 700_000, 2_000), PAGE);
+        // 1M executors of 350 bytes: 16 pages of 62,500 (22 MB).
+        assert_eq!(page_limit(1_000_000, 700_000, 2_000), 62_500);
+        // Large values: bounded by bytes instead (32 MiB at 9 KB each).
+        assert_eq!(page_limit(1_000_000, 18_000_000, 2_000), PAGE_BYTES / 9_000);
     }
 
     #[test]
