@@ -3,9 +3,9 @@
 //!
 //! Owns: this scenario's fleet (ids by index; names from
 //! [`crate::fleet::register_request`]), its background heartbeat load (on a
-//! thread and runtime of its own) and that load's latency per phase, the sampler of the server's RSS (procfs
-//! `VmRSS` of `--server-pid`, every 50 ms), the snapshot readers of phase A,
-//! the stalled watcher of phase B, and the verdict.
+//! thread and runtime of its own) and that load's latency per phase, the
+//! snapshot readers of phase A, the stalled watcher of phase B, the report,
+//! and the verdict.
 //!
 //! Timeline: register N executors (each heartbeated once, in batches, with a
 //! long TTL as soon as it is registered, so the fleet is RUNNING and stays
@@ -24,25 +24,38 @@
 //! watches again from the last revision seen and counts whether that
 //! resumed or began with a snapshot.
 //!
-//! Watch streams are read here, not with [`crate::watch`]: phase B must stop
-//! reading on purpose, and 64 readers of a million-member snapshot must not
-//! decode 64 million executors on a client that shares the server's
-//! machine. They decode `WatchExecutorsResponse` with [`LiteResponse`]: a
-//! snapshot's executors as ids only (prost skips the other fields), events
-//! whole.
+//! ## Layout
+//!
+//! - `lite` — the watch stream decoded lightly ([`LiteResponse`]: a
+//!   snapshot's executors as ids only, events whole), and why it is not
+//!   read with [`crate::watch`].
+//! - `check` — the pure checks ([`IdIndex`], [`SnapshotCheck`],
+//!   [`EventChain`], [`rewatch_kind`]) and the arithmetic of the RSS and
+//!   p99 goals.
+//! - `procfs` — the server's RSS and CPU from `/proc`, and the sampler of
+//!   its RSS.
 //!
 //! Must not touch: the simulator's and the verifying watch's internals
 //! ([`crate::fleet`], [`crate::watch`]); the server beyond its public gRPC
-//! API, its `/metrics` and its `/proc/<pid>/status`.
+//! API and its `/metrics` (its `/proc` is read in `procfs` only).
+
+mod check;
+mod lite;
+mod procfs;
+
+pub use check::{
+    EventChain, IdIndex, Rewatch, SnapshotCheck, p99_kept, rewatch_kind, rss_failures,
+};
+pub use lite::{LiteExecutor, LiteKind, LiteResponse, LiteSnapshot, open_lite_watch};
+pub use procfs::{CpuUse, parse_cpu_seconds, parse_vm_rss};
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use executor_registry::codec::RegistryCodec;
-use executor_registry::proto::{self, CountExecutorsRequest, ExecutorEvent, WatchExecutorsRequest};
+use executor_registry::proto::{self, CountExecutorsRequest};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
@@ -51,14 +64,16 @@ use serde::Serialize;
 use tokio::sync::Barrier;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
 use crate::client::{self, Client};
 use crate::fleet::register_request;
 use crate::prom;
 use crate::stats::{self, Latency, Tally};
+
+use check::Bits;
+use procfs::{CpuMark, RssSampler, read_rss};
 
 /// Most heartbeats in one `HeartbeatBatch` call (the registry's limit).
 const MAX_BATCH: usize = 10_000;
@@ -186,498 +201,6 @@ impl WatchersConfig {
             progress: false,
             progress_every: Duration::from_secs(5),
         }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The watch stream, decoded lightly.
-
-/// `WatchExecutorsResponse` with a snapshot's executors decoded as ids only.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LiteResponse {
-    /// Snapshot chunk or event.
-    #[prost(oneof = "LiteKind", tags = "1, 2")]
-    pub kind: Option<LiteKind>,
-}
-
-/// `WatchExecutorsResponse.kind`.
-#[derive(Clone, PartialEq, prost::Oneof)]
-pub enum LiteKind {
-    /// A snapshot chunk, ids only.
-    #[prost(message, tag = "1")]
-    Snapshot(LiteSnapshot),
-    /// An event, whole.
-    #[prost(message, tag = "2")]
-    Event(ExecutorEvent),
-}
-
-/// `Snapshot` with its executors as ids only.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LiteSnapshot {
-    /// The chunk's executors.
-    #[prost(message, repeated, tag = "1")]
-    pub executors: Vec<LiteExecutor>,
-    /// The snapshot's revision.
-    #[prost(uint64, tag = "2")]
-    pub revision: u64,
-    /// More chunks follow.
-    #[prost(bool, tag = "3")]
-    pub more: bool,
-}
-
-/// `Executor`, its id only.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LiteExecutor {
-    /// `Executor.id`.
-    #[prost(string, tag = "1")]
-    pub id: String,
-}
-
-/// Opens `WatchExecutors` from `start_revision` on `channel`, decoded as
-/// [`LiteResponse`].
-pub async fn open_lite_watch(
-    channel: Channel,
-    start_revision: u64,
-) -> Result<Streaming<LiteResponse>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
-    let path = PathAndQuery::from_static("/registry.v1.Registry/WatchExecutors");
-    let codec = RegistryCodec::<WatchExecutorsRequest, LiteResponse>::default();
-    Ok(grpc
-        .server_streaming(
-            tonic::Request::new(WatchExecutorsRequest { start_revision }),
-            path,
-            codec,
-        )
-        .await?
-        .into_inner())
-}
-
-// ---------------------------------------------------------------------------
-// Pure checks.
-
-/// The fleet's ids by index: ids are `<prefix><index>-<hex>`.
-#[derive(Debug)]
-pub struct IdIndex {
-    prefix: String,
-    ids: Vec<String>,
-}
-
-impl IdIndex {
-    /// The index of a run whose names are `<prefix><index>`.
-    pub fn new(prefix: String, ids: Vec<String>) -> Self {
-        Self { prefix, ids }
-    }
-
-    /// Executors in the fleet.
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Whether the fleet is empty.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    /// The id of executor `index`.
-    pub fn id(&self, index: usize) -> &str {
-        &self.ids[index]
-    }
-
-    /// The index of `id`, if it is one of this fleet's.
-    pub fn index_of(&self, id: &str) -> Option<usize> {
-        let (index, _) = id.strip_prefix(&self.prefix)?.split_once('-')?;
-        let index: usize = index.parse().ok()?;
-        (self.ids.get(index)? == id).then_some(index)
-    }
-}
-
-/// A set of indices `0..n` as bits.
-#[derive(Debug, Clone)]
-struct Bits(Vec<u64>);
-
-impl Bits {
-    fn new(n: usize) -> Self {
-        Self(vec![0; n.div_ceil(64)])
-    }
-
-    /// Sets `i`; false if it was set already.
-    fn insert(&mut self, i: usize) -> bool {
-        let (word, bit) = (i / 64, 1u64 << (i % 64));
-        let fresh = self.0[word] & bit == 0;
-        self.0[word] |= bit;
-        fresh
-    }
-}
-
-/// What one snapshot (all its chunks) held, against a fleet of `expected`
-/// executors that must all be in it.
-#[derive(Debug, Clone)]
-pub struct SnapshotCheck {
-    seen: Bits,
-    expected: usize,
-    /// Ids received.
-    pub ids: u64,
-    /// Ids received a second time.
-    pub duplicates: u64,
-    /// Ids not of this fleet.
-    pub foreign: u64,
-    /// Chunks received.
-    pub chunks: u64,
-    /// The first chunk's revision.
-    pub revision: Option<u64>,
-    /// Chunks with another revision than the first.
-    pub other_revisions: u64,
-    /// The chunk with `more = false` arrived.
-    pub complete: bool,
-}
-
-impl SnapshotCheck {
-    /// A check of a snapshot that must hold exactly executors `0..expected`.
-    pub fn new(expected: usize) -> Self {
-        Self {
-            seen: Bits::new(expected),
-            expected,
-            ids: 0,
-            duplicates: 0,
-            foreign: 0,
-            chunks: 0,
-            revision: None,
-            other_revisions: 0,
-            complete: false,
-        }
-    }
-
-    /// One chunk: its revision, `more`, and its ids as fleet indices (None:
-    /// not of this fleet).
-    pub fn chunk(
-        &mut self,
-        revision: u64,
-        more: bool,
-        indices: impl Iterator<Item = Option<usize>>,
-    ) {
-        self.chunks += 1;
-        match self.revision {
-            None => self.revision = Some(revision),
-            Some(r) if r != revision => self.other_revisions += 1,
-            Some(_) => {}
-        }
-        for index in indices {
-            self.ids += 1;
-            match index {
-                Some(i) if i < self.expected => {
-                    if !self.seen.insert(i) {
-                        self.duplicates += 1;
-                    }
-                }
-                _ => self.foreign += 1,
-            }
-        }
-        if !more {
-            self.complete = true;
-        }
-    }
-
-    /// Complete, one revision, exactly the `expected` executors, none twice.
-    pub fn exact(&self) -> bool {
-        self.complete
-            && self.other_revisions == 0
-            && self.duplicates == 0
-            && self.foreign == 0
-            && self.ids == self.expected as u64
-    }
-
-    /// What is wrong with it, or None.
-    pub fn problem(&self) -> Option<String> {
-        if self.exact() {
-            return None;
-        }
-        let mut p = Vec::new();
-        if !self.complete {
-            p.push("incomplete (no chunk with more = false)".to_owned());
-        }
-        if self.ids != self.expected as u64 {
-            p.push(format!("{} ids, expected {}", self.ids, self.expected));
-        }
-        if self.duplicates > 0 {
-            p.push(format!("{} ids twice", self.duplicates));
-        }
-        if self.foreign > 0 {
-            p.push(format!("{} ids not of the fleet", self.foreign));
-        }
-        if self.other_revisions > 0 {
-            p.push(format!(
-                "{} chunks of another revision",
-                self.other_revisions
-            ));
-        }
-        Some(p.join(", "))
-    }
-}
-
-/// Events must come with consecutive revisions: each one after the last
-/// revision seen (a snapshot's, or the previous event's).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct EventChain {
-    /// The last revision seen (0: none yet).
-    pub last: u64,
-    /// Events seen.
-    pub events: u64,
-    /// Events whose revision was not `last + 1`.
-    pub gaps: u64,
-}
-
-impl EventChain {
-    /// A chain that continues from a snapshot (or event) at `revision`.
-    pub fn from(revision: u64) -> Self {
-        Self {
-            last: revision,
-            ..Self::default()
-        }
-    }
-
-    /// One event; false (and a gap counted) unless it is `last + 1`.
-    pub fn event(&mut self, revision: u64) -> bool {
-        self.events += 1;
-        let consecutive = revision == self.last + 1;
-        if !consecutive {
-            self.gaps += 1;
-        }
-        self.last = revision;
-        consecutive
-    }
-
-    /// A new snapshot at `revision`: the chain continues from it.
-    pub fn restart(&mut self, revision: u64) {
-        self.last = revision;
-    }
-}
-
-/// How a re-watch from `start_revision = last` began.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rewatch {
-    /// Its first message was the event `last + 1`: nothing missed.
-    Resumed,
-    /// Its first message was a snapshot: the events in between are lost.
-    Snapshot,
-    /// Its first message was an event out of order.
-    Gap,
-}
-
-/// Judges the first message of a re-watch from `last`.
-pub fn rewatch_kind(last: u64, first: &LiteKind) -> Rewatch {
-    match first {
-        LiteKind::Snapshot(_) => Rewatch::Snapshot,
-        LiteKind::Event(e) if e.revision == last + 1 => Rewatch::Resumed,
-        LiteKind::Event(_) => Rewatch::Gap,
-    }
-}
-
-/// Whether heartbeat p99 was kept: `during` at most `ratio ×` or
-/// `slack_us` above `before`, whichever allows more.
-pub fn p99_kept(before_us: u64, during_us: u64, ratio: f64, slack_us: u64) -> bool {
-    let allowed = ((before_us as f64 * ratio) as u64).max(before_us + slack_us);
-    during_us <= allowed
-}
-
-/// The RSS goals of phase A: peak ≤ `max_peak` × before, after ≤
-/// `max_after` × before. Appends a line per miss.
-pub fn rss_failures(
-    before: u64,
-    peak: u64,
-    after: u64,
-    max_peak: f64,
-    max_after: f64,
-    failures: &mut Vec<String>,
-) {
-    let mib = |b: u64| b as f64 / 1_048_576.0;
-    if before == 0 {
-        failures.push("no RSS before phase A".to_owned());
-        return;
-    }
-    let peak_ratio = peak as f64 / before as f64;
-    if peak_ratio > max_peak {
-        failures.push(format!(
-            "RSS peak during the watchers {:.1} MiB = {peak_ratio:.3} × before ({:.1} MiB), goal ≤ {max_peak}",
-            mib(peak),
-            mib(before)
-        ));
-    }
-    let after_ratio = after as f64 / before as f64;
-    if after_ratio > max_after {
-        failures.push(format!(
-            "RSS after the watchers left {:.1} MiB = {after_ratio:.3} × before ({:.1} MiB), goal ≤ {max_after}",
-            mib(after),
-            mib(before)
-        ));
-    }
-}
-
-/// `VmRSS` of a `/proc/<pid>/status` text, in bytes.
-pub fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
-    let value: u64 = parts.next()?.parse().ok()?;
-    match parts.next() {
-        Some("kB") => Some(value * 1024),
-        _ => None,
-    }
-}
-
-/// CPU seconds (user + system) of a `/proc/<pid>/stat` text. Linux
-/// reports them in USER_HZ, which is 100 on every architecture it runs on.
-pub fn parse_cpu_seconds(stat: &str) -> Option<f64> {
-    // The command name (field 2) may hold spaces: count from after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 (utime) and 15 (stime) are the 12th and 13th after it.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
-}
-
-// ---------------------------------------------------------------------------
-// The server's RSS and CPU.
-
-fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/stat"),
-        None => "/proc/self/stat".to_owned(),
-    };
-    parse_cpu_seconds(&std::fs::read_to_string(path).ok()?)
-}
-
-/// CPU seconds of the server and of this process at one moment.
-#[derive(Debug, Clone, Copy)]
-struct CpuMark {
-    at: Instant,
-    server: Option<f64>,
-    client: Option<f64>,
-}
-
-impl CpuMark {
-    fn now(server_pid: Option<u32>) -> Self {
-        Self {
-            at: Instant::now(),
-            server: server_pid.and_then(|pid| cpu_seconds(Some(pid))),
-            client: cpu_seconds(None),
-        }
-    }
-
-    /// Cores used by each from `self` to `later`.
-    fn until(&self, later: &CpuMark) -> CpuUse {
-        let wall = (later.at - self.at).as_secs_f64().max(1e-9);
-        let cores = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / wall);
-        CpuUse {
-            server_cores: cores(self.server, later.server),
-            loadtest_cores: cores(self.client, later.client),
-        }
-    }
-}
-
-/// Cores used over a window (CPU seconds ÷ wall seconds).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct CpuUse {
-    /// By the server (with --server-pid).
-    pub server_cores: Option<f64>,
-    /// By this load generator.
-    pub loadtest_cores: Option<f64>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RssSample {
-    /// Seconds since the run started.
-    t_s: f64,
-    bytes: u64,
-}
-
-/// Samples `/proc/<pid>/status` every `every` until stopped.
-struct RssSampler {
-    samples: Arc<Mutex<Vec<RssSample>>>,
-    last: Arc<AtomicU64>,
-    error: Arc<Mutex<Option<String>>>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn read_rss(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_vm_rss(&text).with_context(|| format!("no VmRSS in {path}"))
-}
-
-impl RssSampler {
-    fn start(pid: u32, every: Duration, start: Instant) -> Self {
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let last = Arc::new(AtomicU64::new(0));
-        let error = Arc::new(Mutex::new(None));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let (samples, last, error, stop) =
-                (samples.clone(), last.clone(), error.clone(), stop.clone());
-            async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        _ = tick.tick() => {}
-                    }
-                    match read_rss(pid) {
-                        Ok(bytes) => {
-                            last.store(bytes, Ordering::Relaxed);
-                            samples.lock().unwrap_or_else(PoisonError::into_inner).push(
-                                RssSample {
-                                    t_s: start.elapsed().as_secs_f64(),
-                                    bytes,
-                                },
-                            );
-                        }
-                        Err(e) => {
-                            *error.lock().unwrap_or_else(PoisonError::into_inner) =
-                                Some(format!("{e:#} (the server exited?)"));
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        Self {
-            samples,
-            last,
-            error,
-            stop,
-            task,
-        }
-    }
-
-    /// Samples taken in `[from_s, to_s]`.
-    fn window(&self, from_s: f64, to_s: f64) -> Vec<u64> {
-        self.samples
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|s| s.t_s >= from_s && s.t_s <= to_s)
-            .map(|s| s.bytes)
-            .collect()
-    }
-
-    async fn finish(self) -> (usize, Option<String>) {
-        self.stop.cancel();
-        let _ = self.task.await;
-        let n = self
-            .samples
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        let error = self
-            .error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        (n, error)
     }
 }
 
@@ -1823,128 +1346,6 @@ pub fn stall_failures(s: &StallSummary, failures: &mut Vec<String>, notes: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn index(n: usize) -> IdIndex {
-        IdIndex::new(
-            "wlx".into(),
-            (0..n).map(|i| format!("wlx{i}-{:016x}", i * 7)).collect(),
-        )
-    }
-
-    #[test]
-    fn ids_map_back_to_their_index_only_when_whole() {
-        let ix = index(12);
-        assert_eq!(ix.index_of("wlx3-0000000000000015"), Some(3));
-        assert_eq!(ix.index_of("wlx3-0000000000000016"), None, "other hex");
-        assert_eq!(ix.index_of("wlx12-0000000000000054"), None, "out of range");
-        assert_eq!(ix.index_of("other3-0000000000000015"), None, "other prefix");
-        assert_eq!(ix.index_of("wlx3"), None);
-    }
-
-    #[test]
-    fn a_snapshot_is_exact_only_with_every_id_once_at_one_revision() {
-        let mut c = SnapshotCheck::new(4);
-        c.chunk(9, true, [Some(0), Some(1)].into_iter());
-        assert!(!c.exact(), "incomplete");
-        c.chunk(9, false, [Some(3), Some(2)].into_iter());
-        assert!(c.exact(), "{:?}", c.problem());
-
-        let mut dup = SnapshotCheck::new(3);
-        dup.chunk(9, true, [Some(0), Some(1)].into_iter());
-        dup.chunk(9, false, [Some(1)].into_iter());
-        assert_eq!(dup.duplicates, 1);
-        assert!(!dup.exact());
-        assert!(dup.problem().unwrap().contains("twice"));
-
-        let mut foreign = SnapshotCheck::new(2);
-        foreign.chunk(9, false, [Some(0), Some(1), None].into_iter());
-        assert_eq!(foreign.foreign, 1);
-        assert!(!foreign.exact());
-
-        let mut short = SnapshotCheck::new(3);
-        short.chunk(9, false, [Some(0), Some(1)].into_iter());
-        assert!(short.problem().unwrap().contains("2 ids, expected 3"));
-
-        let mut mixed = SnapshotCheck::new(2);
-        mixed.chunk(9, true, [Some(0)].into_iter());
-        mixed.chunk(10, false, [Some(1)].into_iter());
-        assert_eq!(mixed.other_revisions, 1);
-        assert!(!mixed.exact());
-    }
-
-    #[test]
-    fn events_must_follow_the_last_revision_one_by_one() {
-        let mut chain = EventChain::from(100);
-        assert!(chain.event(101));
-        assert!(chain.event(102));
-        assert!(!chain.event(104), "103 is missing");
-        assert!(chain.event(105), "the chain continues from the gap");
-        assert!(!chain.event(105), "a repeat is out of order too");
-        assert_eq!((chain.events, chain.gaps), (5, 2));
-        chain.restart(200);
-        assert!(chain.event(201));
-    }
-
-    #[test]
-    fn a_rewatch_resumes_only_at_the_next_event() {
-        let event = |revision| {
-            LiteKind::Event(ExecutorEvent {
-                revision,
-                ..ExecutorEvent::default()
-            })
-        };
-        assert_eq!(rewatch_kind(7, &event(8)), Rewatch::Resumed);
-        assert_eq!(rewatch_kind(7, &event(9)), Rewatch::Gap);
-        assert_eq!(
-            rewatch_kind(7, &LiteKind::Snapshot(LiteSnapshot::default())),
-            Rewatch::Snapshot
-        );
-    }
-
-    #[test]
-    fn rss_goals_are_ratios_of_before() {
-        let mib = 1 << 20;
-        let mut f = Vec::new();
-        rss_failures(1000 * mib, 1250 * mib, 1100 * mib, 1.25, 1.1, &mut f);
-        assert!(f.is_empty(), "{f:?}");
-        rss_failures(1000 * mib, 1251 * mib, 1000 * mib, 1.25, 1.1, &mut f);
-        assert_eq!(f.len(), 1);
-        assert!(f[0].contains("peak"), "{f:?}");
-        f.clear();
-        rss_failures(1000 * mib, 1000 * mib, 1101 * mib, 1.25, 1.1, &mut f);
-        assert_eq!(f.len(), 1);
-        assert!(f[0].contains("after"), "{f:?}");
-        f.clear();
-        rss_failures(0, 1, 1, 1.25, 1.1, &mut f);
-        assert_eq!(f.len(), 1, "no baseline is a failure, not a pass");
-    }
-
-    #[test]
-    fn p99_is_kept_within_the_ratio_or_the_slack() {
-        // 400 µs before: 1.5 × is 600, + 1 ms is 1,400: the slack allows more.
-        assert!(p99_kept(400, 1_400, 1.5, 1_000));
-        assert!(!p99_kept(400, 1_401, 1.5, 1_000));
-        // 10 ms before: 1.5 × (15 ms) allows more than + 1 ms.
-        assert!(p99_kept(10_000, 15_000, 1.5, 1_000));
-        assert!(!p99_kept(10_000, 15_001, 1.5, 1_000));
-    }
-
-    #[test]
-    fn cpu_seconds_are_utime_plus_stime_in_hundredths() {
-        // pid (comm with a space and a parenthesis) state ppid … utime stime …
-        let stat = "4242 (exec (x) y) S 1 4242 4242 0 -1 4194560 9000 0 0 0 250 125 0 0 20 0 7 0";
-        assert_eq!(parse_cpu_seconds(stat), Some(3.75));
-        assert_eq!(parse_cpu_seconds("4242 (x) S 1"), None);
-    }
-
-    #[test]
-    fn vm_rss_is_read_in_bytes() {
-        let status =
-            "Name:\texecutor-regist\nVmPeak:\t 2000 kB\nVmRSS:\t  123456 kB\nThreads:\t4\n";
-        assert_eq!(parse_vm_rss(status), Some(123_456 * 1024));
-        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
-        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
-    }
 
     #[test]
     fn stall_verdict_wants_every_offline_and_no_snapshot() {
