@@ -1028,6 +1028,23 @@ mod tests {
         fn path(&self, name: &str) -> String {
             self.dir.path().join(name).to_str().unwrap().to_owned()
         }
+
+        /// Replicas on etcd with mutual TLS from these files, then `extra`.
+        fn replica_mtls(&self, extra: &[&str]) -> ServeArgs {
+            let (c, k, ca) = (self.path("c.pem"), self.path("k.pem"), self.path("ca.pem"));
+            let mut args = vec![
+                "--store",
+                ETCD,
+                "--tls-cert",
+                &c,
+                "--tls-key",
+                &k,
+                "--tls-client-ca",
+                &ca,
+            ];
+            args.extend_from_slice(extra);
+            parse(&args)
+        }
     }
 
     const ETCD: &str = "etcd://127.0.0.1:2379";
@@ -1045,19 +1062,7 @@ mod tests {
 
         // Mutual TLS: the replicas are known by this one's own identity,
         // and a follower presents its certificate to the leader.
-        let mutual = parse(&[
-            "--store",
-            ETCD,
-            "--tls-cert",
-            &c,
-            "--tls-key",
-            &k,
-            "--tls-client-ca",
-            &ca,
-            "--admin-identities",
-            "ops",
-            "--metrics-tls",
-        ]);
+        let mutual = f.replica_mtls(&["--admin-identities", "ops", "--metrics-tls"]);
         mutual.validate().unwrap();
         let setup = mutual.security().unwrap();
         match &setup.grpc.auth {
@@ -1072,18 +1077,7 @@ mod tests {
         assert!(setup.metrics_tls.is_some());
 
         // --replica-identities overrides.
-        let listed = parse(&[
-            "--store",
-            ETCD,
-            "--tls-cert",
-            &c,
-            "--tls-key",
-            &k,
-            "--tls-client-ca",
-            &ca,
-            "--replica-identities",
-            "r1, r2,",
-        ]);
+        let listed = f.replica_mtls(&["--replica-identities", "r1, r2,"]);
         match listed.security().unwrap().grpc.auth {
             Auth::Mutual { replicas, .. } => {
                 let mut names: Vec<_> = replicas.iter().cloned().collect();
@@ -1134,49 +1128,35 @@ mod tests {
     #[test]
     fn a_replica_certificate_must_allow_client_authentication_and_name_an_identity() {
         let server_only = Files::new(&[rcgen::ExtendedKeyUsagePurpose::ServerAuth], &["r.fleet"]);
+        let e = server_only
+            .replica_mtls(&[])
+            .security()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-cert") && e.contains("clientAuth"), "{e}");
+        // Without replicas the same certificate is fine.
         let (c, k, ca) = (
             server_only.path("c.pem"),
             server_only.path("k.pem"),
             server_only.path("ca.pem"),
         );
-        let args = [
-            "--store",
-            ETCD,
-            "--tls-cert",
-            &c,
-            "--tls-key",
-            &k,
-            "--tls-client-ca",
-            &ca,
-        ];
-        let e = parse(&args).security().unwrap_err().to_string();
-        assert!(e.contains("--tls-cert") && e.contains("clientAuth"), "{e}");
-        // Without replicas the same certificate is fine.
-        parse(&args[2..]).security().unwrap();
+        parse(&["--tls-cert", &c, "--tls-key", &k, "--tls-client-ca", &ca])
+            .security()
+            .unwrap();
 
         // No extended key usage at all allows every usage; but a
         // certificate without a name needs --replica-identities.
         let nameless = Files::new(&[], &["127.0.0.1"]);
-        let (c, k, ca) = (
-            nameless.path("c.pem"),
-            nameless.path("k.pem"),
-            nameless.path("ca.pem"),
-        );
-        let args = [
-            "--store",
-            ETCD,
-            "--tls-cert",
-            &c,
-            "--tls-key",
-            &k,
-            "--tls-client-ca",
-            &ca,
-        ];
-        let e = parse(&args).security().unwrap_err().to_string();
+        let e = nameless
+            .replica_mtls(&[])
+            .security()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--replica-identities"), "{e}");
-        let mut named = args.to_vec();
-        named.extend(["--replica-identities", "r1"]);
-        parse(&named).security().unwrap();
+        nameless
+            .replica_mtls(&["--replica-identities", "r1"])
+            .security()
+            .unwrap();
     }
 
     #[test]
