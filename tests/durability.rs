@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::watch_executors_response::Kind;
 use executor_registry::proto::{
@@ -263,31 +265,19 @@ async fn register(
     Ok(response.into_inner().executor.expect("an executor"))
 }
 
-/// Live executors with `status` by id, and the revision.
-/// Every page of a listing, each at the first page's revision.
+/// Live executors with `status` by id, and the revision (every page at the
+/// first page's).
 async fn list(
     client: &mut RegistryClient<Channel>,
     status: ExecutorStatus,
 ) -> (BTreeMap<String, Executor>, u64) {
-    let mut request = ListExecutorsRequest {
+    let request = ListExecutorsRequest {
         status: status as i32,
         ..Default::default()
     };
-    let mut executors = BTreeMap::new();
-    let mut revision = None;
-    loop {
-        let page = client
-            .list_executors(request.clone())
-            .await
-            .expect("list")
-            .into_inner();
-        assert_eq!(*revision.get_or_insert(page.revision), page.revision);
-        executors.extend(page.executors.into_iter().map(|e| (e.id.clone(), e)));
-        if page.next_page_token.is_empty() {
-            return (executors, page.revision);
-        }
-        request.page_token = page.next_page_token;
-    }
+    let (executors, revision) = support::list_all(client, request).await;
+    let executors = executors.into_iter().map(|e| (e.id.clone(), e)).collect();
+    (executors, revision)
 }
 
 async fn count(client: &mut RegistryClient<Channel>, status: ExecutorStatus) -> u64 {

@@ -242,20 +242,8 @@ async fn register_many(endpoints: &[String], name: &str, n: usize) -> Vec<String
 /// Every id, from every page of one listing.
 async fn list_ids(endpoint: &str) -> BTreeSet<String> {
     let mut client = connect(endpoint).await.expect("connect");
-    let mut request = ListExecutorsRequest::default();
-    let mut ids = BTreeSet::new();
-    loop {
-        let page = client
-            .list_executors(request.clone())
-            .await
-            .expect("list")
-            .into_inner();
-        ids.extend(page.executors.into_iter().map(|e| e.id));
-        if page.next_page_token.is_empty() {
-            return ids;
-        }
-        request.page_token = page.next_page_token;
-    }
+    let (executors, _) = support::list_all(&mut client, ListExecutorsRequest::default()).await;
+    executors.into_iter().map(|e| e.id).collect()
 }
 
 /// Keys of executors in etcd, with their mod revisions.
