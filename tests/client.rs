@@ -33,7 +33,7 @@ use executor_registry::registry::{RegistryConfig, Status};
 use proxy::Proxy;
 use support::{
     FlakyStore, SharedStore, TestServer, WatcherGauge, eventually, fast_config, register,
-    register_request,
+    register_large, register_request,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -513,25 +513,8 @@ async fn heartbeat(c: &mut RegistryClient<Channel>, id: &str, ttl_ms: u64) {
     .unwrap();
 }
 
-/// Registers `name` with labels large enough that each event is a DATA
-/// frame of about 600 bytes.
-async fn register_large(c: &mut RegistryClient<Channel>, name: &str, port: u16) -> String {
-    let value = "v".repeat(60);
-    let labels: Vec<(String, String)> = (0..8)
-        .map(|i| (format!("label{i}"), value.clone()))
-        .collect();
-    let labels: Vec<(&str, &str)> = labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    c.register(register_request(name, port, &labels))
-        .await
-        .unwrap()
-        .into_inner()
-        .executor
-        .unwrap()
-        .id
-}
+/// Labels of a large executor: each event a DATA frame of about 600 bytes.
+const LARGE_LABELS: usize = 8;
 
 /// How watches began on the server, and how many it ended for lagging.
 #[derive(Default)]
@@ -678,7 +661,7 @@ async fn a_fleet_view_gathers_every_chunk_of_a_snapshot_before_applying_it() {
         let mut c = server.client().await;
         tasks.push(tokio::spawn(async move {
             for i in 0..150u16 {
-                let id = register_large(&mut c, "big", 1000 + t * 200 + i).await;
+                let id = register_large(&mut c, "big", 1000 + t * 200 + i, LARGE_LABELS).await;
                 if i % 2 == 0 {
                     heartbeat(&mut c, &id, 60_000).await;
                 }
@@ -873,7 +856,7 @@ async fn a_fleet_view_that_falls_out_of_the_history_resyncs_from_a_snapshot() {
     proxy.stall();
     let mut ids = Vec::new();
     for i in 0..300 {
-        ids.push(register_large(&mut c, "burst", 100 + i).await);
+        ids.push(register_large(&mut c, "burst", 100 + i, LARGE_LABELS).await);
     }
     for id in ids.iter().step_by(3) {
         heartbeat(&mut c, id, 60_000).await;

@@ -18,16 +18,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{self, DeregisterRequest, HeartbeatRequest};
 use executor_registry::registry::RegistryConfig;
 use proxy::Proxy;
 use serde_json::Value;
 use support::process::ctl;
-use support::{SharedStore, TestServer, fast_config, register, register_request};
+use support::{SharedStore, TestServer, fast_config, register, register_large, register_request};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
-use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_executor-registry");
 
@@ -512,25 +510,9 @@ async fn watch_prints_readable_lines_and_exits_4_when_the_registry_goes_away() {
     );
 }
 
-/// Registers `name` with 32 labels of 60 bytes: events of about 2.5 KB, so
-/// a stalled watcher's 2 MiB HTTP/2 window fills after some 800.
-async fn register_large(c: &mut RegistryClient<Channel>, name: &str, port: u16) -> String {
-    let value = "v".repeat(60);
-    let labels: Vec<(String, String)> = (0..32)
-        .map(|i| (format!("label{i:02}"), value.clone()))
-        .collect();
-    let labels: Vec<(&str, &str)> = labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    c.register(register_request(name, port, &labels))
-        .await
-        .unwrap()
-        .into_inner()
-        .executor
-        .unwrap()
-        .id
-}
+/// Labels of a large executor: events of about 2.5 KB, so a stalled
+/// watcher's 2 MiB HTTP/2 window fills after some 800.
+const LARGE_LABELS: usize = 32;
 
 /// The revision in a `KIND revision=N …` line.
 fn revision_of(line: &str) -> u64 {
@@ -722,7 +704,7 @@ async fn watch_takes_a_new_snapshot_after_falling_behind_and_says_so() {
         let mut c = server.client().await;
         tasks.push(tokio::spawn(async move {
             for i in 0..300u16 {
-                register_large(&mut c, "burst", 1000 + t * 1000 + i).await;
+                register_large(&mut c, "burst", 1000 + t * 1000 + i, LARGE_LABELS).await;
             }
         }));
     }

@@ -209,6 +209,32 @@ pub async fn register(client: &mut RegistryClient<Channel>, name: &str, port: u1
         .id
 }
 
+/// Registers `name` with `labels` labels of 60 bytes (each adds about 75
+/// bytes to the executor's events) and returns the id.
+pub async fn register_large(
+    client: &mut RegistryClient<Channel>,
+    name: &str,
+    port: u16,
+    labels: usize,
+) -> String {
+    let value = "v".repeat(60);
+    let labels: Vec<(String, String)> = (0..labels)
+        .map(|i| (format!("label{i:02}"), value.clone()))
+        .collect();
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    client
+        .register(register_request(name, port, &labels))
+        .await
+        .expect("register")
+        .into_inner()
+        .executor
+        .expect("executor in response")
+        .id
+}
+
 /// The next message of a watch stream, within 10 s.
 pub async fn next_message(
     stream: &mut tonic::Streaming<proto::WatchExecutorsResponse>,
