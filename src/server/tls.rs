@@ -344,6 +344,16 @@ mod tests {
         params.self_signed(&key).unwrap().der().to_vec()
     }
 
+    /// A self-signed certificate for `localhost` and its key, as PEM.
+    fn localhost_pem() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     #[test]
     fn the_identity_is_the_first_name_san_else_the_common_name() {
         let mut params = rcgen::CertificateParams::new(vec!["exec-7.fleet".into()]).unwrap();
@@ -380,12 +390,7 @@ mod tests {
 
     #[test]
     fn bad_pem_is_refused_naming_what_is_wrong() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        let (cert_pem, key_pem) = localhost_pem();
         assert!(server_config(cert_pem.as_bytes(), key_pem.as_bytes(), None, &[b"h2"]).is_ok());
         assert!(
             server_config(
@@ -440,12 +445,7 @@ mod tests {
 
     #[test]
     fn outbound_tls_checks_its_pem_at_once() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        let (cert_pem, key_pem) = localhost_pem();
         let (c, k) = (cert_pem.as_bytes(), key_pem.as_bytes());
         let plain = OutboundTls::new(c, None).unwrap();
         assert!(!plain.has_client_certificate());
