@@ -26,6 +26,7 @@ use executor_registry::proto::{
     CountExecutorsRequest, DeregisterRequest, GetExecutorRequest, HeartbeatBatchRequest,
     HeartbeatRequest, HeartbeatStatus,
 };
+use support::answering_client as client;
 use support::etcd::EtcdProcess;
 use support::pki::{ClientFiles, Pki};
 use support::process::RegistryProcess;
@@ -81,36 +82,9 @@ async fn wait_for_leader(replicas: &[&RegistryProcess]) -> usize {
 /// An endpoint of `replica`: TLS with `tls` (from `from`, a local address,
 /// when given), plaintext without.
 fn endpoint(replica: &RegistryProcess, tls: Option<&ClientTls>, from: Option<IpAddr>) -> Endpoint {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let endpoint = Endpoint::from_shared(format!("{scheme}://{}", replica.grpc))
-        .expect("valid uri")
+    support::endpoint_at(replica.grpc, tls, from)
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
-        .local_address(from);
-    match tls {
-        Some(tls) => endpoint.tls_config(tls.tonic_config()).expect("tls config"),
-        None => endpoint,
-    }
-}
-
-/// A client, once a call through it is answered (the replica follows a
-/// leader that has loaded membership), within 20 s.
-async fn client(endpoint: Endpoint) -> RegistryClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let attempt = async {
-            let mut c = RegistryClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
-            c.count_executors(CountExecutorsRequest::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(c)
-        };
-        match attempt.await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("no answer through a replica: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 /// Whether a client through `endpoint` gets no answer at all (no

@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use executor_registry::client::{
     BearerToken, ChannelOptions, ClientTls, Membership, MembershipOptions,
@@ -27,7 +27,7 @@ use executor_registry::proto::{
 };
 use support::pki::{ClientFiles, Pki};
 use support::process::{BIN, RegistryProcess};
-use support::{http_get, register, sample};
+use support::{answering_client as client, http_get, register, sample};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -44,34 +44,7 @@ fn tls(pki: &Pki, client: Option<&ClientFiles>) -> ClientTls {
 }
 
 fn endpoint(addr: SocketAddr, tls: Option<&ClientTls>, from: Option<IpAddr>) -> Endpoint {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .expect("valid uri")
-        .connect_timeout(Duration::from_secs(5))
-        .local_address(from);
-    match tls {
-        Some(tls) => endpoint.tls_config(tls.tonic_config()).expect("tls config"),
-        None => endpoint,
-    }
-}
-
-/// A client, once the server answers (within 20 s).
-async fn client(endpoint: Endpoint) -> RegistryClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let attempt = async {
-            let mut c = RegistryClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
-            c.count_executors(proto::CountExecutorsRequest::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(c)
-        };
-        match attempt.await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("registry never answered: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    support::endpoint_at(addr, tls, from).connect_timeout(Duration::from_secs(5))
 }
 
 /// Why a connection through `endpoint` got no answer from the registry

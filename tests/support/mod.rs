@@ -6,11 +6,12 @@ pub mod etcd;
 pub mod pki;
 pub mod process;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use executor_registry::client::ClientTls;
 use executor_registry::proto::registry_client::RegistryClient;
 use executor_registry::proto::{self, RegisterRequest};
 use executor_registry::registry::{
@@ -21,7 +22,7 @@ use executor_registry::server::{self, Limits, ServeOptions, Stopped};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 /// A server under test.
 pub struct TestServer {
@@ -194,6 +195,45 @@ pub fn register_request(name: &str, port: u16, labels: &[(&str, &str)]) -> Regis
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+    }
+}
+
+/// An endpoint at `addr`: `https` with `tls`, plaintext without, from the
+/// local address `from` when given. Timeouts are the caller's.
+pub fn endpoint_at(
+    addr: impl std::fmt::Display,
+    tls: Option<&ClientTls>,
+    from: Option<IpAddr>,
+) -> Endpoint {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .expect("valid uri")
+        .local_address(from);
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.tonic_config()).expect("tls config"),
+        None => endpoint,
+    }
+}
+
+/// A client through `endpoint`, once a call through it is answered (within
+/// 20 s: a server starting, a replica finding a leader that has loaded).
+pub async fn answering_client(endpoint: Endpoint) -> RegistryClient<Channel> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = async {
+            let mut c = RegistryClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+            c.count_executors(proto::CountExecutorsRequest::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(c)
+        };
+        match attempt.await {
+            Ok(c) => return c,
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                panic!("no answer through {}: {e}", endpoint.uri())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
