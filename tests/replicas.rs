@@ -72,26 +72,10 @@ fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
-/// Index of the replica that leads, once every replica answers and exactly
-/// one leads (within 20 s).
+/// Index of the replica that leads (see [`support::process::wait_for_leader`]),
+/// sampled with short timeouts: a replica may be paused.
 async fn wait_for_leader(replicas: &[&RegistryProcess]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let samples: Vec<Option<f64>> = replicas
-            .iter()
-            .map(|r| metric(r.metrics, "registry_is_leader "))
-            .collect();
-        let leaders: Vec<usize> = (0..replicas.len())
-            .filter(|&i| samples[i] == Some(1.0))
-            .collect();
-        if let [one] = leaders.as_slice()
-            && samples.iter().all(Option::is_some)
-        {
-            return *one;
-        }
-        assert!(Instant::now() < deadline, "no single leader: {leaders:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::process::wait_for_leader(replicas, |r| metric(r.metrics, "registry_is_leader ")).await
 }
 
 /// Waits until every endpoint answers a call (each follower knows the

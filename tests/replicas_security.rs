@@ -57,26 +57,9 @@ fn start_replica(etcd: &EtcdProcess, dir: &Path, name: &str, extra: &[&str]) -> 
     RegistryProcess::start_logged(dir, &args, &dir.join(format!("{name}.log")))
 }
 
-/// Index of the replica that leads, once every replica answers `/metrics`
-/// and exactly one leads (within 20 s).
+/// Index of the replica that leads (see [`support::process::wait_for_leader`]).
 async fn wait_for_leader(replicas: &[&RegistryProcess]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let samples: Vec<Option<f64>> = replicas
-            .iter()
-            .map(|r| r.metric("registry_is_leader"))
-            .collect();
-        let leaders: Vec<usize> = (0..replicas.len())
-            .filter(|&i| samples[i] == Some(1.0))
-            .collect();
-        if let [one] = leaders.as_slice()
-            && samples.iter().all(Option::is_some)
-        {
-            return *one;
-        }
-        assert!(Instant::now() < deadline, "no single leader: {samples:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::process::wait_for_leader(replicas, |r| r.metric("registry_is_leader")).await
 }
 
 /// An endpoint of `replica`: TLS with `tls` (from `from`, a local address,

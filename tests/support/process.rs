@@ -178,3 +178,26 @@ impl Drop for RegistryProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Index of the replica that leads, once every replica answers and exactly
+/// one leads (within 20 s); `is_leader` samples a replica's
+/// `registry_is_leader` (None: no answer).
+pub async fn wait_for_leader(
+    replicas: &[&RegistryProcess],
+    is_leader: impl Fn(&RegistryProcess) -> Option<f64>,
+) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let samples: Vec<Option<f64>> = replicas.iter().map(|r| is_leader(r)).collect();
+        let leaders: Vec<usize> = (0..replicas.len())
+            .filter(|&i| samples[i] == Some(1.0))
+            .collect();
+        if let [one] = leaders.as_slice()
+            && samples.iter().all(Option::is_some)
+        {
+            return *one;
+        }
+        assert!(Instant::now() < deadline, "no single leader: {samples:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
