@@ -45,6 +45,15 @@ struct Ring {
     events: VecDeque<(Arc<Entry>, EventKind)>,
 }
 
+/// What [`History::append`] did.
+pub(crate) struct Appended {
+    /// Events held now.
+    pub(crate) held: usize,
+    /// The oldest events it forgot to stay within its capacity, for the
+    /// caller to drop where that is cheap.
+    pub(crate) forgotten: Vec<(Arc<Entry>, EventKind)>,
+}
+
 /// The last `capacity` events.
 pub(crate) struct History {
     ring: RwLock<Ring>,
@@ -85,10 +94,13 @@ impl History {
 
     /// Appends `events` (consecutive revisions, following the newest held)
     /// and forgets the oldest beyond the capacity; then wakes the watchers.
-    /// Returns how many events it holds. The loop only.
-    pub(crate) fn append(&self, events: &[Event]) -> usize {
+    /// The loop only.
+    pub(crate) fn append(&self, events: &[Event]) -> Appended {
         let Some(newest) = events.last() else {
-            return self.len();
+            return Appended {
+                held: self.len(),
+                forgotten: Vec::new(),
+            };
         };
         let mut ring = self.write_ring();
         debug_assert_eq!(
@@ -99,15 +111,15 @@ impl History {
         ring.events
             .extend(events.iter().map(|e| (e.entry.clone(), e.kind)));
         let excess = ring.events.len().saturating_sub(self.capacity);
-        if excess > 0 {
-            ring.events.drain(..excess);
-            ring.first += excess as u64;
-        }
+        // Moved out, not dropped under the lock: dropping an event releases
+        // its entry, a cache miss each (and a free, for a departed one).
+        let forgotten = ring.events.drain(..excess).collect();
+        ring.first += excess as u64;
         let held = ring.events.len();
         drop(ring);
         let last = newest.revision;
         self.position.send_modify(|p| p.last = last);
-        held
+        Appended { held, forgotten }
     }
 
     /// Tells every watcher the registry stopped.
@@ -211,7 +223,7 @@ mod tests {
     fn the_oldest_events_leave_past_the_capacity_and_a_cursor_there_is_behind() {
         let history = History::new(4, 0);
         for r in 1..=10 {
-            assert!(history.append(&[event(r)]) <= 4);
+            assert!(history.append(&[event(r)]).held <= 4);
         }
         assert_eq!(history.len(), 4);
         let mut out = VecDeque::new();

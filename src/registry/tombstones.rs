@@ -100,6 +100,11 @@ impl Retention {
         self.queue.push_back((forget_at, fingerprint));
     }
 
+    /// Room for `more` tombstones.
+    pub(crate) fn reserve(&mut self, more: usize) {
+        self.queue.reserve(more);
+    }
+
     /// Forgets every tombstone whose retention ended by `now`.
     pub(crate) fn forget_due(&mut self, now: u64, tombstones: &Tombstones) {
         while let Some(&(forget_at, fingerprint)) = self.queue.front() {

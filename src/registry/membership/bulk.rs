@@ -173,6 +173,12 @@ impl Members {
         self.retention.push(forget_at, fingerprint);
     }
 
+    /// Room for `departures` removals in this turn.
+    pub(super) fn reserve(&mut self, departures: usize) {
+        self.unlinked.reserve(departures);
+        self.retention.reserve(departures);
+    }
+
     /// Whether entries a mass change left in the live table wait to be
     /// moved out.
     pub(super) fn unlinking(&self) -> bool {

@@ -248,6 +248,12 @@ impl Commits {
         });
     }
 
+    /// Room for `more` deletes in this turn.
+    pub(super) fn reserve_deletes(&mut self, more: usize) {
+        self.undeleted.reserve(more);
+        self.pending_deletes.reserve(more);
+    }
+
     /// Queues the delete of a departed executor's row.
     pub(super) fn delete(&mut self, id: ExecutorId) {
         self.undeleted.insert(id.clone());

@@ -1,6 +1,15 @@
 //! Expiry: the timing wheel, lazy re-arm, and pause compensation.
 //!
-//! Owns: the `DelayQueue` of deadlines and the record of recent stalls.
+//! Owns: the `DelayQueue` of deadlines, the entries armed at each, and the
+//! record of recent stalls.
+//!
+//! Buckets: the `DelayQueue` holds one item per millisecond at which some
+//! entry is armed (deadlines are whole ms), and each millisecond keeps the
+//! list of its entries. Arming is a push onto that list; a millisecond that
+//! comes due hands its whole list over with one pop. A mass expiry of 100k
+//! executors sharing a deadline is therefore one queue pop instead of 100k
+//! (each of which would touch a random slab slot and re-create the queue's
+//! timer), and an executor costs the queue a list slot, not a slab entry.
 //!
 //! Lazy re-arm: an entry sits in the queue once, at the deadline known when
 //! it was queued (its `armed_ms`). When it pops, [`Wheel::sift`] reads its
@@ -25,7 +34,7 @@
 //! Must not touch: membership (the loop decides what a due entry becomes),
 //! events, revisions.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -54,9 +63,21 @@ pub(super) enum Sifted {
     Due(Arc<Entry>),
 }
 
+/// Entries armed at each queued millisecond.
+type Buckets = HashMap<u64, Vec<Arc<Entry>>, foldhash::fast::FixedState>;
+
+/// What [`Wheel::rebuild`] replaced, for the caller to drop where it is
+/// cheap.
+pub(super) type Replaced = (DelayQueue<u64>, Buckets);
+
 /// The timing wheel and the stalls it compensates.
 pub(super) struct Wheel {
-    queue: DelayQueue<(Arc<Entry>, u64)>,
+    /// One item per millisecond that has entries armed at it.
+    queue: DelayQueue<u64>,
+    /// Those entries, by millisecond.
+    buckets: Buckets,
+    /// Entries in the buckets, stale ones included.
+    queued: usize,
     /// When the previous turn ran (registry ms), for stall detection.
     last_turn_ms: u64,
     /// Recent stalls `(start, end)`: deadlines in `(start, end + grace]` are
@@ -68,6 +89,8 @@ impl Wheel {
     pub(super) fn new() -> Self {
         Self {
             queue: DelayQueue::new(),
+            buckets: Buckets::default(),
+            queued: 0,
             last_turn_ms: 0,
             stalls: VecDeque::new(),
         }
@@ -77,14 +100,43 @@ impl Wheel {
     /// deadline, which makes every earlier queue entry of it stale.
     pub(super) fn arm(&mut self, clock: &Clock, entry: Arc<Entry>, deadline_ms: u64) {
         entry.set_armed_ms(deadline_ms);
-        self.queue
-            .insert_at((entry, deadline_ms), clock.instant_at(deadline_ms));
+        Self::push(
+            &mut self.queue,
+            &mut self.buckets,
+            clock,
+            entry,
+            deadline_ms,
+        );
+        self.queued += 1;
     }
 
-    /// Moves every queue entry whose time came into `out`: one pass.
+    /// Adds `entry` to the bucket of `deadline_ms`, queueing the bucket
+    /// when it is new.
+    fn push(
+        queue: &mut DelayQueue<u64>,
+        buckets: &mut Buckets,
+        clock: &Clock,
+        entry: Arc<Entry>,
+        deadline_ms: u64,
+    ) {
+        buckets
+            .entry(deadline_ms)
+            .or_insert_with(|| {
+                queue.insert_at(deadline_ms, clock.instant_at(deadline_ms));
+                Vec::new()
+            })
+            .push(entry);
+    }
+
+    /// Moves every queue entry whose time came into `out` (each with the
+    /// deadline it was armed at): one pass.
     pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>, out: &mut Vec<(Arc<Entry>, u64)>) {
         while let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
-            out.push(expired.into_inner());
+            let ms = expired.into_inner();
+            if let Some(bucket) = self.buckets.remove(&ms) {
+                self.queued -= bucket.len();
+                out.extend(bucket.into_iter().map(|entry| (entry, ms)));
+            }
         }
     }
 
@@ -149,41 +201,127 @@ impl Wheel {
             .map(|&(start, end)| (deadline_ms + (end - start)).max(end + grace))
     }
 
-    /// Queue entries, stale ones included.
+    /// Queued entries, stale ones included.
     pub(super) fn len(&self) -> usize {
-        self.queue.len()
+        self.queued
     }
 
-    /// Whether the slab is several times larger than `live` needs (see
-    /// [`crate::registry::tombstones::oversized`]).
+    /// Whether the wheel holds several times more entries than `live` needs
+    /// (see [`crate::registry::tombstones::oversized`]).
     pub(super) fn oversized(&self, live: usize) -> bool {
-        crate::registry::tombstones::oversized(self.queue.capacity(), live)
+        crate::registry::tombstones::oversized(self.queued, live)
     }
 
     /// Rebuilds the wheel with each of `members` that is not a tombstone
     /// queued once, at the deadline it is armed for (the one queue entry
     /// the loop acts on); what the old one held besides — departed entries,
-    /// superseded re-arms — needs no timer. Returns the old queue, for the
-    /// caller to drop where it is cheap. The slab keeps the capacity of its
-    /// peak (its entries cannot move), and a deregistered entry stays queued
-    /// until its deadline, so a burst of departures would otherwise keep its
-    /// memory.
+    /// superseded re-arms — needs no timer. Returns the old queue and
+    /// buckets, for the caller to drop where it is cheap. A deregistered
+    /// entry stays queued until its deadline, so a burst of departures
+    /// would otherwise keep its memory until then.
     pub(super) fn rebuild<'a>(
         &mut self,
         clock: &Clock,
-        live: usize,
         members: impl Iterator<Item = &'a Arc<Entry>>,
-    ) -> DelayQueue<(Arc<Entry>, u64)> {
-        // Room for half as many again, so the churn that follows does not
-        // double the new slab at once.
-        let mut queue = DelayQueue::with_capacity(live + live / 2);
+    ) -> Replaced {
+        let mut queue = DelayQueue::new();
+        let mut buckets = Buckets::default();
+        let mut queued = 0;
         for entry in members {
             if entry.status() == Status::Tombstone {
                 continue;
             }
             let deadline = entry.armed_ms();
-            queue.insert_at((entry.clone(), deadline), clock.instant_at(deadline));
+            Self::push(&mut queue, &mut buckets, clock, entry.clone(), deadline);
+            queued += 1;
         }
-        std::mem::replace(&mut self.queue, queue)
+        self.queued = queued;
+        (
+            std::mem::replace(&mut self.queue, queue),
+            std::mem::replace(&mut self.buckets, buckets),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::entry::ExecutorId;
+    use crate::registry::labels::Labels;
+
+    fn entry(n: u64, deadline_ms: u64) -> Arc<Entry> {
+        Arc::new(Entry::new(
+            ExecutorId::new(&format!("e-{n:016x}")),
+            "e".into(),
+            "127.0.0.1:1".into(),
+            Labels::default(),
+            0,
+            Duration::from_millis(100),
+            deadline_ms,
+        ))
+    }
+
+    /// Polls the wheel once, without waiting.
+    fn due(wheel: &mut Wheel) -> Vec<(Arc<Entry>, u64)> {
+        let mut out = Vec::new();
+        let waker = futures_util::task::noop_waker();
+        wheel.poll_expired(&mut Context::from_waker(&waker), &mut out);
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_sharing_a_millisecond_come_due_together_and_no_earlier() {
+        let clock = Clock::start();
+        let mut wheel = Wheel::new();
+        let at_50: Vec<_> = (0..1000).map(|n| entry(n, 50)).collect();
+        for e in &at_50 {
+            wheel.arm(&clock, e.clone(), 50);
+        }
+        let later = entry(1000, 51);
+        wheel.arm(&clock, later.clone(), 51);
+        assert_eq!(wheel.len(), 1001);
+        // One timer per millisecond, not per entry.
+        assert_eq!(wheel.queue.len(), 2);
+
+        tokio::time::sleep_until(clock.instant_at(49)).await;
+        assert!(due(&mut wheel).is_empty(), "nothing before its deadline");
+
+        tokio::time::sleep_until(clock.instant_at(50)).await;
+        let popped = due(&mut wheel);
+        assert_eq!(popped.len(), 1000);
+        assert!(popped.iter().all(|(_, armed)| *armed == 50));
+        assert_eq!(wheel.len(), 1);
+
+        tokio::time::sleep_until(clock.instant_at(51)).await;
+        let popped = due(&mut wheel);
+        assert_eq!(popped.len(), 1);
+        assert!(Arc::ptr_eq(&popped[0].0, &later));
+        assert_eq!(wheel.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuild_keeps_each_live_member_once_at_its_armed_deadline() {
+        let clock = Clock::start();
+        let mut wheel = Wheel::new();
+        let members: Vec<_> = (0..10).map(|n| entry(n, 40)).collect();
+        for e in &members {
+            // Queued twice: the first queue entry is superseded.
+            wheel.arm(&clock, e.clone(), 80);
+            wheel.arm(&clock, e.clone(), 40);
+        }
+        members[0].tombstone();
+        assert_eq!(wheel.len(), 20);
+        let _old = wheel.rebuild(&clock, members.iter());
+        assert_eq!(wheel.len(), 9, "live members only, once each");
+        tokio::time::sleep_until(clock.instant_at(40)).await;
+        let popped = due(&mut wheel);
+        assert_eq!(popped.len(), 9);
+        assert!(
+            popped
+                .iter()
+                .all(|(e, armed)| *armed == 40 && !Arc::ptr_eq(e, &members[0]))
+        );
     }
 }

@@ -184,13 +184,24 @@ impl MembershipLoop {
             let turn =
                 tokio::task::unconstrained(std::future::poll_fn(|cx| self.poll_turn(cx))).await;
             let stop = turn.stop;
+            let heavy = turn.expired.len() >= bulk::BULK_REMOVALS || turn.unlink;
             self.apply(turn);
             self.commits.reserve_after(self.revision);
             self.commits.submit(self.tables.clock.now_ms());
             if stop {
                 break;
             }
-            tokio::task::consume_budget().await;
+            if heavy {
+                // After a long turn (a mass pass, unlinking after one), let
+                // the worker turn the timer driver: its timers are only
+                // processed when a worker parks or yields, and a loop that
+                // keeps the worker busy through the following turns would
+                // otherwise see the next millisecond's deadlines fire a
+                // whole housekeeping tick late.
+                tokio::task::yield_now().await;
+            } else {
+                tokio::task::consume_budget().await;
+            }
         }
         self.finish().await;
     }
@@ -256,6 +267,15 @@ impl MembershipLoop {
             self.store_snapshot();
         }
         let mut removal = Removal::for_departures(turn.expired.len());
+        if removal == Removal::Deferred {
+            // A mass pass: room for every departure at once, rather than
+            // growing (and rehashing) the tables step by step.
+            let departures = turn.expired.len();
+            changes.events.reserve(departures);
+            changes.lags.reserve(departures);
+            self.members.reserve(departures);
+            self.commits.reserve_deletes(departures);
+        }
         if let Some(committed) = turn.committed {
             self.committed(committed, now, &mut changes);
         }
@@ -431,7 +451,7 @@ impl MembershipLoop {
         if self.wheel.oversized(live) && !self.guard.as_ref().is_some_and(|g| g.holding()) {
             let old = self
                 .wheel
-                .rebuild(&self.tables.clock, live, self.members.entries());
+                .rebuild(&self.tables.clock, self.members.entries());
             self.members.release(old);
         }
     }
@@ -462,7 +482,9 @@ impl MembershipLoop {
             return;
         }
         self.publish();
-        let held = self.tables.history.append(&changes.events);
+        let appended = self.tables.history.append(&changes.events);
+        let held = appended.held;
+        self.members.release(appended.forgotten);
         let (mut online, mut running) = (0, 0);
         for event in &changes.events {
             match event.kind {
