@@ -32,7 +32,8 @@
 //!
 //! Run: `cargo bench --bench reference`; with `REFERENCE_SCENARIO=1m` only
 //! the 1M goals run: the paired heartbeats and the 100k expiry (ours, then
-//! the reference's 500 ms tick).
+//! the reference's 500 ms tick); with `REFERENCE_SCENARIO=expiry` only our
+//! 100k expiry at 1M (about a minute and a half: for work on the pass).
 
 #![allow(
     clippy::disallowed_types,
@@ -90,6 +91,14 @@ fn main() {
         .without_plots()
         .configure_from_args();
     support::report_machine("start");
+    if std::env::var("REFERENCE_SCENARIO").is_ok_and(|s| s == "expiry") {
+        // Only our 100k expiry at 1M: for iterating on the pass.
+        let ours = Fleet::start(1_000_000);
+        ours.refresh();
+        expiry_ours(&ours, 3);
+        support::report_machine("end");
+        return;
+    }
     if std::env::var("REFERENCE_SCENARIO").is_ok_and(|s| s == "1m") {
         // Only the 1M goals, both designs: paired heartbeats, the 100k expiry.
         let ours = Fleet::start(1_000_000);
@@ -593,12 +602,16 @@ impl RunDelay {
     }
 }
 
-/// Late heartbeats of a paced run, and how many of them the pacer thread
-/// spent mostly runnable but off the CPU (preempted: the box's scheduler,
-/// not a lock, made them late).
+/// Late heartbeats of a paced run: how many only started late (queued
+/// behind an earlier late one: one stall makes every beat scheduled during
+/// it late), how many were slow themselves, and how many of those the
+/// pacer thread spent mostly runnable but off the CPU (preempted: the box's
+/// scheduler, not a lock, made them late).
 #[derive(Default, Clone, Copy)]
 struct Lateness {
     late: u64,
+    behind: u64,
+    slow: u64,
     starved: u64,
 }
 
@@ -623,6 +636,7 @@ fn paced(
         while Instant::now() < scheduled {
             std::thread::yield_now();
         }
+        let started = Instant::now().saturating_duration_since(scheduled);
         if !beat(&ids[rng.below(ids.len())]) {
             failed += 1;
         }
@@ -633,8 +647,13 @@ fn paced(
         let delay_after = run_delay.read();
         if latency > LATE {
             lateness.late += 1;
-            if delay_after - delay_before >= latency.as_nanos() as u64 / 2 {
-                lateness.starved += 1;
+            if started >= latency / 2 {
+                lateness.behind += 1;
+            } else {
+                lateness.slow += 1;
+                if delay_after - delay_before >= (latency - started).as_nanos() as u64 / 2 {
+                    lateness.starved += 1;
+                }
             }
         }
         delay_before = delay_after;
@@ -702,7 +721,7 @@ fn report_outcomes(design: &str, outcomes: &[Outcome]) {
         report(
             &format!("{design}: 100k expiry #{}", i + 1),
             format!(
-                "deadline→last removal {}; heartbeat latency p50 {} p99 {} p99.9 {} max {} ({} beats, {} failed; {} later than 50 µs, {} of them mostly waiting for a CPU); steady state before: p50 {} p99 {} p99.9 {} max {}",
+                "deadline→last removal {}; heartbeat latency p50 {} p99 {} p99.9 {} max {} ({} beats, {} failed; {} later than 50 µs: {} queued behind an earlier late one, {} slow themselves, {} of those mostly waiting for a CPU); steady state before: p50 {} p99 {} p99.9 {} max {}",
                 ms(o.deadline_to_last),
                 us(h.value_at_quantile(0.5)),
                 us(h.value_at_quantile(0.99)),
@@ -711,6 +730,8 @@ fn report_outcomes(design: &str, outcomes: &[Outcome]) {
                 h.len(),
                 o.failed,
                 o.lateness.late,
+                o.lateness.behind,
+                o.lateness.slow,
                 o.lateness.starved,
                 us(b.value_at_quantile(0.5)),
                 us(b.value_at_quantile(0.99)),
