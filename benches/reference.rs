@@ -602,17 +602,31 @@ impl RunDelay {
     }
 }
 
-/// Late heartbeats of a paced run: how many only started late (queued
-/// behind an earlier late one: one stall makes every beat scheduled during
-/// it late), how many were slow themselves, and how many of those the
-/// pacer thread spent mostly runnable but off the CPU (preempted: the box's
-/// scheduler, not a lock, made them late).
+/// Late heartbeats of a paced run, and the stalls behind them: a run of
+/// consecutive late beats is one stall (every beat scheduled during it is
+/// late). A stall during which the pacer thread was mostly runnable but off
+/// the CPU was the box's scheduler (preempted), not a lock.
 #[derive(Default, Clone, Copy)]
 struct Lateness {
     late: u64,
-    behind: u64,
-    slow: u64,
+    stalls: u64,
     starved: u64,
+}
+
+/// The stall in progress: the run-queue wait reading before it began and
+/// its longest latency.
+struct Stall {
+    delay_at_start: u64,
+    longest: Duration,
+}
+
+impl Lateness {
+    fn end(&mut self, stall: Stall, delay_now: u64) {
+        self.stalls += 1;
+        if delay_now - stall.delay_at_start >= stall.longest.as_nanos() as u64 / 2 {
+            self.starved += 1;
+        }
+    }
 }
 
 fn paced(
@@ -627,6 +641,7 @@ fn paced(
     let mut failed = 0;
     let mut lateness = Lateness::default();
     let mut run_delay = RunDelay::open();
+    let mut stall: Option<Stall> = None;
     while Instant::now() < from {
         std::thread::sleep(Duration::from_micros(500));
     }
@@ -636,7 +651,6 @@ fn paced(
         while Instant::now() < scheduled {
             std::thread::yield_now();
         }
-        let started = Instant::now().saturating_duration_since(scheduled);
         if !beat(&ids[rng.below(ids.len())]) {
             failed += 1;
         }
@@ -647,17 +661,19 @@ fn paced(
         let delay_after = run_delay.read();
         if latency > LATE {
             lateness.late += 1;
-            if started >= latency / 2 {
-                lateness.behind += 1;
-            } else {
-                lateness.slow += 1;
-                if delay_after - delay_before >= (latency - started).as_nanos() as u64 / 2 {
-                    lateness.starved += 1;
-                }
-            }
+            let stall = stall.get_or_insert(Stall {
+                delay_at_start: delay_before,
+                longest: latency,
+            });
+            stall.longest = stall.longest.max(latency);
+        } else if let Some(ended) = stall.take() {
+            lateness.end(ended, delay_before);
         }
         delay_before = delay_after;
         scheduled += PACE;
+    }
+    if let Some(ended) = stall {
+        lateness.end(ended, delay_before);
     }
     (histogram, failed, lateness)
 }
@@ -721,7 +737,7 @@ fn report_outcomes(design: &str, outcomes: &[Outcome]) {
         report(
             &format!("{design}: 100k expiry #{}", i + 1),
             format!(
-                "deadline→last removal {}; heartbeat latency p50 {} p99 {} p99.9 {} max {} ({} beats, {} failed; {} later than 50 µs: {} queued behind an earlier late one, {} slow themselves, {} of those mostly waiting for a CPU); steady state before: p50 {} p99 {} p99.9 {} max {}",
+                "deadline→last removal {}; heartbeat latency p50 {} p99 {} p99.9 {} max {} ({} beats, {} failed; {} later than 50 µs, in {} stalls, {} of them mostly waiting for a CPU); steady state before: p50 {} p99 {} p99.9 {} max {}",
                 ms(o.deadline_to_last),
                 us(h.value_at_quantile(0.5)),
                 us(h.value_at_quantile(0.99)),
@@ -730,8 +746,7 @@ fn report_outcomes(design: &str, outcomes: &[Outcome]) {
                 h.len(),
                 o.failed,
                 o.lateness.late,
-                o.lateness.behind,
-                o.lateness.slow,
+                o.lateness.stalls,
                 o.lateness.starved,
                 us(b.value_at_quantile(0.5)),
                 us(b.value_at_quantile(0.99)),
