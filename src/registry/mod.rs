@@ -25,6 +25,7 @@ mod error;
 mod event;
 mod guard;
 mod history;
+mod janitor;
 mod labels;
 mod membership;
 mod memory;

@@ -10,14 +10,14 @@
 //! ordered map — tombstoned, so every reader already skips them — instead
 //! of copying one path of the shared tree per removal (100k removals in a
 //! 1M tree copy nearly all of it). A purge then rebuilds the map without
-//! tombstones on a blocking thread, from a clone of it; registrations made
+//! tombstones on the background thread (`janitor.rs`, idle priority), from a clone of it; registrations made
 //! meanwhile are replayed onto the result. They stay in the live table too
 //! (a heartbeat finds the tombstone in them, as it would in the tombstone
 //! set): the following turns move them to the tombstone set
 //! [`UNLINK_PER_TURN`] at a time, yielding in between, so heartbeats meet
 //! the loop's shard write locks in short slices rather than a 100k-removal
 //! burst. Replaced snapshots and maps of a large fleet are dropped on a
-//! blocking thread too, not on the loop. Revisions and events are
+//! background thread too, not on the loop. Revisions and events are
 //! unaffected: one pass is still one turn.
 //!
 //! Compaction: tables that a burst left mostly empty give their capacity
@@ -36,6 +36,7 @@ use imbl::OrdMap;
 use tokio::sync::oneshot;
 
 use crate::registry::entry::{Entry, ExecutorId, Status};
+use crate::registry::janitor::Janitor;
 use crate::registry::snapshot::Snapshot;
 use crate::registry::tables::Tables;
 use crate::registry::tombstones::{Retention, oversized};
@@ -96,6 +97,8 @@ pub(super) struct Members {
     purge: Option<Purge>,
     /// When each tombstone is forgotten.
     retention: Retention,
+    /// Where purges run and large replaced structures are dropped.
+    janitor: Janitor,
 }
 
 impl Members {
@@ -106,6 +109,7 @@ impl Members {
             unlinked: VecDeque::new(),
             purge: None,
             retention: Retention::default(),
+            janitor: Janitor::start(),
         }
     }
 
@@ -209,7 +213,7 @@ impl Members {
     }
 
     /// Starts a background purge when enough tombstones were left in the
-    /// map: a clone (O(1)) rebuilt without them on a blocking thread.
+    /// map: a clone (O(1)) rebuilt without them on the background thread.
     pub(super) fn start_purge(&mut self) {
         let dead = self.map.len() - self.live;
         if self.purge.is_some() || dead < PURGE_MIN || dead * 16 < self.map.len() {
@@ -217,7 +221,7 @@ impl Members {
         }
         let members = self.map.clone();
         let (done, result) = oneshot::channel();
-        tokio::task::spawn_blocking(move || {
+        self.janitor.run(move || {
             let purged: Map = members
                 .iter()
                 .filter(|(_, entry)| entry.status() != Status::Tombstone)
@@ -264,11 +268,11 @@ impl Members {
         true
     }
 
-    /// Drops a replaced map, snapshot or queue: on a blocking thread when
+    /// Drops a replaced map, snapshot or queue: on the background thread when
     /// the fleet is large.
     pub(super) fn release<T: Send + 'static>(&self, old: T) {
         if self.map.len() >= OFFLOAD_DROP_MIN {
-            tokio::task::spawn_blocking(move || drop(old));
+            self.janitor.run(move || drop(old));
         }
     }
 
