@@ -34,6 +34,7 @@
 mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -315,14 +316,25 @@ fn parts() {
         members.insert(e.id().clone(), e.clone());
     }
     step("snapshot imbl::OrdMap<ExecutorId, Arc<Entry>>", &mut mark);
+    // As the registry's wheel holds it: one queue item per millisecond,
+    // each with the list of its entries; a fleet heartbeating over a 30 s
+    // TTL spreads its deadlines over 30,000 ms (about 33 per ms at 1M).
     let mut queue = tokio_util::time::DelayQueue::new();
-    for e in &entries {
-        queue.insert_at(
-            (e.clone(), HEARTBEAT_TTL_MS),
-            clock.instant_at(HEARTBEAT_TTL_MS),
-        );
+    let mut buckets: HashMap<u64, Vec<Arc<Entry>>, foldhash::fast::FixedState> = HashMap::default();
+    for (i, e) in entries.iter().enumerate() {
+        let deadline = HEARTBEAT_TTL_MS + (i as u64 * HEARTBEAT_TTL_MS) / FLEET as u64;
+        buckets
+            .entry(deadline)
+            .or_insert_with(|| {
+                queue.insert_at(deadline, clock.instant_at(deadline));
+                Vec::new()
+            })
+            .push(e.clone());
     }
-    step("timing wheel DelayQueue<(Arc<Entry>, u64)>", &mut mark);
+    step(
+        "timing wheel: DelayQueue<u64> of ms + HashMap<ms, Vec<Arc<Entry>>>",
+        &mut mark,
+    );
     let mut store = MemoryStore::new();
     let rows = entries
         .iter()
@@ -352,7 +364,7 @@ fn parts() {
         "MemoryStore copy (BTreeMap<String, StoredExecutor>)",
         &mut mark,
     );
-    std::hint::black_box((&live, &members, &queue, &store));
+    std::hint::black_box((&live, &members, &queue, &buckets, &store));
 }
 
 /// Two turnovers of a 100,000-executor fleet; heap and RSS at the same live
