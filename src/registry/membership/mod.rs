@@ -151,6 +151,7 @@ impl MembershipLoop {
     fn load(&mut self, loaded: Vec<StoredExecutor>, grace: Option<Duration>) {
         let now = self.tables.clock.now_ms();
         let init_ttl = duration_ms(self.tables.config.init_ttl);
+        let mut entries = Vec::with_capacity(loaded.len());
         for row in loaded {
             let recorded = row.ttl.map(duration_ms);
             let (ttl, left) = match grace {
@@ -166,7 +167,14 @@ impl MembershipLoop {
             entry.record_ttl(
                 recorded.unwrap_or_else(|| self.tables.config.ttl_ceiling_ms(init_ttl)),
             );
-            self.insert_live(entry);
+            entries.push(Some(entry));
+        }
+        // Stores load in id order; the member map is a B-tree (see
+        // `two_sweeps`).
+        for i in bulk::two_sweeps(entries.len()) {
+            if let Some(entry) = entries[i].take() {
+                self.insert_live(entry);
+            }
         }
         self.publish();
         tracing::info!(executors = self.members.live(), "loaded stored membership");
