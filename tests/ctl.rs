@@ -632,14 +632,20 @@ async fn list_pages_come_from_one_revision_while_the_fleet_changes() {
     let (snapshot, mut events) = support::watch(&mut c).await;
     let mut members: BTreeSet<String> = snapshot.executors.into_iter().map(|e| e.id).collect();
 
-    // Registrations and deregistrations between every two pages.
+    // Registrations and deregistrations between every two pages, the first
+    // answered (so visible) before the listing starts.
     let churning = Arc::new(AtomicBool::new(true));
+    let (first_landed, landed) = tokio::sync::oneshot::channel();
     let churn = {
         let (churning, mut c) = (churning.clone(), server.client().await);
         tokio::spawn(async move {
             let mut i = 0;
+            let mut first_landed = Some(first_landed);
             while churning.load(Ordering::SeqCst) {
                 let id = register(&mut c, "churn", 8000 + i % 1000).await;
+                if let Some(first) = first_landed.take() {
+                    let _ = first.send(());
+                }
                 if i % 2 == 0 {
                     c.deregister(DeregisterRequest { executor_id: id })
                         .await
@@ -649,6 +655,7 @@ async fn list_pages_come_from_one_revision_while_the_fleet_changes() {
             }
         })
     };
+    landed.await.expect("the churn registered one");
     let out = ok(&ctl(&server.endpoint(), &["list", "--json", "--page-size", "1"]).await);
     churning.store(false, Ordering::SeqCst);
     churn.await.unwrap();
