@@ -19,23 +19,8 @@ cd "$(dirname "$0")/.."
 n=${1:-1000000}
 port=${RESTART_LOAD_PORT:-10300}
 metrics_port=${RESTART_LOAD_METRICS_PORT:-9500}
-bin=${CARGO_TARGET_DIR:-target}/release
-cargo build --release --locked -p executor-registry --bin executor-registry >&2
-cargo build --release --locked -p loadtest --bin loadtest >&2
-dir=$(mktemp -d)
-server=""
-cleanup() {
-  if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-for p in "$port" "$metrics_port"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-    echo "port $p is taken on 127.0.0.1 (set RESTART_LOAD_PORT / RESTART_LOAD_METRICS_PORT)" >&2
-    exit 1
-  fi
-done
+. scripts/load-common.sh
+require_free_ports "set RESTART_LOAD_PORT / RESTART_LOAD_METRICS_PORT" "$port" "$metrics_port"
 
 # Nothing expires during the run: registrations and loads get a 1 h TTL.
 start_server() {
@@ -52,11 +37,7 @@ loaded() {
 }
 
 start_server
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  kill -0 "$server" 2>/dev/null || { cat "$dir/server.log" >&2; exit 1; }
-  sleep 0.1
-done
+wait_for_server "$port"
 echo "registering $n executors…" >&2
 "$bin/loadtest" throughput --endpoint "http://127.0.0.1:$port" --executors "$n" \
   --mode batch --duration 2s --ttl 1h >&2

@@ -32,33 +32,14 @@ shift $(( $# < 2 ? $# : 2 ))
 store=${WATCH_LOAD_STORE:-memory}
 port=${WATCH_LOAD_PORT:-10290}
 metrics_port=${WATCH_LOAD_METRICS_PORT:-9490}
-bin=${CARGO_TARGET_DIR:-target}/release
-cargo build --release --locked -p executor-registry --bin executor-registry >&2
-cargo build --release --locked -p loadtest --bin loadtest >&2
-dir=$(mktemp -d)
-server=""
-cleanup() {
-  if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-for p in "$port" "$metrics_port"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-    echo "port $p is taken on 127.0.0.1 (set WATCH_LOAD_PORT / WATCH_LOAD_METRICS_PORT)" >&2
-    exit 1
-  fi
-done
+. scripts/load-common.sh
+require_free_ports "set WATCH_LOAD_PORT / WATCH_LOAD_METRICS_PORT" "$port" "$metrics_port"
 # The fleet's heartbeats ask for a 1 h TTL: longer than any run.
 "$bin/executor-registry" serve --store "$store" --data-dir "$dir/data" \
   --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
   --max-executors 2000000 --max-heartbeat-ttl 1h >"$dir/server.log" 2>&1 &
 server=$!
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  kill -0 "$server" 2>/dev/null || { cat "$dir/server.log" >&2; exit 1; }
-  sleep 0.1
-done
+wait_for_server "$port"
 echo "server pid $server ($store store) on 127.0.0.1:$port; $n executors, $expiring expiring" >&2
 
 status=0
