@@ -94,9 +94,11 @@ impl History {
 
     /// Appends `events` (consecutive revisions, following the newest held)
     /// and forgets the oldest beyond the capacity; then wakes the watchers.
-    /// The loop only.
-    pub(crate) fn append(&self, events: &[Event]) -> Appended {
-        let Some(newest) = events.last() else {
+    /// The loop only. Takes the events by value: their entries move in
+    /// (an `Arc` clone here and a drop at the caller would touch every
+    /// entry twice more).
+    pub(crate) fn append(&self, events: Vec<Event>) -> Appended {
+        let Some(last) = events.last().map(|e| e.revision) else {
             return Appended {
                 held: self.len(),
                 forgotten: Vec::new(),
@@ -109,7 +111,7 @@ impl History {
             "history revisions are consecutive"
         );
         ring.events
-            .extend(events.iter().map(|e| (e.entry.clone(), e.kind)));
+            .extend(events.into_iter().map(|e| (e.entry, e.kind)));
         let excess = ring.events.len().saturating_sub(self.capacity);
         // Moved out, not dropped under the lock: dropping an event releases
         // its entry, a cache miss each (and a free, for a departed one).
@@ -117,7 +119,6 @@ impl History {
         ring.first += excess as u64;
         let held = ring.events.len();
         drop(ring);
-        let last = newest.revision;
         self.position.send_modify(|p| p.last = last);
         Appended { held, forgotten }
     }
@@ -206,7 +207,7 @@ mod tests {
         let history = History::new(8, 100);
         assert!(history.can_resume(100), "nothing after 100 was missed");
         assert!(!history.can_resume(99));
-        history.append(&(101..=105).map(event).collect::<Vec<_>>());
+        history.append((101..=105).map(event).collect());
         let mut out = VecDeque::new();
         history.read(103, 10, &mut out).unwrap();
         assert_eq!(revisions(&out), [103, 104, 105]);
@@ -223,7 +224,7 @@ mod tests {
     fn the_oldest_events_leave_past_the_capacity_and_a_cursor_there_is_behind() {
         let history = History::new(4, 0);
         for r in 1..=10 {
-            assert!(history.append(&[event(r)]).held <= 4);
+            assert!(history.append(vec![event(r)]).held <= 4);
         }
         assert_eq!(history.len(), 4);
         let mut out = VecDeque::new();
@@ -245,7 +246,7 @@ mod tests {
                 closed: false
             }
         );
-        history.append(&[event(11), event(12)]);
+        history.append(vec![event(11), event(12)]);
         assert!(position.has_changed().unwrap());
         assert_eq!(position.borrow_and_update().last, 12);
         history.close();

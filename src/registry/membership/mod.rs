@@ -490,9 +490,6 @@ impl MembershipLoop {
             return;
         }
         self.publish();
-        let appended = self.tables.history.append(&changes.events);
-        let held = appended.held;
-        self.members.release(appended.forgotten);
         let (mut online, mut running) = (0, 0);
         for event in &changes.events {
             match event.kind {
@@ -501,12 +498,12 @@ impl MembershipLoop {
                 EventKind::Offline(_) => {}
             }
         }
+        let offline = changes.events.len() as u64 - online - running;
+        let appended = self.tables.history.append(changes.events);
+        let held = appended.held;
+        self.members.release(appended.forgotten);
         let observer = &self.tables.observer;
-        observer.events(
-            online,
-            running,
-            changes.events.len() as u64 - online - running,
-        );
+        observer.events(online, running, offline);
         observer.history(held as u64);
         if changes.released > 0 {
             observer.released(changes.released);
