@@ -63,6 +63,10 @@ pub(super) enum Sifted {
     Due(Arc<Entry>),
 }
 
+/// Emptied lists kept for reuse, and the largest one kept.
+const SPARE_LISTS: usize = 4096;
+const SPARE_CAPACITY: usize = 1024;
+
 /// Entries armed at each queued millisecond.
 type Buckets = HashMap<u64, Vec<Arc<Entry>>, foldhash::fast::FixedState>;
 
@@ -78,6 +82,11 @@ pub(super) struct Wheel {
     buckets: Buckets,
     /// Entries in the buckets, stale ones included.
     queued: usize,
+    /// Emptied lists kept for new milliseconds: a fleet's steady re-arms
+    /// fill and empty about one list per millisecond, and allocating each
+    /// afresh (growing it 4, 8, 16… entries at a time) fragments the heap
+    /// that every other allocation then searches.
+    spare: Vec<Vec<Arc<Entry>>>,
     /// When the previous turn ran (registry ms), for stall detection.
     last_turn_ms: u64,
     /// Recent stalls `(start, end)`: deadlines in `(start, end + grace]` are
@@ -91,6 +100,7 @@ impl Wheel {
             queue: DelayQueue::new(),
             buckets: Buckets::default(),
             queued: 0,
+            spare: Vec::new(),
             last_turn_ms: 0,
             stalls: VecDeque::new(),
         }
@@ -103,6 +113,7 @@ impl Wheel {
         Self::push(
             &mut self.queue,
             &mut self.buckets,
+            &mut self.spare,
             clock,
             entry,
             deadline_ms,
@@ -115,6 +126,7 @@ impl Wheel {
     fn push(
         queue: &mut DelayQueue<u64>,
         buckets: &mut Buckets,
+        spare: &mut Vec<Vec<Arc<Entry>>>,
         clock: &Clock,
         entry: Arc<Entry>,
         deadline_ms: u64,
@@ -123,7 +135,7 @@ impl Wheel {
             .entry(deadline_ms)
             .or_insert_with(|| {
                 queue.insert_at(deadline_ms, clock.instant_at(deadline_ms));
-                Vec::new()
+                spare.pop().unwrap_or_default()
             })
             .push(entry);
     }
@@ -133,9 +145,12 @@ impl Wheel {
     pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>, out: &mut Vec<(Arc<Entry>, u64)>) {
         while let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
             let ms = expired.into_inner();
-            if let Some(bucket) = self.buckets.remove(&ms) {
+            if let Some(mut bucket) = self.buckets.remove(&ms) {
                 self.queued -= bucket.len();
-                out.extend(bucket.into_iter().map(|entry| (entry, ms)));
+                out.extend(bucket.drain(..).map(|entry| (entry, ms)));
+                if self.spare.len() < SPARE_LISTS && bucket.capacity() <= SPARE_CAPACITY {
+                    self.spare.push(bucket);
+                }
             }
         }
     }
@@ -232,7 +247,14 @@ impl Wheel {
                 continue;
             }
             let deadline = entry.armed_ms();
-            Self::push(&mut queue, &mut buckets, clock, entry.clone(), deadline);
+            Self::push(
+                &mut queue,
+                &mut buckets,
+                &mut self.spare,
+                clock,
+                entry.clone(),
+                deadline,
+            );
             queued += 1;
         }
         self.queued = queued;
