@@ -239,14 +239,7 @@ pub async fn answering_client(endpoint: Endpoint) -> RegistryClient<Channel> {
 
 /// Registers and returns the id.
 pub async fn register(client: &mut RegistryClient<Channel>, name: &str, port: u16) -> String {
-    client
-        .register(register_request(name, port, &[]))
-        .await
-        .expect("register")
-        .into_inner()
-        .executor
-        .expect("executor in response")
-        .id
+    register_large(client, name, port, 0).await
 }
 
 /// Registers `name` with `labels` labels of 60 bytes (each adds about 75
