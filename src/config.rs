@@ -27,7 +27,7 @@ use crate::replica::front::Forwarding;
 use crate::server::tls::OutboundTls;
 use crate::server::{
     AdminToken, Auth, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, DEFAULT_SHUTDOWN_GRACE,
-    Security, tls,
+    DEFAULT_SNAPSHOT_RATE_MIB, Security, tls,
 };
 
 /// Largest TTL accepted anywhere: the timing wheel cannot hold deadlines
@@ -166,6 +166,12 @@ pub struct ServeArgs {
     /// Most open watch streams; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "EXECUTOR_REGISTRY_MAX_WATCHERS", default_value_t = DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
+
+    /// Most MiB of snapshot chunks sent per second, to all watchers
+    /// together (0: unlimited): a re-list storm of many watchers must not
+    /// take the CPU heartbeats need.
+    #[arg(long, env = "EXECUTOR_REGISTRY_SNAPSHOT_RATE", default_value_t = DEFAULT_SNAPSHOT_RATE_MIB, value_name = "MIB_PER_SECOND")]
+    pub snapshot_rate: u64,
 
     /// Most non-heartbeat calls in flight; more are shed with UNAVAILABLE.
     /// Heartbeats are never shed.
@@ -530,6 +536,7 @@ impl ServeArgs {
         crate::server::Limits {
             max_in_flight: self.max_in_flight,
             max_watchers: self.max_watchers,
+            snapshot_bytes_per_second: self.snapshot_rate.saturating_mul(1 << 20),
         }
     }
 

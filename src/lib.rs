@@ -86,10 +86,12 @@ pub struct ReadmeDoctests;
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
     tonic::include_proto!("registry.v1");
+    include!(concat!(env!("OUT_DIR"), "/servers/registry.v1.rs"));
 
     /// Generated `registry.admin.v1` types: operator calls.
     pub mod admin {
         tonic::include_proto!("registry.admin.v1");
+        include!(concat!(env!("OUT_DIR"), "/servers/registry.admin.v1.rs"));
     }
 
     /// Encoded file descriptor set, for server reflection.

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use executor_registry::proto::registry_server::{Registry, RegistryServer};
 use executor_registry::proto::{self, HeartbeatResult, HeartbeatStatus};
+use executor_registry::server::wire::WatchMessage;
 use futures_util::{Stream, StreamExt as _, stream};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -131,17 +132,17 @@ impl Registry for Echo {
         Ok(Response::new(proto::CountExecutorsResponse::default()))
     }
 
-    type WatchExecutorsStream = ResponseStream<proto::WatchExecutorsResponse>;
+    type WatchExecutorsStream = ResponseStream<WatchMessage>;
 
     async fn watch_executors(
         &self,
         _request: Request<proto::WatchExecutorsRequest>,
     ) -> Result<Response<Self::WatchExecutorsStream>, Status> {
-        let snapshot = proto::WatchExecutorsResponse {
+        let snapshot = WatchMessage::from(proto::WatchExecutorsResponse {
             kind: Some(proto::watch_executors_response::Kind::Snapshot(
                 proto::Snapshot::default(),
             )),
-        };
+        });
         Ok(Response::new(Box::pin(
             stream::once(async { Ok(snapshot) }).chain(stream::pending()),
         )))

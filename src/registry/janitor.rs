@@ -1,11 +1,12 @@
 //! Background work that must never take a CPU from a heartbeat.
 //!
-//! Owns: one thread at the lowest scheduling priority (`SCHED_IDLE` on
-//! Linux, the lowest nice value elsewhere) that runs the membership loop's
-//! deferred work in order: rebuilding the member map without a mass
-//! expiry's tombstones, and dropping replaced snapshots, maps and history
-//! events (an atomic decrement per member on random cache lines, and the
-//! frees of departed entries). On a machine with as many busy threads as
+//! Owns: a thread at the lowest scheduling priority (`SCHED_IDLE` on
+//! Linux, the lowest nice value elsewhere) that runs the work it is given
+//! in order. The membership loop's ([`Janitor::start`]) runs its deferred
+//! work: rebuilding the member map without a mass expiry's tombstones, and
+//! dropping replaced snapshots, maps and history events (an atomic
+//! decrement per member on random cache lines, and the frees of departed
+//! entries); the server's encodes watchers' snapshot chunks. On a machine with as many busy threads as
 //! cores, work at normal priority preempts the threads that answer
 //! heartbeats for milliseconds at a time; at idle priority it runs only on
 //! a core nothing else wants, and is preempted at once when a heartbeat
@@ -24,22 +25,25 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// The handle to the background thread; the thread ends once every handle
 /// is dropped and its queue is empty.
-pub(crate) struct Janitor {
+pub struct Janitor {
     jobs: Option<mpsc::Sender<Job>>,
 }
 
 impl Janitor {
     /// Starts the thread. If it cannot start, work runs where it is given.
     pub(crate) fn start() -> Self {
+        Self::named("registry-janitor")
+    }
+
+    /// Starts a thread named `name`.
+    pub fn named(name: &str) -> Self {
         let (jobs, queue) = mpsc::channel::<Job>();
-        let started = thread::Builder::new()
-            .name("registry-janitor".into())
-            .spawn(move || {
-                lower_priority();
-                for job in queue {
-                    job();
-                }
-            });
+        let started = thread::Builder::new().name(name.into()).spawn(move || {
+            lower_priority();
+            for job in queue {
+                job();
+            }
+        });
         match started {
             Ok(_) => Self { jobs: Some(jobs) },
             Err(e) => {
@@ -50,7 +54,7 @@ impl Janitor {
     }
 
     /// Runs `job` on the background thread (here if that thread is gone).
-    pub(crate) fn run(&self, job: impl FnOnce() + Send + 'static) {
+    pub fn run(&self, job: impl FnOnce() + Send + 'static) {
         let job: Job = Box::new(job);
         let Some(jobs) = &self.jobs else {
             return job();

@@ -57,6 +57,7 @@ pub use entry::{Entry, ExecutorId, State, Status};
 pub use error::RegistryError;
 pub use event::{Event, EventKind, OfflineReason};
 pub use guard::{ExpiryGuardConfig, ExpiryGuardStatus};
+pub use janitor::Janitor;
 pub use labels::{
     Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part, matches_all,
 };

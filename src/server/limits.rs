@@ -7,20 +7,34 @@
 //! Every other call takes a permit while it runs; past `max_in_flight` it is
 //! shed at once with UNAVAILABLE (retryable), so a registration storm or a
 //! flood of lists cannot starve heartbeats of CPU. Watch streams are capped
-//! separately. Building a snapshot chunk for a watcher (or a page of a list)
-//! is CPU work proportional to the fleet: at most one is built at a time,
-//! process-wide, so watchers taking a million-member snapshot at once share
-//! one core between them and leave the other to heartbeats.
+//! separately. Building a page of a list is CPU work proportional to the
+//! page: at most one is built at a time, process-wide. Snapshot chunks
+//! (encoded once for every watcher reading them, off the runtime's workers:
+//! [`super::chunks`]) are sent at most at `snapshot_bytes_per_second` in
+//! all: sending and receiving them costs CPU in proportion to their bytes
+//! (the kernel's, the connections', the watchers'), and watchers that all
+//! take a million-member snapshot at once must not take the cores the
+//! heartbeats need. At the default rate, 64 watchers taking a 1M snapshot at
+//! once left heartbeats their p99 on a 2-core machine shared with the
+//! watchers themselves (docs/PERFORMANCE.md); one watcher alone reads a 1M
+//! snapshot (about 110 MB) in about a second.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tonic::Status;
 
 /// Default most non-heartbeat calls in flight (`--max-in-flight`).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 /// Default most open watch streams (`--max-watchers`).
 pub const DEFAULT_MAX_WATCHERS: usize = 1_024;
+/// Default rate of snapshot chunks, MiB/s (`--snapshot-rate`).
+pub const DEFAULT_SNAPSHOT_RATE_MIB: u64 = 96;
+/// Sending time that accumulates while no snapshot is sent: a small
+/// snapshot after a quiet spell goes at once.
+const SNAPSHOT_BURST: Duration = Duration::from_millis(50);
 
 /// Limits of one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +43,9 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Open watch streams at once; more are refused.
     pub max_watchers: usize,
+    /// Bytes of snapshot chunks sent per second, to all watchers together;
+    /// 0: unlimited.
+    pub snapshot_bytes_per_second: u64,
 }
 
 impl Default for Limits {
@@ -36,6 +53,7 @@ impl Default for Limits {
         Self {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_watchers: DEFAULT_MAX_WATCHERS,
+            snapshot_bytes_per_second: DEFAULT_SNAPSHOT_RATE_MIB << 20,
         }
     }
 }
@@ -51,8 +69,10 @@ struct Counts {
 pub struct Admission {
     limits: Limits,
     counts: Arc<Counts>,
-    /// One permit: the snapshot chunk (or list page) being built.
+    /// One permit: the list page being built.
     bulk: Arc<tokio::sync::Semaphore>,
+    /// When the next snapshot chunk may be sent.
+    snapshot_slot: Arc<Mutex<Instant>>,
 }
 
 /// Held while a call runs (or a watch stream is open); released on drop.
@@ -80,11 +100,35 @@ impl Admission {
             limits,
             counts: Arc::default(),
             bulk: Arc::new(tokio::sync::Semaphore::new(1)),
+            snapshot_slot: Arc::new(Mutex::new(Instant::now())),
         }
     }
 
-    /// Waits for the turn to build one snapshot chunk or list page (one at
-    /// a time, process-wide); the turn ends when the permit drops.
+    /// Waits for the turn to send a snapshot chunk of `bytes`: each chunk's
+    /// turn comes `bytes ÷ rate` after the one before it (first come, first
+    /// served; up to [`SNAPSHOT_BURST`] of sending goes at once after a
+    /// quiet spell).
+    pub async fn snapshot_bytes(&self, bytes: usize) {
+        let rate = self.limits.snapshot_bytes_per_second;
+        if rate == 0 {
+            return;
+        }
+        let takes = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let now = Instant::now();
+        let turn = {
+            let mut next = self
+                .snapshot_slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let turn = (*next).max(now.checked_sub(SNAPSHOT_BURST).unwrap_or(now));
+            *next = turn + takes;
+            turn
+        };
+        tokio::time::sleep_until(turn).await;
+    }
+
+    /// Waits for the turn to build one list page (one at a time,
+    /// process-wide); the turn ends when the permit drops.
     pub async fn bulk(&self) -> tokio::sync::SemaphorePermit<'_> {
         self.bulk
             .acquire()
@@ -136,6 +180,7 @@ mod tests {
         let admission = Admission::new(Limits {
             max_in_flight: 2,
             max_watchers: 1,
+            ..Limits::default()
         });
         let a = admission.call().expect("first");
         let _b = admission.call().expect("second");
@@ -156,5 +201,35 @@ mod tests {
         // Watchers and calls are counted apart.
         drop(w);
         admission.watcher().expect("the watcher slot came back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn snapshot_chunks_are_sent_at_the_rate_one_after_another() {
+        let admission = Admission::new(Limits {
+            snapshot_bytes_per_second: 1 << 20,
+            ..Limits::default()
+        });
+        let start = Instant::now();
+        // The first goes at once; each next one a second after it.
+        for n in 0..4u32 {
+            admission.snapshot_bytes(1 << 20).await;
+            assert_eq!(start.elapsed(), Duration::from_secs(n.into()), "chunk {n}");
+        }
+        // A quiet spell is credited up to the burst only.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let quiet = Instant::now();
+        admission.snapshot_bytes(1 << 19).await;
+        admission.snapshot_bytes(1 << 19).await;
+        assert_eq!(quiet.elapsed(), Duration::from_millis(500) - SNAPSHOT_BURST);
+        // Unlimited: never waits.
+        let unlimited = Admission::new(Limits {
+            snapshot_bytes_per_second: 0,
+            ..Limits::default()
+        });
+        let before = Instant::now();
+        for _ in 0..100 {
+            unlimited.snapshot_bytes(1 << 30).await;
+        }
+        assert_eq!(before.elapsed(), Duration::ZERO);
     }
 }

@@ -10,6 +10,7 @@
 
 mod admin;
 pub mod auth;
+mod chunks;
 mod convert;
 mod error;
 mod framing;
@@ -17,6 +18,7 @@ mod limits;
 pub mod paging;
 mod service;
 pub mod tls;
+pub mod wire;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,7 +34,9 @@ pub use admin::AdminService;
 pub use auth::{ADMIN_PREFIX, AdminToken, Auth};
 pub use error::{to_heartbeat_status, to_status};
 pub use framing::FramingChecked;
-pub use limits::{Admission, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, Limits};
+pub use limits::{
+    Admission, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WATCHERS, DEFAULT_SNAPSHOT_RATE_MIB, Limits,
+};
 pub use service::RegistryService;
 
 use crate::proto;

@@ -14,10 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::authenticated;
+use super::chunks::Chunks;
 use super::convert;
 use super::error::{to_heartbeat_status, to_status};
 use super::limits::Admission;
 use super::paging::{self, Pins, Token};
+use super::wire::WatchMessage;
 use crate::proto;
 use crate::proto::registry_server::Registry as RegistryRpc;
 use crate::registry::{
@@ -38,6 +40,8 @@ pub struct RegistryService {
     admission: Admission,
     /// The snapshots paged listings read from.
     pins: Arc<Pins>,
+    /// Encodes watchers' snapshot chunks.
+    chunks: Arc<Chunks>,
 }
 
 impl RegistryService {
@@ -45,6 +49,7 @@ impl RegistryService {
     /// cancelled; calls are admitted by `admission`.
     pub fn new(registry: Registry, streams_stop: CancellationToken, admission: Admission) -> Self {
         Self {
+            chunks: Arc::new(Chunks::new(registry.clone(), paging::CHUNK_BYTES)),
             registry,
             streams_stop,
             admission,
@@ -283,7 +288,7 @@ impl RegistryRpc for RegistryService {
         }))
     }
 
-    type WatchExecutorsStream = ResponseStream<proto::WatchExecutorsResponse>;
+    type WatchExecutorsStream = ResponseStream<WatchMessage>;
 
     async fn watch_executors(
         &self,
@@ -321,38 +326,40 @@ impl RegistryService {
         &self,
         state: WatchState,
         peer: Option<std::net::SocketAddr>,
-    ) -> Option<(Result<proto::WatchExecutorsResponse, Status>, WatchState)> {
+    ) -> Option<(Result<WatchMessage, Status>, WatchState)> {
         use proto::watch_executors_response::Kind;
-        let message = |kind| proto::WatchExecutorsResponse { kind: Some(kind) };
+        let message = |kind| WatchMessage::from(proto::WatchExecutorsResponse { kind: Some(kind) });
         match state {
             WatchState::Snapshot { mut watch, after } => {
                 let snapshot = watch.snapshot().expect("a snapshot state has one").clone();
-                let (executors, last, more) = {
-                    let _turn = tokio::select! {
-                        turn = self.admission.bulk() => turn,
-                        () = self.streams_stop.cancelled() => {
-                            return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
-                        }
-                    };
-                    paging::fill(
-                        snapshot.iter_after(after.as_deref()),
-                        usize::MAX,
-                        paging::CHUNK_BYTES,
-                        |entry, status| convert::executor(&self.registry, entry, status),
-                    )
+                let chunk = tokio::select! {
+                    chunk = self.chunks.next(&snapshot, after) => chunk,
+                    () = self.streams_stop.cancelled() => {
+                        return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
+                    }
                 };
-                let chunk = Kind::Snapshot(proto::Snapshot {
-                    executors,
-                    revision: snapshot.revision(),
-                    more,
-                });
+                let Some(chunk) = chunk else {
+                    return Some((
+                        Err(Status::internal(
+                            "encoding a snapshot chunk failed; watch again",
+                        )),
+                        WatchState::Done,
+                    ));
+                };
+                let (last, more) = (chunk.last.clone(), chunk.more);
+                tokio::select! {
+                    () = self.admission.snapshot_bytes(chunk.message.len()) => {}
+                    () = self.streams_stop.cancelled() => {
+                        return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
+                    }
+                }
                 let next = if more {
                     WatchState::Snapshot { watch, after: last }
                 } else {
                     watch.release_snapshot();
                     WatchState::Events(watch)
                 };
-                Some((Ok(message(chunk)), next))
+                Some((Ok(WatchMessage::Encoded(chunk.message.clone())), next))
             }
             WatchState::Events(mut watch) => {
                 let next = tokio::select! {
