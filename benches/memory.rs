@@ -299,7 +299,7 @@ fn parts() {
     let vec_bytes = (FLEET * std::mem::size_of::<Arc<Entry>>()) as f64 / FLEET as f64;
     step(
         &format!(
-            "Arc<Entry> + id + name and address + 2 labels, 4 allocations (+{vec_bytes:.0} B of the bench's Vec)"
+            "Arc<Entry> + id + name, address and 2 labels, 3 allocations (+{vec_bytes:.0} B of the bench's Vec)"
         ),
         &mut mark,
     );

@@ -252,7 +252,7 @@ impl RefRegistry {
         self.map()
             .values()
             .filter(|e| e.status() == Status::Running)
-            .filter(|e| selectors.iter().all(|s| s.matches(&e.labels)))
+            .filter(|e| selectors.iter().all(|s| s.matches(e.labels.view())))
             .cloned()
             .collect()
     }

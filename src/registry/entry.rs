@@ -29,7 +29,7 @@ use std::time::Duration;
 use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::clock::duration_ms;
-use super::labels::Labels;
+use super::labels::{Labels, LabelsRef};
 
 /// Hasher of the id tables (live table, tombstones, reserved ids): foldhash,
 /// several times cheaper than SipHash on the heartbeat path. Hash flooding
@@ -161,13 +161,16 @@ pub(crate) enum Expiry {
 /// A registered executor. Identity is immutable; liveness lives in atomics.
 pub struct Entry {
     id: ExecutorId,
-    /// The name, then the address: one allocation for both.
+    /// The name, then the address, then the labels' encoded form: one
+    /// allocation for the three.
     text: Box<str>,
-    /// 32 bits (names are at most 128 bytes) and [`Self::ttl_ms`] 32 bits
-    /// of ms (TTLs are at most 7 days): together one word, which keeps the
-    /// entry's allocation in glibc's 144-byte size class instead of 160.
+    /// Where the name ends and where the address ends in `text`: 32 bits
+    /// each (names and addresses are at most a few hundred bytes), like
+    /// [`Self::ttl_ms`] and [`Self::recorded_ttl_ms`] (ms of TTLs, which are
+    /// at most 7 days). The four make two words, which keeps the entry at
+    /// 104 bytes: its `Arc` allocation in glibc's 128-byte size class.
     name_len: u32,
-    labels: Labels,
+    address_end: u32,
     registered_unix_ms: u64,
     /// The identity that registered it (None: unowned).
     owner: Option<Arc<str>>,
@@ -180,8 +183,8 @@ pub struct Entry {
     /// Revision of its OFFLINE event (`u64::MAX`: none published yet).
     offline_rev: AtomicU64,
     /// The TTL ceiling (ms) a store that records TTLs holds, or is about to
-    /// (see `MembershipStore::records_ttls`).
-    recorded_ttl_ms: AtomicU64,
+    /// (see `MembershipStore::records_ttls`); `u32::MAX`: none.
+    recorded_ttl_ms: AtomicU32,
 }
 
 /// A TTL in ms as the entry holds it: 32 bits, enough for 49 days (every
@@ -204,22 +207,17 @@ impl Entry {
         deadline_ms: u64,
     ) -> Self {
         let ttl_ms = short_ms(duration_ms(ttl));
-        let name_len = u32::try_from(name.len()).unwrap_or(u32::MAX);
-        let text = if address.is_empty() {
-            name
-        } else if name.is_empty() {
-            address
-        } else {
-            let mut text = String::with_capacity(name.len() + address.len());
-            text.push_str(&name);
-            text.push_str(&address);
-            text.into_boxed_str()
-        };
+        let labels = labels.encoded();
+        let mut text = String::with_capacity(name.len() + address.len() + labels.len());
+        text.push_str(&name);
+        text.push_str(&address);
+        text.push_str(labels);
+        let offset = |at: usize| u32::try_from(at).unwrap_or(u32::MAX);
         Self {
             id,
-            text,
-            name_len,
-            labels,
+            text: text.into_boxed_str(),
+            name_len: offset(name.len()),
+            address_end: offset(name.len() + address.len()),
             registered_unix_ms,
             owner: None,
             state: AtomicU64::new(State::new(Status::Initing, deadline_ms).bits()),
@@ -227,7 +225,7 @@ impl Entry {
             armed_ms: AtomicU64::new(u64::MAX),
             running_rev: AtomicU64::new(u64::MAX),
             offline_rev: AtomicU64::new(u64::MAX),
-            recorded_ttl_ms: AtomicU64::new(u64::MAX),
+            recorded_ttl_ms: AtomicU32::new(u32::MAX),
         }
     }
 
@@ -255,12 +253,12 @@ impl Entry {
 
     /// The `host:port` given at registration.
     pub fn address(&self) -> &str {
-        &self.text[self.name_len as usize..]
+        &self.text[self.name_len as usize..self.address_end as usize]
     }
 
     /// Validated labels.
-    pub fn labels(&self) -> &Labels {
-        &self.labels
+    pub fn labels(&self) -> LabelsRef<'_> {
+        LabelsRef::new(&self.text[self.address_end as usize..])
     }
 
     /// Wall-clock registration time (ms since the Unix epoch).
@@ -417,15 +415,20 @@ impl Entry {
     }
 
     /// The TTL ceiling (ms) recorded for it in the store.
+    /// (`u64::MAX`: none yet).
     pub(crate) fn recorded_ttl_ms(&self) -> u64 {
-        self.recorded_ttl_ms.load(Ordering::Relaxed)
+        match self.recorded_ttl_ms.load(Ordering::Relaxed) {
+            u32::MAX => u64::MAX,
+            ms => u64::from(ms),
+        }
     }
 
     /// Takes `ceiling_ms` as the TTL ceiling to record; true when it is a
     /// change (the caller then has it written).
     pub(crate) fn record_ttl(&self, ceiling_ms: u64) -> bool {
-        self.recorded_ttl_ms.load(Ordering::Relaxed) != ceiling_ms
-            && self.recorded_ttl_ms.swap(ceiling_ms, Ordering::Relaxed) != ceiling_ms
+        let ceiling = short_ms(ceiling_ms);
+        self.recorded_ttl_ms.load(Ordering::Relaxed) != ceiling
+            && self.recorded_ttl_ms.swap(ceiling, Ordering::Relaxed) != ceiling
     }
 }
 
@@ -456,26 +459,40 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_fits_in_120_bytes() {
-        // With the `Arc` counts, 136 bytes: glibc's 144-byte chunks. Every
+    fn an_entry_fits_in_104_bytes() {
+        // With the `Arc` counts, 120 bytes: glibc's 128-byte chunks. Every
         // executor pays each byte over it in a 16-byte step.
-        assert!(std::mem::size_of::<Entry>() <= 120);
+        assert!(std::mem::size_of::<Entry>() <= 104);
     }
 
     #[test]
-    fn name_and_address_share_one_allocation_and_read_back() {
-        for (name, address) in [("e", "127.0.0.1:1"), ("", "h:2"), ("worker", "")] {
-            let e = Entry::new(
-                ExecutorId::new("e-0000000000000001"),
-                name.into(),
-                address.into(),
-                Labels::default(),
-                0,
-                Duration::from_millis(100),
-                100,
-            );
-            assert_eq!((e.name(), e.address()), (name, address));
+    fn name_address_and_labels_share_one_allocation_and_read_back() {
+        let two = Labels::new([("zone", "a"), ("gpu", "h100")]).unwrap();
+        for labels in [Labels::default(), two] {
+            for (name, address) in [("e", "127.0.0.1:1"), ("", "h:2"), ("worker", "")] {
+                let e = Entry::new(
+                    ExecutorId::new("e-0000000000000001"),
+                    name.into(),
+                    address.into(),
+                    labels.clone(),
+                    0,
+                    Duration::from_millis(100),
+                    100,
+                );
+                assert_eq!((e.name(), e.address()), (name, address));
+                assert_eq!(e.labels(), labels.view());
+                assert_eq!(e.labels().to_map(), labels.to_map());
+            }
         }
+    }
+
+    #[test]
+    fn a_recorded_ttl_reads_back_and_none_is_max() {
+        let e = entry(1_000);
+        assert_eq!(e.recorded_ttl_ms(), u64::MAX);
+        assert!(e.record_ttl(605_000));
+        assert!(!e.record_ttl(605_000), "no change");
+        assert_eq!(e.recorded_ttl_ms(), 605_000);
     }
 
     #[test]

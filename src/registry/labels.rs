@@ -115,38 +115,94 @@ impl Labels {
         Ok(Self(encoded.into_boxed_str()))
     }
 
+    /// The labels as an entry keeps them: this encoded form, borrowed.
+    pub fn view(&self) -> LabelsRef<'_> {
+        LabelsRef(&self.0)
+    }
+
+    /// The encoded form (an entry stores it after its name and address;
+    /// [`LabelsRef::new`] reads it back).
+    pub(crate) fn encoded(&self) -> &str {
+        &self.0
+    }
+
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.view().get(key)
     }
 
     /// Pairs in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        let bytes = self.0.as_bytes();
+        self.view().iter()
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.view().len()
+    }
+
+    /// True when there are no labels.
+    pub fn is_empty(&self) -> bool {
+        self.view().is_empty()
+    }
+
+    /// The labels as an owned map (for the wire format).
+    pub fn to_map(&self) -> HashMap<String, String> {
+        self.view().to_map()
+    }
+}
+
+/// Validated labels, borrowed from where they are kept (an entry, a
+/// [`Labels`]): the encoded form [`Labels::new`] makes.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct LabelsRef<'a>(&'a str);
+
+impl std::fmt::Debug for LabelsRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<'a> LabelsRef<'a> {
+    /// Reads back what [`Labels::encoded`] gave (no validation: it was
+    /// validated when made).
+    pub(crate) fn new(encoded: &'a str) -> Self {
+        Self(encoded)
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(self, key: &str) -> Option<&'a str> {
+        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// Pairs in key order.
+    pub fn iter(self) -> impl Iterator<Item = (&'a str, &'a str)> {
+        let text = self.0;
+        let bytes = text.as_bytes();
         let n = self.len();
         let mut at = 1 + 2 * n;
         (0..n).map(move |i| {
             let key_len = usize::from(bytes[1 + 2 * i]);
             let value_len = usize::from(bytes[2 + 2 * i]);
-            let key = &self.0[at..at + key_len];
-            let value = &self.0[at + key_len..at + key_len + value_len];
+            let key = &text[at..at + key_len];
+            let value = &text[at + key_len..at + key_len + value_len];
             at += key_len + value_len;
             (key, value)
         })
     }
 
     /// Number of pairs.
-    pub fn len(&self) -> usize {
+    pub fn len(self) -> usize {
         self.0.as_bytes().first().map_or(0, |&n| usize::from(n))
     }
 
     /// True when there are no labels.
-    pub fn is_empty(&self) -> bool {
+    pub fn is_empty(self) -> bool {
         self.len() == 0
     }
 
     /// The labels as an owned map (for the wire format).
-    pub fn to_map(&self) -> HashMap<String, String> {
+    pub fn to_map(self) -> HashMap<String, String> {
         self.iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect()
@@ -222,7 +278,7 @@ impl Selector {
     }
 
     /// Whether `labels` satisfy this selector.
-    pub fn matches(&self, labels: &Labels) -> bool {
+    pub fn matches(&self, labels: LabelsRef<'_>) -> bool {
         let value = labels.get(&self.label);
         match (&self.kind, value) {
             (SelectorKind::Eq(t), Some(v)) => **t == *v,
@@ -236,7 +292,7 @@ impl Selector {
 }
 
 /// Whether `labels` satisfy every selector (an empty list matches all).
-pub fn matches_all(selectors: &[Selector], labels: &Labels) -> bool {
+pub fn matches_all(selectors: &[Selector], labels: LabelsRef<'_>) -> bool {
     selectors.iter().all(|s| s.matches(labels))
 }
 
@@ -327,30 +383,30 @@ mod tests {
     fn selector_semantics() {
         let l = Labels::new([("zone", "us-east-1"), ("gpu", "a100")]).unwrap();
         let sel = |label, target, op| Selector::new(label, target, Some(op)).unwrap();
-        assert!(sel("zone", "us-east-1", SelectorOp::Eq).matches(&l));
-        assert!(!sel("zone", "us-east", SelectorOp::Eq).matches(&l));
-        assert!(!sel("missing", "x", SelectorOp::Eq).matches(&l));
+        assert!(sel("zone", "us-east-1", SelectorOp::Eq).matches(l.view()));
+        assert!(!sel("zone", "us-east", SelectorOp::Eq).matches(l.view()));
+        assert!(!sel("missing", "x", SelectorOp::Eq).matches(l.view()));
         // NEQ on a missing label is true.
-        assert!(sel("missing", "x", SelectorOp::Neq).matches(&l));
-        assert!(sel("zone", "eu", SelectorOp::Neq).matches(&l));
-        assert!(!sel("zone", "us-east-1", SelectorOp::Neq).matches(&l));
+        assert!(sel("missing", "x", SelectorOp::Neq).matches(l.view()));
+        assert!(sel("zone", "eu", SelectorOp::Neq).matches(l.view()));
+        assert!(!sel("zone", "us-east-1", SelectorOp::Neq).matches(l.view()));
         // REGEX matches the whole value, not a substring.
-        assert!(sel("zone", "us-.*", SelectorOp::Regex).matches(&l));
-        assert!(!sel("zone", "east", SelectorOp::Regex).matches(&l));
-        assert!(!sel("zone", "us|x", SelectorOp::Regex).matches(&l));
-        assert!(!sel("missing", ".*", SelectorOp::Regex).matches(&l));
+        assert!(sel("zone", "us-.*", SelectorOp::Regex).matches(l.view()));
+        assert!(!sel("zone", "east", SelectorOp::Regex).matches(l.view()));
+        assert!(!sel("zone", "us|x", SelectorOp::Regex).matches(l.view()));
+        assert!(!sel("missing", ".*", SelectorOp::Regex).matches(l.view()));
         // AND of all.
         let both = [
             sel("zone", "us-.*", SelectorOp::Regex),
             sel("gpu", "a100", SelectorOp::Eq),
         ];
-        assert!(matches_all(&both, &l));
+        assert!(matches_all(&both, l.view()));
         let one_fails = [
             sel("zone", "us-.*", SelectorOp::Regex),
             sel("gpu", "h100", SelectorOp::Eq),
         ];
-        assert!(!matches_all(&one_fails, &l));
-        assert!(matches_all(&[], &l));
+        assert!(!matches_all(&one_fails, l.view()));
+        assert!(matches_all(&[], l.view()));
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub use event::{Event, EventKind, OfflineReason};
 pub use guard::{ExpiryGuardConfig, ExpiryGuardStatus};
 pub use janitor::Janitor;
 pub use labels::{
-    Labels, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part, matches_all,
+    Labels, LabelsRef, MAX_LABEL_LEN, MAX_LABELS, Selector, SelectorOp, check_label_part,
+    matches_all,
 };
 pub use membership::{Authority, StartOptions};
 pub use memory::MemoryStore;
