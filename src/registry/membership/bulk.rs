@@ -156,8 +156,11 @@ impl Members {
         }
     }
 
-    /// Takes a (tombstoned) entry out of the live set, `removal`'s way; the
-    /// id is remembered as a tombstone until `forget_at`.
+    /// Takes a (tombstoned) entry out of the live set, `removal`'s way. At
+    /// once: the id is remembered as a tombstone until `forget_at`.
+    /// Deferred: the entry answers heartbeats as a tombstone where it is, and
+    /// [`Self::unlink_some`] does the rest in the next turns — the mass
+    /// pass itself does not read the id at all.
     pub(super) fn remove(
         &mut self,
         tables: &Tables,
@@ -165,26 +168,19 @@ impl Members {
         forget_at: u64,
         removal: Removal,
     ) {
-        let id = entry.id();
         self.live -= 1;
-        let fingerprint = match removal {
-            Removal::Deferred => {
-                // The tombstoned entry answers heartbeats where it is; the
-                // next turns move it out of the live table, a purge out of
-                // the map.
-                self.unlinked.push_back(entry.clone());
-                tables.tombstones.fingerprint(id.as_str())
-            }
+        match removal {
+            Removal::Deferred => self.unlinked.push_back(entry.clone()),
             Removal::AtOnce => {
+                let id = entry.id();
                 // Tombstone first, so a heartbeat that misses the live
                 // table finds it.
                 let fingerprint = tables.tombstones.insert(id.as_str());
                 tables.live.remove(id.as_str());
                 self.map.remove(id);
-                fingerprint
+                self.retention.push(forget_at, fingerprint);
             }
-        };
-        self.retention.push(forget_at, fingerprint);
+        }
     }
 
     /// Room for `departures` removals in this turn.
@@ -201,15 +197,24 @@ impl Members {
 
     /// Moves up to [`UNLINK_PER_TURN`] entries left in the live table by a
     /// mass change into the tombstone set (tombstone first, so a heartbeat
-    /// always finds one or the other).
-    pub(super) fn unlink_some(&mut self, tables: &Tables) {
+    /// always finds one or the other), remembered until `forget_at` (a few
+    /// turns later than if removed at once); `departed` is told of each
+    /// (the store's delete). The member map keeps them for a purge.
+    pub(super) fn unlink_some(
+        &mut self,
+        tables: &Tables,
+        forget_at: u64,
+        mut departed: impl FnMut(&Arc<Entry>),
+    ) {
         let n = self.unlinked.len().min(UNLINK_PER_TURN);
         for entry in self.unlinked.drain(..n) {
             let id = entry.id();
-            tables.tombstones.insert(id.as_str());
+            let fingerprint = tables.tombstones.insert(id.as_str());
             tables
                 .live
                 .remove_if(id.as_str(), |live, ()| Arc::ptr_eq(live, &entry));
+            self.retention.push(forget_at, fingerprint);
+            departed(&entry);
         }
     }
 

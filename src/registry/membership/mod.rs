@@ -325,7 +325,11 @@ impl MembershipLoop {
             }
         }
         if turn.unlink {
-            self.members.unlink_some(&self.tables);
+            let commits = &mut self.commits;
+            let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
+            self.members.unlink_some(&self.tables, forget_at, |entry| {
+                commits.delete(entry.id().clone());
+            });
         }
         if turn.housekeeping {
             self.housekeeping(now);
@@ -423,7 +427,10 @@ impl MembershipLoop {
         let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
         self.members
             .remove(&self.tables, &entry, forget_at, removal);
-        self.commits.delete(entry.id().clone());
+        if removal == Removal::AtOnce {
+            // A deferred removal deletes it from the store when unlinked.
+            self.commits.delete(entry.id().clone());
+        }
         let revision = self.next_revision();
         entry.set_offline_rev(revision);
         changes.events.push(Event {
