@@ -284,10 +284,10 @@ impl Members {
     }
 
     /// Drops a replaced map, snapshot or queue: on the background thread when
-    /// the fleet is large.
+    /// the fleet is large (here if that thread has fallen far behind).
     pub(super) fn release<T: Send + 'static>(&self, old: T) {
         if self.map.len() >= OFFLOAD_DROP_MIN {
-            self.janitor.run(move || drop(old));
+            self.janitor.run_or_here(move || drop(old));
         }
     }
 
