@@ -57,6 +57,10 @@ pub const WATCHERS_LAGGED: &str = "registry_watchers_lagged_total";
 pub const WATCH_STARTS: &str = "registry_watch_starts_total";
 /// `registry_watch_history_events` gauge.
 pub const WATCH_HISTORY_EVENTS: &str = "registry_watch_history_events";
+/// `registry_watch_snapshot_bytes_total` counter.
+pub const WATCH_SNAPSHOT_BYTES: &str = "registry_watch_snapshot_bytes_total";
+/// `registry_watch_snapshot_paced_total` counter.
+pub const WATCH_SNAPSHOT_PACED: &str = "registry_watch_snapshot_paced_total";
 /// `registry_store_operation_seconds{op}` histogram.
 pub const STORE_OPERATION: &str = "registry_store_operation_seconds";
 /// `registry_store_errors_total{op}` counter.
@@ -409,6 +413,8 @@ pub struct Metrics {
     watch_starts_snapshot: Counter,
     watch_starts_history: Counter,
     watch_history: Gauge,
+    watch_snapshot_bytes: Counter,
+    watch_snapshot_paced: Counter,
     executors_initing: Gauge,
     executors_running: Gauge,
     watchers: Gauge,
@@ -492,6 +498,16 @@ fn describe(recorder: &dyn Recorder) {
             WATCH_STARTS,
             None,
             "Watch streams started, by where from: a snapshot, or the history (a resume).",
+        ),
+        (
+            WATCH_SNAPSHOT_BYTES,
+            None,
+            "Bytes of snapshot chunks sent to watchers.",
+        ),
+        (
+            WATCH_SNAPSHOT_PACED,
+            None,
+            "Snapshot chunks that waited for --snapshot-rate before they were sent.",
         ),
         (
             STORE_ERRORS,
@@ -613,6 +629,8 @@ impl Metrics {
             watch_starts_snapshot: counter(recorder, WATCH_STARTS, Some(("from", "snapshot"))),
             watch_starts_history: counter(recorder, WATCH_STARTS, Some(("from", "history"))),
             watch_history: gauge(recorder, WATCH_HISTORY_EVENTS, None),
+            watch_snapshot_bytes: counter(recorder, WATCH_SNAPSHOT_BYTES, None),
+            watch_snapshot_paced: counter(recorder, WATCH_SNAPSHOT_PACED, None),
             executors_initing: gauge(recorder, EXECUTORS, Some(("status", "initing"))),
             executors_running: gauge(recorder, EXECUTORS, Some(("status", "running"))),
             watchers: gauge(recorder, WATCHERS, None),
@@ -798,6 +816,13 @@ impl Observer for Metrics {
         self.watchers.increment(delta as f64);
     }
 
+    fn snapshot_sent(&self, bytes: u64, paced: bool) {
+        self.watch_snapshot_bytes.increment(bytes);
+        if paced {
+            self.watch_snapshot_paced.increment(1);
+        }
+    }
+
     fn watcher_lagged(&self) {
         self.watchers_lagged.increment(1);
     }
@@ -947,6 +972,8 @@ mod tests {
         observer.watchers(1);
         observer.watchers(-1);
         observer.watcher_lagged();
+        observer.snapshot_sent(65_000, false);
+        observer.snapshot_sent(64_000, true);
         observer.store_operation("commit", Duration::from_millis(2), true);
         observer.store_operation("commit", Duration::from_millis(700), false);
         observer.expiry_guard(true, 600);
@@ -991,6 +1018,8 @@ mod tests {
         assert_sample(&text, "registry_executors{status=\"running\"}", 2.0);
         assert_sample(&text, "registry_watchers", 1.0);
         assert_sample(&text, "registry_watchers_lagged_total", 1.0);
+        assert_sample(&text, "registry_watch_snapshot_bytes_total", 129_000.0);
+        assert_sample(&text, "registry_watch_snapshot_paced_total", 1.0);
         assert_sample(&text, "registry_store_errors_total{op=\"commit\"}", 1.0);
         assert_sample(&text, "registry_store_errors_total{op=\"load\"}", 0.0);
         assert_sample(&text, "registry_is_leader", 1.0);

@@ -83,6 +83,10 @@ const SPEC_METRICS: &[(&str, &str)] = &[
     ("registry_auth_denied_total", "counter"),
     ("registry_watch_starts_total", "counter"),
     ("registry_watch_history_events", "gauge"),
+    // What watchers' snapshots send and how often the rate paced them,
+    // beside SPEC §4.
+    ("registry_watch_snapshot_bytes_total", "counter"),
+    ("registry_watch_snapshot_paced_total", "counter"),
     // The mass-expiry guard, beside SPEC §4.
     ("registry_expiry_guard_active", "gauge"),
     // What outlives departures is bounded (the soak), beside SPEC §4.
@@ -362,6 +366,8 @@ async fn a_scrape_after_a_known_sequence_shows_exactly_the_counts_it_implies() {
         ("registry_executors{status=\"initing\"}", 1.0),
         ("registry_watchers", 2.0),
         ("registry_watchers_lagged_total", 0.0),
+        // Two snapshots of two executors: far below the rate.
+        ("registry_watch_snapshot_paced_total", 0.0),
         ("registry_store_errors_total{op=\"commit\"}", 0.0),
         ("registry_store_errors_total{op=\"load\"}", 0.0),
         ("registry_store_operation_seconds_count{op=\"load\"}", 1.0),
@@ -390,6 +396,12 @@ async fn a_scrape_after_a_known_sequence_shows_exactly_the_counts_it_implies() {
     let wrong = mismatches(&text);
     assert!(wrong.is_empty(), "{wrong:#?}\nin:\n{text}");
 
+    // Both watchers' snapshot chunks were counted (their size depends on
+    // the ids, so only that they were).
+    assert!(
+        sample(&text, "registry_watch_snapshot_bytes_total").is_some_and(|b| b > 0.0),
+        "snapshot bytes in:\n{text}"
+    );
     // Every SPEC §4 metric with its type; store commits happened (their count
     // depends on group commit, so only that they did).
     for &(name, kind) in SPEC_METRICS {

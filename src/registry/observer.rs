@@ -55,6 +55,9 @@ pub trait Observer: Send + Sync + 'static {
     fn watch_started(&self, _from_snapshot: bool) {}
     /// The watch history now holds `events`.
     fn history(&self, _events: u64) {}
+    /// A snapshot chunk of `bytes` was sent to a watcher; `paced`: it
+    /// waited for the server's snapshot rate first.
+    fn snapshot_sent(&self, _bytes: u64, _paced: bool) {}
     /// The registry itself was stalled for about `duration` (deadlines that
     /// fell in it are compensated).
     fn stalled(&self, _duration: Duration) {}

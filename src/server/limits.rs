@@ -107,11 +107,11 @@ impl Admission {
     /// Waits for the turn to send a snapshot chunk of `bytes`: each chunk's
     /// turn comes `bytes ÷ rate` after the one before it (first come, first
     /// served; up to [`SNAPSHOT_BURST`] of sending goes at once after a
-    /// quiet spell).
-    pub async fn snapshot_bytes(&self, bytes: usize) {
+    /// quiet spell). True when it had to wait.
+    pub async fn snapshot_bytes(&self, bytes: usize) -> bool {
         let rate = self.limits.snapshot_bytes_per_second;
         if rate == 0 {
-            return;
+            return false;
         }
         let takes = Duration::from_secs_f64(bytes as f64 / rate as f64);
         let now = Instant::now();
@@ -124,7 +124,11 @@ impl Admission {
             *next = turn + takes;
             turn
         };
+        if turn <= now {
+            return false;
+        }
         tokio::time::sleep_until(turn).await;
+        true
     }
 
     /// Waits for the turn to build one list page (one at a time,
@@ -212,8 +216,9 @@ mod tests {
         let start = Instant::now();
         // The first goes at once; each next one a second after it.
         for n in 0..4u32 {
-            admission.snapshot_bytes(1 << 20).await;
+            let waited = admission.snapshot_bytes(1 << 20).await;
             assert_eq!(start.elapsed(), Duration::from_secs(n.into()), "chunk {n}");
+            assert_eq!(waited, n > 0, "chunk {n}");
         }
         // A quiet spell is credited up to the burst only.
         tokio::time::sleep(Duration::from_secs(10)).await;

@@ -347,12 +347,14 @@ impl RegistryService {
                     ));
                 };
                 let (last, more) = (chunk.last.clone(), chunk.more);
-                tokio::select! {
-                    () = self.admission.snapshot_bytes(chunk.message.len()) => {}
+                let bytes = chunk.message.len();
+                let paced = tokio::select! {
+                    paced = self.admission.snapshot_bytes(bytes) => paced,
                     () = self.streams_stop.cancelled() => {
                         return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
                     }
-                }
+                };
+                self.registry.observer().snapshot_sent(bytes as u64, paced);
                 let next = if more {
                     WatchState::Snapshot { watch, after: last }
                 } else {
