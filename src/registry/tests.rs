@@ -1219,6 +1219,28 @@ fn start_on(config: RegistryConfig, store: &MemoryStore) -> (Registry, RegistryT
         .expect("the memory store loads")
 }
 
+/// A mass expiry queues its store deletes as the following turns unlink
+/// the departed; a stop before they all ran still deletes every one.
+#[tokio::test(start_paused = true)]
+async fn a_stop_right_after_a_mass_expiry_still_deletes_every_departed_row() {
+    // Several unlink turns' worth (4,096 a turn).
+    let n = 3 * 4096 + 1;
+    let store = MemoryStore::new();
+    let (registry, task) = start_on(RegistryConfig::default(), &store);
+    let dying = register_many(&registry, "dying", n).await;
+    let deadline = dying[0].state().deadline_ms();
+    assert!(dying.iter().all(|e| e.state().deadline_ms() == deadline));
+    assert_eq!(stored_ids(&store).len(), n);
+    // Wake at the deadline, beside the loop's pass, and stop at once.
+    sleep_until(at(&registry, deadline)).await;
+    task.stop().await;
+    assert!(
+        dying.iter().all(|e| e.status() == Status::Tombstone),
+        "the pass ran before the stop"
+    );
+    assert_eq!(stored_ids(&store).len(), 0, "rows left in the store");
+}
+
 #[tokio::test(start_paused = true)]
 async fn stored_executors_come_back_initing_with_a_fresh_init_ttl_and_the_silent_ones_expire_and_are_deleted()
  {

@@ -325,11 +325,7 @@ impl MembershipLoop {
             }
         }
         if turn.unlink {
-            let commits = &mut self.commits;
-            let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
-            self.members.unlink_some(&self.tables, forget_at, |entry| {
-                commits.delete(entry.id().clone());
-            });
+            self.unlink_some(now);
         }
         if turn.housekeeping {
             self.housekeeping(now);
@@ -437,6 +433,16 @@ impl MembershipLoop {
             revision,
             kind: EventKind::Offline(reason),
             entry,
+        });
+    }
+
+    /// Moves some of what a mass change left in the live table to the
+    /// tombstone set, and queues their store deletes.
+    fn unlink_some(&mut self, now: u64) {
+        let commits = &mut self.commits;
+        let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
+        self.members.unlink_some(&self.tables, forget_at, |entry| {
+            commits.delete(entry.id().clone());
         });
     }
 
@@ -572,6 +578,12 @@ impl MembershipLoop {
                 #[cfg(test)]
                 Command::Barrier { .. } => {}
             }
+        }
+        // What a mass change left to unlink still owes its store deletes:
+        // queue them all, so the flush below takes them.
+        let now = self.tables.clock.now_ms();
+        while self.members.unlinking() {
+            self.unlink_some(now);
         }
         self.commits.refuse_pending();
         if let Some(committed) = self.commits.in_flight().await {
