@@ -144,7 +144,6 @@ async fn listen(
     Ok((listener, metrics))
 }
 
-/// One replica on etcd: campaigns, leads or forwards to the leader.
 /// When to give back what the load freed: after the store's idle shrink
 /// of its page cache (`IDLE_AFTER` after its last work).
 const AFTER_THE_LOAD: Duration = IDLE_AFTER.saturating_mul(3);
@@ -167,6 +166,7 @@ fn give_back_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn give_back_freed_memory() {}
 
+/// One replica on etcd: campaigns, leads or forwards to the leader.
 async fn serve_replica(
     args: ServeArgs,
     config: executor_registry::registry::RegistryConfig,
