@@ -420,7 +420,7 @@ impl MembershipLoop {
         reason: OfflineReason,
         changes: &mut Changes,
     ) {
-        let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
+        let forget_at = self.forget_at(now);
         self.members
             .remove(&self.tables, &entry, forget_at, removal);
         if removal == Removal::AtOnce {
@@ -436,11 +436,16 @@ impl MembershipLoop {
         });
     }
 
+    /// When a departure at `now` stops being remembered as a tombstone.
+    fn forget_at(&self, now: u64) -> u64 {
+        now + duration_ms(self.tables.config.tombstone_retention)
+    }
+
     /// Moves some of what a mass change left in the live table to the
     /// tombstone set, and queues their store deletes.
     fn unlink_some(&mut self, now: u64) {
+        let forget_at = self.forget_at(now);
         let commits = &mut self.commits;
-        let forget_at = now + duration_ms(self.tables.config.tombstone_retention);
         self.members.unlink_some(&self.tables, forget_at, |entry| {
             commits.delete(entry.id().clone());
         });
