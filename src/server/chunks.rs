@@ -17,7 +17,7 @@
 //! Must not touch: registry state (it reads the snapshots it is given).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -110,7 +110,7 @@ impl Chunks {
         let key = (snapshot.revision(), after);
         // The worker's clock, for the encoder thread too (tests pause it).
         let now = Instant::now();
-        if let Some(chunk) = self.lock().get(&key, now) {
+        if let Some(chunk) = lock(&self.cache).get(&key, now) {
             return Some(chunk);
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -118,9 +118,8 @@ impl Chunks {
             (self.registry.clone(), snapshot.clone(), self.cache.clone());
         let chunk_bytes = self.chunk_bytes;
         self.encoder.run(move || {
-            let lock = || cache.lock().unwrap_or_else(PoisonError::into_inner);
             // Another watcher's request for it may have been queued first.
-            let cached = lock().get(&key, now);
+            let cached = lock(&cache).get(&key, now);
             let chunk = cached.unwrap_or_else(|| {
                 let (message, last, more) = wire::snapshot_chunk(
                     &registry,
@@ -133,17 +132,19 @@ impl Chunks {
                     last,
                     more,
                 });
-                lock().insert(key, chunk.clone(), now);
+                lock(&cache).insert(key, chunk.clone(), now);
                 chunk
             });
             let _ = tx.send(chunk);
         });
         rx.await.ok()
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+/// The cache, whatever a panicking holder left it as (it holds only
+/// finished chunks).
+fn lock(cache: &Mutex<Cache>) -> MutexGuard<'_, Cache> {
+    cache.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

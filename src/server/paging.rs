@@ -39,7 +39,7 @@ pub const MAX_PINS: usize = 256;
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// What a page or chunk may fill, leaving room for the message around the
 /// executors.
-const BUDGET_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
+pub(super) const BUDGET_BYTES: usize = MAX_MESSAGE_BYTES - (64 << 10);
 /// A snapshot chunk's target size: small, so that the chunks in flight to
 /// many watchers at once hold little memory (64 watchers of a 1M fleet:
 /// +16 % RSS at 256 KiB, +6 % at 64 KiB, measured at 300,000) and a
@@ -54,7 +54,7 @@ fn framed_len(executor: &proto::Executor) -> usize {
     1 + prost::length_delimiter_len(len) + len
 }
 
-/// Fills a page or chunk from `members`: executors until `max_items`, or
+/// Fills a page from `members`: executors until `max_items`, or
 /// until the next would take the encoded size past `max_bytes` (always at
 /// least one). Returns them, the id of the last, and whether `members` has
 /// more.

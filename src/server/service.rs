@@ -332,13 +332,19 @@ impl RegistryService {
         match state {
             WatchState::Snapshot { mut watch, after } => {
                 let snapshot = watch.snapshot().expect("a snapshot state has one").clone();
-                let chunk = tokio::select! {
-                    chunk = self.chunks.next(&snapshot, after) => chunk,
+                // The next chunk, then its turn at the snapshot rate.
+                let sent = async {
+                    let chunk = self.chunks.next(&snapshot, after).await?;
+                    let paced = self.admission.snapshot_bytes(chunk.message.len()).await;
+                    Some((chunk, paced))
+                };
+                let sent = tokio::select! {
+                    sent = sent => sent,
                     () = self.streams_stop.cancelled() => {
                         return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
                     }
                 };
-                let Some(chunk) = chunk else {
+                let Some((chunk, paced)) = sent else {
                     return Some((
                         Err(Status::internal(
                             "encoding a snapshot chunk failed; watch again",
@@ -347,14 +353,9 @@ impl RegistryService {
                     ));
                 };
                 let (last, more) = (chunk.last.clone(), chunk.more);
-                let bytes = chunk.message.len();
-                let paced = tokio::select! {
-                    paced = self.admission.snapshot_bytes(bytes) => paced,
-                    () = self.streams_stop.cancelled() => {
-                        return Some((Err(to_status(RegistryError::ShuttingDown)), WatchState::Done));
-                    }
-                };
-                self.registry.observer().snapshot_sent(bytes as u64, paced);
+                self.registry
+                    .observer()
+                    .snapshot_sent(chunk.message.len() as u64, paced);
                 let next = if more {
                     WatchState::Snapshot { watch, after: last }
                 } else {

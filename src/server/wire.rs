@@ -21,7 +21,7 @@ use prost::encoding::{DecodeContext, WireType, encode_key, encode_varint, encode
 use prost::{DecodeError, Message};
 
 use super::convert;
-use super::paging::MAX_MESSAGE_BYTES;
+use super::paging::BUDGET_BYTES;
 use crate::proto;
 use crate::registry::{Entry, Registry, Status};
 
@@ -188,16 +188,16 @@ fn put_executor(entry: &Entry, status: Status, last_heartbeat_unix_ms: u64, buf:
 
 /// The next chunk of the snapshot at `revision` from `members`, encoded:
 /// members until the next would take it past `max_bytes` (always at least
-/// one; never past [`MAX_MESSAGE_BYTES`]). Returns the encoded message, the
-/// id of the last member in it, and whether `members` has more.
+/// one; never past [`BUDGET_BYTES`], below gRPC's default receive
+/// limit). Returns the encoded message, the id of the last member in it,
+/// and whether `members` has more.
 pub fn snapshot_chunk<'a>(
     registry: &Registry,
     members: impl Iterator<Item = (&'a Arc<Entry>, Status)>,
     revision: u64,
     max_bytes: usize,
 ) -> (Bytes, Option<String>, bool) {
-    // Room for the message around the executors: keys, lengths, revision.
-    let max_bytes = max_bytes.min(MAX_MESSAGE_BYTES - 64);
+    let max_bytes = max_bytes.min(BUDGET_BYTES);
     let mut members = members.peekable();
     let mut executors = Vec::with_capacity(max_bytes.min(1 << 20));
     let mut last: Option<&Entry> = None;
